@@ -1,0 +1,157 @@
+//! Time as every tier names it: nanoseconds since the Unix epoch, passed in, never read here.
+//!
+//! `shared` owns no clock that reads the wall: the tiers implement [`Clock`] over the system
+//! clock, and tests and the simulator use [`ManualClock`]. Windows are aligned to the epoch
+//! (DESIGN §9), so two tiers that agree on the time agree on the window without talking.
+
+use std::{
+    fmt,
+    ops::{Add, Sub},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// A point in time or a span, in nanoseconds; points count from the Unix epoch.
+///
+/// `u64` nanoseconds reach the year 2554, which is enough. Arithmetic saturates: a rate limiter
+/// that wraps its clock would reopen every window at once.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct Nanos(pub u64);
+
+impl Nanos {
+    /// Zero: the epoch, or an empty span.
+    pub const ZERO: Nanos = Nanos(0);
+    /// The latest representable time; used as "never".
+    pub const MAX: Nanos = Nanos(u64::MAX);
+
+    /// `n` whole seconds.
+    pub const fn from_secs(n: u64) -> Nanos {
+        Nanos(n.saturating_mul(1_000_000_000))
+    }
+
+    /// `n` whole milliseconds.
+    pub const fn from_millis(n: u64) -> Nanos {
+        Nanos(n.saturating_mul(1_000_000))
+    }
+
+    /// The raw count of nanoseconds.
+    pub const fn as_u64(self) -> u64 {
+        self.0
+    }
+
+    /// Whole seconds, rounded up: what a `Retry-After` header may say without lying.
+    pub const fn as_secs_ceil(self) -> u64 {
+        self.0.div_ceil(1_000_000_000)
+    }
+
+    /// Whole seconds, rounded down: a Unix timestamp.
+    pub const fn as_secs_floor(self) -> u64 {
+        self.0 / 1_000_000_000
+    }
+
+    /// `self - earlier`, or zero when `earlier` is later.
+    pub const fn saturating_sub(self, earlier: Nanos) -> Nanos {
+        Nanos(self.0.saturating_sub(earlier.0))
+    }
+}
+
+impl Add for Nanos {
+    type Output = Nanos;
+    fn add(self, rhs: Nanos) -> Nanos {
+        Nanos(self.0.saturating_add(rhs.0))
+    }
+}
+
+impl Sub for Nanos {
+    type Output = Nanos;
+    fn sub(self, rhs: Nanos) -> Nanos {
+        self.saturating_sub(rhs)
+    }
+}
+
+impl From<Duration> for Nanos {
+    fn from(d: Duration) -> Nanos {
+        Nanos(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+    }
+}
+
+impl From<Nanos> for Duration {
+    fn from(n: Nanos) -> Duration {
+        Duration::from_nanos(n.0)
+    }
+}
+
+impl fmt::Display for Nanos {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", Duration::from_nanos(self.0))
+    }
+}
+
+/// A source of the current time.
+///
+/// Every algorithm and quota decision takes `now` from a `Clock`, never from the OS, so tests
+/// and the simulator drive time by hand.
+pub trait Clock: Send + Sync {
+    /// The current time, in nanoseconds since the Unix epoch.
+    fn now(&self) -> Nanos;
+}
+
+/// A clock that moves only when told to. Clones share one time, like governor's
+/// `FakeRelativeClock`, so a test can hold one clone and hand another to the code under test.
+#[derive(Clone, Debug, Default)]
+pub struct ManualClock {
+    now: Arc<AtomicU64>,
+}
+
+impl ManualClock {
+    /// A clock standing at `start`.
+    pub fn new(start: Nanos) -> ManualClock {
+        ManualClock {
+            now: Arc::new(AtomicU64::new(start.0)),
+        }
+    }
+
+    /// Moves every clone forward by `by`.
+    pub fn advance(&self, by: Nanos) {
+        self.now.fetch_add(by.0, Ordering::SeqCst);
+    }
+
+    /// Sets every clone to `to`; time may go backwards here, as a skewed peer's clock does.
+    pub fn set(&self, to: Nanos) {
+        self.now.store(to.0, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Nanos {
+        Nanos(self.now.load(Ordering::SeqCst))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clones_share_one_time() {
+        let a = ManualClock::new(Nanos::from_secs(10));
+        let b = a.clone();
+        a.advance(Nanos::from_millis(1500));
+        assert_eq!(b.now(), Nanos(11_500_000_000));
+    }
+
+    #[test]
+    fn arithmetic_saturates() {
+        assert_eq!(Nanos::MAX + Nanos(1), Nanos::MAX);
+        assert_eq!(Nanos(1) - Nanos(2), Nanos::ZERO);
+        assert_eq!(Nanos(1).as_secs_ceil(), 1);
+        assert_eq!(Nanos::from_secs(2).as_secs_ceil(), 2);
+    }
+}

@@ -1,0 +1,34 @@
+//! The vocabulary every tier of the rate limiter agrees on, with no I/O.
+//!
+//! This crate holds no sockets, no tasks, no files and no clock that reads the wall: every
+//! function takes its input, including the time, as arguments and returns its answer, like
+//! `quinn-proto` beside `quinn`. That is what lets the edge, the regional and the coordinator
+//! share one definition of a rule, a window and a grant, and what lets the simulator and the
+//! property tests drive all of it deterministically. Do not add I/O here: it belongs to the tiers.
+//!
+//! # Layout
+//!
+//! - [`clock`]: [`Nanos`], the [`Clock`] trait and the [`ManualClock`] tests use.
+//! - [`rules`]: the operators' YAML, parsed once into a [`RuleSet`] that cannot hold an invalid
+//!   rule, and matching a request to the limits that apply (DESIGN §2).
+//! - [`algorithm`]: the five limiters as pure state machines (DESIGN §3).
+//! - [`quota`]: grants under `T + G ≤ θ·P`, the monotone per-edge counters, partitions and
+//!   two-phase transfers (DESIGN §4).
+//! - [`wire`]: every protocol message and the length-prefixed postcard codec (DESIGN §5).
+//! - `sim` (tests, or the `sim` feature): a deterministic simulator of N edges and a regional.
+
+#![warn(missing_docs)]
+
+pub mod algorithm;
+pub mod clock;
+pub mod quota;
+pub mod rules;
+pub mod wire;
+
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;
+
+pub use crate::{
+    clock::{Clock, ManualClock, Nanos},
+    rules::{FailureMode, LimitId, Strictness},
+};

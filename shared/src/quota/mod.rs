@@ -1,0 +1,1 @@
+//! Quota math (DESIGN §4). (Stub: being written.)

@@ -1,0 +1,1 @@
+//! The deterministic simulator (STYLE point 25). (Stub: being written.)
