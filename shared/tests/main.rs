@@ -3,5 +3,6 @@
 
 mod algorithms;
 mod quota;
+mod reference;
 mod rules;
 mod wire;

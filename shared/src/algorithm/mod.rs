@@ -124,3 +124,80 @@ pub enum LimiterState {
     /// See [`LeakyBucketState`].
     LeakyBucket(LeakyBucketState),
 }
+
+impl Limiter {
+    /// Decides whether `cost` fits at `now`; see [`Algorithm::check`]. A `state` of another
+    /// kind (the rule changed algorithm) is read as this limiter's fresh state.
+    pub fn check(&self, state: &LimiterState, now: Nanos, cost: NonZeroU32) -> Outcome {
+        match (self, state) {
+            (Limiter::FixedWindow(a), LimiterState::FixedWindow(s)) => a.check(s, now, cost),
+            (Limiter::SlidingWindow(a), LimiterState::SlidingWindow(s)) => a.check(s, now, cost),
+            (Limiter::SlidingLog(a), LimiterState::SlidingLog(s)) => a.check(s, now, cost),
+            (Limiter::TokenBucket(a), LimiterState::TokenBucket(s)) => a.check(s, now, cost),
+            (Limiter::LeakyBucket(a), LimiterState::LeakyBucket(s)) => a.check(s, now, cost),
+            // A fresh state matches by construction, so this recurses once.
+            (limiter, _) => limiter.check(&limiter.new_state(), now, cost),
+        }
+    }
+
+    /// Commits `cost` at `now`; see [`Algorithm::consume`]. A `state` of another kind is
+    /// replaced by this limiter's fresh state first: what it counted was for another rule.
+    pub fn consume(&self, state: &mut LimiterState, now: Nanos, cost: NonZeroU32) {
+        match (self, &mut *state) {
+            (Limiter::FixedWindow(a), LimiterState::FixedWindow(s)) => a.consume(s, now, cost),
+            (Limiter::SlidingWindow(a), LimiterState::SlidingWindow(s)) => a.consume(s, now, cost),
+            (Limiter::SlidingLog(a), LimiterState::SlidingLog(s)) => a.consume(s, now, cost),
+            (Limiter::TokenBucket(a), LimiterState::TokenBucket(s)) => a.consume(s, now, cost),
+            (Limiter::LeakyBucket(a), LimiterState::LeakyBucket(s)) => a.consume(s, now, cost),
+            // A fresh state matches by construction, so this recurses once.
+            (limiter, _) => {
+                *state = limiter.new_state();
+                limiter.consume(state, now, cost);
+            }
+        }
+    }
+
+    /// `check`, then `consume` when allowed: the one-limit path, as [`Algorithm::acquire`].
+    pub fn acquire(&self, state: &mut LimiterState, now: Nanos, cost: NonZeroU32) -> Outcome {
+        let outcome = self.check(state, now, cost);
+        if outcome.is_allowed() {
+            self.consume(state, now, cost);
+        }
+        outcome
+    }
+
+    /// The state of a key never seen under this limiter.
+    pub fn new_state(&self) -> LimiterState {
+        match self {
+            Limiter::FixedWindow(_) => LimiterState::FixedWindow(FixedWindowState::default()),
+            Limiter::SlidingWindow(_) => LimiterState::SlidingWindow(SlidingWindowState::default()),
+            Limiter::SlidingLog(_) => LimiterState::SlidingLog(SlidingLogState::default()),
+            Limiter::TokenBucket(_) => LimiterState::TokenBucket(GcraState::default()),
+            Limiter::LeakyBucket(_) => LimiterState::LeakyBucket(LeakyBucketState::default()),
+        }
+    }
+
+    /// What [`Outcome::limit`] reports: the limit per window, or a bucket's capacity.
+    pub fn limit(&self) -> u64 {
+        match self {
+            Limiter::FixedWindow(a) => a.limit().get(),
+            Limiter::SlidingWindow(a) => a.limit().get(),
+            Limiter::SlidingLog(a) => a.limit().get(),
+            Limiter::TokenBucket(a) => a.burst().get(),
+            Limiter::LeakyBucket(a) => a.capacity().get(),
+        }
+    }
+
+    /// The window, or for a bucket the time it takes to go from empty to full capacity (token
+    /// bucket) or from full to empty (leaky bucket): the span [`limit`](Limiter::limit) is
+    /// measured over.
+    pub fn window(&self) -> Nanos {
+        match self {
+            Limiter::FixedWindow(a) => a.window(),
+            Limiter::SlidingWindow(a) => a.window(),
+            Limiter::SlidingLog(a) => a.window(),
+            Limiter::TokenBucket(a) => a.refill_time(),
+            Limiter::LeakyBucket(a) => a.drain_time(),
+        }
+    }
+}

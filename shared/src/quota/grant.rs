@@ -1,0 +1,472 @@
+//! Grants under `T + G ≤ θ·P`, the monotone per-edge counters, and the exact path.
+//!
+//! The invariant is kept by construction: [`Grant`] has no public constructor, and
+//! [`KeyLedger::grant`] raises an edge's holding by at most `(θ·P − T − G) / n`, so the sum
+//! over any interleaving of edges never passes `θ·P`. A grant is an absolute ceiling on what
+//! the edge may have used, never a fresh allowance, so what an edge admits while its sync is in
+//! flight is already inside what was reserved for it.
+
+use serde::{Deserialize, Serialize};
+
+/// The near-limit threshold θ, in parts per million so that every tier computes the same
+/// integers (no floats cross a tier boundary).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Threshold(u32);
+
+/// θ = 0.8: grants cover 80% of a partition; the last 20% goes through the exact path.
+pub const DEFAULT_THRESHOLD: Threshold = Threshold(800_000);
+
+const PPM: u64 = 1_000_000;
+
+impl Threshold {
+    /// θ in parts per million; `None` unless `0 < ppm ≤ 1_000_000`.
+    pub const fn from_ppm(ppm: u32) -> Option<Threshold> {
+        if ppm > 0 && ppm as u64 <= PPM {
+            Some(Threshold(ppm))
+        } else {
+            None
+        }
+    }
+
+    /// θ in parts per million.
+    pub const fn ppm(self) -> u32 {
+        self.0
+    }
+
+    /// `⌊θ·x⌋`.
+    pub const fn of(self, x: u64) -> u64 {
+        (x as u128 * self.0 as u128 / PPM as u128) as u64
+    }
+}
+
+impl Default for Threshold {
+    fn default() -> Threshold {
+        DEFAULT_THRESHOLD
+    }
+}
+
+/// An edge, as the regional numbers them. Assigned by the regional when an edge connects.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct EdgeId(pub u32);
+
+/// The three counters of one edge for one (rule, key, window). Each only grows, and each has
+/// one writer: the regional raises `granted`, the edge raises `released` and `used`. Merging
+/// by `max` is therefore idempotent, commutative and associative (a G-counter per field).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EdgeCounters {
+    /// The ceiling the regional has granted this edge so far.
+    pub granted: u64,
+    /// Quota the edge has handed back unused.
+    pub released: u64,
+    /// What the edge has admitted.
+    pub used: u64,
+}
+
+impl EdgeCounters {
+    /// Merges another observation of the same edge's counters: the larger of each.
+    pub fn merge(&mut self, other: EdgeCounters) {
+        self.granted = self.granted.max(other.granted);
+        self.released = self.released.max(other.released);
+        self.used = self.used.max(other.used);
+    }
+
+    /// What this edge holds against the partition: what it used, or what it may still use
+    /// under its grant, whichever is larger. `max(used, granted − released)` in DESIGN §4.
+    /// An edge that admitted beyond its grant (cold allowance, or its failure mode while the
+    /// regional was unreachable) is counted for what it admitted.
+    pub fn holding(&self) -> u64 {
+        self.used.max(self.granted.saturating_sub(self.released))
+    }
+
+    /// What the edge may still admit locally: `granted − released − used`, or zero.
+    pub fn unused(&self) -> u64 {
+        self.granted
+            .saturating_sub(self.released)
+            .saturating_sub(self.used)
+    }
+}
+
+/// What a key may spend in one region for one window, as the regional sees it when it decides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Budget {
+    /// `P`: this region's partition of the limit.
+    pub partition: u64,
+    /// Usage that counts against this window from outside it: the sliding window counter's
+    /// weighted previous window, rounded up. Zero for a fixed window.
+    pub carried: u64,
+    /// θ.
+    pub threshold: Threshold,
+    /// `n`: the edges active in the region; at least 1.
+    pub edges: u32,
+}
+
+impl Budget {
+    /// The grant pool's ceiling, `θ·P`.
+    fn grant_ceiling(&self) -> u64 {
+        self.threshold.of(self.partition)
+    }
+
+    /// `n`, never zero.
+    fn edges(&self) -> u64 {
+        u64::from(self.edges.max(1))
+    }
+}
+
+/// A raised ceiling for one edge: the only value an edge may decide locally under.
+///
+/// It can be minted only by [`KeyLedger::grant`], which keeps `T + G ≤ θ·P`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grant {
+    ceiling: u64,
+    raised_by: u64,
+}
+
+impl Grant {
+    /// The edge's new absolute `granted` counter.
+    pub fn ceiling(&self) -> u64 {
+        self.ceiling
+    }
+
+    /// How much this grant added to the edge's holding (zero when nothing was minted).
+    pub fn raised_by(&self) -> u64 {
+        self.raised_by
+    }
+}
+
+/// The answer of an exact check-and-consume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExactOutcome {
+    /// Whether `cost` was consumed.
+    pub allowed: bool,
+    /// `P − (T + G)` after the decision: exactly what is left for anyone.
+    pub remaining: u64,
+}
+
+/// The regional's authoritative state for one (rule, key, window) in its region.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyLedger {
+    /// What the regional admitted itself on the exact path.
+    exact: u64,
+    /// Per edge; a handful of entries per key, so a sorted `Vec` beats a map.
+    edges: Vec<(EdgeId, EdgeCounters)>,
+    /// Set once usage leaves less than a unit per edge under `θ·P`; sticky for the window, so
+    /// the key does not flap between grants and the exact path. Edges told so hand back their
+    /// unused grants and decide this key exactly for the rest of the window, which is what
+    /// keeps stranded grants from turning into false denials at the limit.
+    near_limit: bool,
+}
+
+impl KeyLedger {
+    /// An empty ledger: nothing used, nothing granted.
+    pub fn new() -> KeyLedger {
+        KeyLedger::default()
+    }
+
+    /// `T`: everything admitted in this window (exact path plus every edge's `used`), without
+    /// the carried usage.
+    pub fn used(&self) -> u64 {
+        self.edges
+            .iter()
+            .fold(self.exact, |t, (_, c)| t.saturating_add(c.used))
+    }
+
+    /// `T + G` for this window: exact, plus what each edge holds, plus what is carried.
+    pub fn reserved(&self, budget: &Budget) -> u64 {
+        self.edges
+            .iter()
+            .fold(self.exact.saturating_add(budget.carried), |r, (_, c)| {
+                r.saturating_add(c.holding())
+            })
+    }
+
+    /// What the regional admitted on the exact path.
+    pub fn exact_used(&self) -> u64 {
+        self.exact
+    }
+
+    /// How many edges have counters here.
+    pub fn edge_count(&self) -> usize {
+        self.edges.len()
+    }
+
+    /// One edge's counters, as merged so far.
+    pub fn counters(&self, edge: EdgeId) -> EdgeCounters {
+        match self.edges.binary_search_by_key(&edge, |(e, _)| *e) {
+            Ok(i) => self.edges[i].1,
+            Err(_) => EdgeCounters::default(),
+        }
+    }
+
+    /// Whether the key has reached the point where grants stop for this window.
+    pub fn is_near_limit(&self) -> bool {
+        self.near_limit
+    }
+
+    /// Merges what an edge reported: its cumulative `used` and `released`, by `max`. A batch
+    /// applied twice, late, out of order or by another replica changes nothing.
+    pub fn merge(&mut self, edge: EdgeId, used: u64, released: u64) {
+        self.merge_counters(
+            edge,
+            EdgeCounters {
+                granted: 0,
+                released,
+                used,
+            },
+        );
+    }
+
+    /// Merges a full set of counters (another replica's view, or a store's).
+    pub fn merge_counters(&mut self, edge: EdgeId, counters: EdgeCounters) {
+        self.entry(edge).merge(counters);
+    }
+
+    /// Merges another ledger for the same key and window: the union of what both saw.
+    ///
+    /// `exact` is not a per-edge G-counter (only the regional writes it, once per admitted
+    /// request), so replicas must share one store for it to be exact; here the larger wins.
+    pub fn merge_ledger(&mut self, other: &KeyLedger) {
+        self.exact = self.exact.max(other.exact);
+        for (edge, counters) in &other.edges {
+            self.merge_counters(*edge, *counters);
+        }
+        self.near_limit |= other.near_limit;
+    }
+
+    /// Raises `edge`'s ceiling so it may decide locally, keeping `T + G ≤ θ·P`.
+    ///
+    /// `want` is what the edge asks to hold unused (its recent demand; zero for none). The
+    /// edge's holding grows by `δ = min(min(want, θ·P/n) − unused, (θ·P − T − G) / n)`:
+    /// demand-sized, never more than a fair share of the whole pool unused at one edge (so a
+    /// busy edge cannot strand the key's quota), and never more than a fair share of what is
+    /// left under the threshold (so no interleaving of edges passes `θ·P`). The new ceiling
+    /// is `max(granted, released + used) + δ`, which raises `max(used, granted − released)`
+    /// by exactly `δ`, even for an edge that admitted beyond its grant.
+    ///
+    /// Once actual usage leaves less than one unit per edge under `θ·P`, the key is near its
+    /// limit for the rest of the window and no grant is minted (see [`is_near_limit`]).
+    ///
+    /// [`is_near_limit`]: KeyLedger::is_near_limit
+    pub fn grant(&mut self, edge: EdgeId, budget: &Budget, want: u64) -> Grant {
+        self.update_near_limit(budget);
+        let current = self.counters(edge);
+        let unchanged = Grant {
+            ceiling: current.granted,
+            raised_by: 0,
+        };
+        if self.near_limit {
+            return unchanged;
+        }
+        let ceiling = budget.grant_ceiling();
+        let share = ceiling.saturating_sub(self.reserved(budget)) / budget.edges();
+        let target = want.min(ceiling / budget.edges());
+        let delta = target.saturating_sub(current.unused()).min(share);
+        if delta == 0 {
+            return unchanged;
+        }
+        let counters = self.entry(edge);
+        let base = counters
+            .granted
+            .max(counters.released.saturating_add(counters.used));
+        counters.granted = base.saturating_add(delta);
+        Grant {
+            ceiling: counters.granted,
+            raised_by: delta,
+        }
+    }
+
+    /// True when the grant pool is spent although usage is not near the limit: unused grants
+    /// hold what is left under `θ·P`. The regional then asks holders to hand back what they
+    /// hold unused (a recall), so quota moves to the edges that are using the key.
+    pub fn pool_spent(&self, budget: &Budget) -> bool {
+        !self.near_limit
+            && budget.grant_ceiling().saturating_sub(self.reserved(budget)) < budget.edges()
+    }
+
+    /// The exact path: consumes `cost` iff `T + G + cost ≤ P`, and says what is left.
+    pub fn exact(&mut self, cost: u64, budget: &Budget) -> ExactOutcome {
+        self.update_near_limit(budget);
+        let reserved = self.reserved(budget);
+        let allowed = reserved.saturating_add(cost) <= budget.partition;
+        if allowed {
+            self.exact = self.exact.saturating_add(cost);
+        }
+        self.update_near_limit(budget);
+        ExactOutcome {
+            allowed,
+            remaining: budget.partition.saturating_sub(self.reserved(budget)),
+        }
+    }
+
+    /// Near the limit once actual usage (`T` plus what is carried) leaves less than one unit
+    /// per edge under `θ·P`. Judged on usage, not on grants, so unused grants alone never
+    /// push a key onto the exact path (they are recalled instead, see [`pool_spent`]).
+    ///
+    /// [`pool_spent`]: KeyLedger::pool_spent
+    fn update_near_limit(&mut self, budget: &Budget) {
+        let usage = self.used().saturating_add(budget.carried);
+        if budget.grant_ceiling().saturating_sub(usage) < budget.edges() {
+            self.near_limit = true;
+        }
+    }
+
+    fn entry(&mut self, edge: EdgeId) -> &mut EdgeCounters {
+        let i = match self.edges.binary_search_by_key(&edge, |(e, _)| *e) {
+            Ok(i) => i,
+            Err(i) => {
+                self.edges.insert(i, (edge, EdgeCounters::default()));
+                i
+            }
+        };
+        &mut self.edges[i].1
+    }
+}
+
+/// The cold allowance `c0 = ⌊(1 − θ)·P / (2n)⌋`: what an edge may admit for a soft key it has
+/// not synced yet. With every edge spending it, admitted ≤ `P + n·c0 ≤ P·(1 + (1 − θ)/2)`, so
+/// 1.1·P with the default θ.
+pub fn cold_allowance(partition: u64, threshold: Threshold, edges: u32) -> u64 {
+    let spare = partition - threshold.of(partition);
+    spare / (2 * u64::from(edges.max(1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget(p: u64, n: u32) -> Budget {
+        Budget {
+            partition: p,
+            carried: 0,
+            threshold: DEFAULT_THRESHOLD,
+            edges: n,
+        }
+    }
+
+    #[test]
+    fn grant_is_a_fair_share_of_the_pool() {
+        let mut ledger = KeyLedger::new();
+        let b = budget(1000, 4);
+        // θ·P = 800; 800 / 4 = 200 each.
+        assert_eq!(ledger.grant(EdgeId(1), &b, u64::MAX).ceiling(), 200);
+        // Edge 1 already holds a full share unused: nothing more.
+        assert_eq!(ledger.grant(EdgeId(1), &b, u64::MAX).raised_by(), 0);
+        // Edge 2 gets (800 − 200) / 4 = 150.
+        assert_eq!(ledger.grant(EdgeId(2), &b, u64::MAX).ceiling(), 150);
+        assert_eq!(ledger.reserved(&b), 350);
+    }
+
+    #[test]
+    fn grant_tops_up_what_was_used() {
+        let mut ledger = KeyLedger::new();
+        let b = budget(1000, 4);
+        ledger.grant(EdgeId(1), &b, u64::MAX);
+        ledger.merge(EdgeId(1), 200, 0);
+        // Used all 200: T + G = 200; free 600, share 150, cap 200 − 0 unused.
+        let g = ledger.grant(EdgeId(1), &b, u64::MAX);
+        assert_eq!((g.ceiling(), g.raised_by()), (350, 150));
+    }
+
+    #[test]
+    fn grant_to_an_overspent_edge_raises_holding_by_delta() {
+        let mut ledger = KeyLedger::new();
+        let b = budget(1000, 1);
+        // The edge admitted 50 with no grant (cold allowance): holding 50.
+        ledger.merge(EdgeId(7), 50, 0);
+        let before = ledger.reserved(&b);
+        let g = ledger.grant(EdgeId(7), &b, u64::MAX);
+        assert_eq!(ledger.reserved(&b), before + g.raised_by());
+        assert_eq!(ledger.counters(EdgeId(7)).unused(), g.raised_by());
+    }
+
+    #[test]
+    fn exact_path_fills_to_p_and_no_further() {
+        let mut ledger = KeyLedger::new();
+        let b = budget(10, 2);
+        for _ in 0..10 {
+            assert!(ledger.exact(1, &b).allowed);
+        }
+        let out = ledger.exact(1, &b);
+        assert_eq!(
+            out,
+            ExactOutcome {
+                allowed: false,
+                remaining: 0
+            }
+        );
+        assert_eq!(ledger.used(), 10);
+    }
+
+    #[test]
+    fn merge_is_idempotent_and_order_free() {
+        let mut a = KeyLedger::new();
+        a.merge(EdgeId(1), 5, 0);
+        a.merge(EdgeId(1), 3, 2); // an older batch arriving late
+        a.merge(EdgeId(1), 5, 0); // a duplicate
+        assert_eq!(
+            a.counters(EdgeId(1)),
+            EdgeCounters {
+                granted: 0,
+                released: 2,
+                used: 5
+            }
+        );
+    }
+
+    #[test]
+    fn near_limit_follows_usage_and_stops_grants() {
+        let mut ledger = KeyLedger::new();
+        let b = budget(100, 4); // θ·P = 80
+        ledger.merge(EdgeId(1), 76, 0); // 4 left under θ·P: one per edge
+        assert_eq!(ledger.grant(EdgeId(2), &b, 10).raised_by(), 1);
+        assert!(!ledger.is_near_limit());
+        ledger.merge(EdgeId(1), 77, 0); // 3 left: less than one per edge
+        assert_eq!(ledger.grant(EdgeId(3), &b, 10).raised_by(), 0);
+        assert!(ledger.is_near_limit());
+        assert!(
+            ledger.exact(1, &b).allowed,
+            "the exact path still serves up to P"
+        );
+    }
+
+    #[test]
+    fn unused_grants_spend_the_pool_without_nearing_the_limit() {
+        let mut ledger = KeyLedger::new();
+        let b = budget(100, 2); // θ·P = 80, at most 40 unused per edge
+        assert_eq!(ledger.grant(EdgeId(1), &b, 1000).raised_by(), 40);
+        assert_eq!(ledger.grant(EdgeId(2), &b, 1000).raised_by(), 20);
+        assert_eq!(ledger.grant(EdgeId(3), &b, 1000).raised_by(), 10);
+        while ledger.grant(EdgeId(3), &b, 1000).raised_by() > 0 {}
+        assert!(ledger.pool_spent(&b));
+        assert!(!ledger.is_near_limit(), "nothing was used");
+        assert!(ledger.reserved(&b) <= 80);
+    }
+
+    #[test]
+    fn grant_is_demand_sized() {
+        let mut ledger = KeyLedger::new();
+        let b = budget(1000, 4);
+        assert_eq!(ledger.grant(EdgeId(1), &b, 3).ceiling(), 3);
+        assert_eq!(
+            ledger.grant(EdgeId(1), &b, 3).raised_by(),
+            0,
+            "already holds 3 unused"
+        );
+        assert_eq!(ledger.grant(EdgeId(1), &b, 0).raised_by(), 0);
+    }
+
+    #[test]
+    fn cold_allowance_matches_design() {
+        // (1 − 0.8)·1000 / (2·10) = 10.
+        assert_eq!(cold_allowance(1000, DEFAULT_THRESHOLD, 10), 10);
+        assert_eq!(cold_allowance(1000, DEFAULT_THRESHOLD, 0), 100);
+    }
+
+    #[test]
+    fn threshold_bounds() {
+        assert!(Threshold::from_ppm(0).is_none());
+        assert!(Threshold::from_ppm(1_000_001).is_none());
+        assert_eq!(Threshold::from_ppm(500_000).unwrap().of(9), 4);
+    }
+}
