@@ -30,5 +30,8 @@ pub mod sim;
 
 pub use crate::{
     clock::{Clock, ManualClock, Nanos},
-    rules::{FailureMode, LimitId, Strictness},
+    rules::{
+        ConfigError, FailureMode, Key, KeyKind, Limit, LimitId, Match, Request, Rule, RuleSet,
+        Selector, Strictness,
+    },
 };
