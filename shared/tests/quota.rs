@@ -4,8 +4,8 @@
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 use shared::quota::{
-    Budget, DEFAULT_THRESHOLD, EdgeCounters, EdgeId, KeyLedger, RegionShare, Threshold,
-    Transfer, TransferState, release_amount, split,
+    Budget, DEFAULT_THRESHOLD, EdgeCounters, EdgeId, KeyLedger, RegionShare, Threshold, Transfer,
+    TransferState, release_amount, split,
 };
 
 fn config() -> ProptestConfig {

@@ -531,7 +531,9 @@ fn sliding_log_limit_is_capped_for_memory() {
         ),
         "{err}"
     );
-    parse(&endpoints(&["{ path: /a, algorithm: sliding_log, limit: 100000, window: 1h }"]));
+    parse(&endpoints(&[
+        "{ path: /a, algorithm: sliding_log, limit: 100000, window: 1h }",
+    ]));
 }
 
 #[test]
