@@ -216,3 +216,53 @@ fn lost_and_duplicated_syncs_are_counted_exactly_once() {
         }
     }
 }
+
+/// The soft bound, exercised: a soft key is spent at one edge, then a burst reaches every
+/// other edge before any of them has synced it. Each may spend its cold allowance, so the
+/// window admits more than the limit, but never more than `P + n·c0` (1.1·P by default),
+/// and the overshoot is reported.
+#[test]
+fn cold_soft_keys_overshoot_at_most_n_times_c0() {
+    let mut worst = 0;
+    for seed in 0..SEEDS {
+        let config = SimConfig::new(seed, 20);
+        let mut rng = Rng::new(seed ^ 0xC01D);
+        let limit = 1000;
+        // Edge 0 alone spends the whole limit over the first half second...
+        let mut arrivals: Vec<Arrival> = (0..1200)
+            .map(|i| Arrival {
+                at: Nanos(i * 400_000),
+                edge: 0,
+                key: 0,
+                cost: 1,
+            })
+            .collect();
+        // ...then edges 1..20, which have never seen the key, get a burst within a millisecond.
+        arrivals.extend((0..400).map(|_| Arrival {
+            at: at_ms(600) + Nanos(rng.below(1_000_000)),
+            edge: 1 + rng.below(19) as u32,
+            key: 0,
+            cost: 1,
+        }));
+        let report = Sim::new(config.clone(), vec![soft(limit)], arrivals).drive_bounded(1_000_000);
+        let admitted = report.admitted.get(&(0, 0)).copied().unwrap_or(0);
+        let c0 = cold_allowance(limit, config.threshold, config.edges);
+        assert_eq!(c0, 5);
+        assert!(
+            admitted <= limit + u64::from(config.edges) * c0,
+            "seed {seed}: {admitted}"
+        );
+        assert!(
+            admitted > limit,
+            "seed {seed}: the cold allowance was not exercised"
+        );
+        assert_eq!(
+            report.soft_overshoot,
+            admitted - limit,
+            "seed {seed}: reported"
+        );
+        worst = worst.max(report.worst_soft_overshoot_ppm);
+    }
+    assert!(worst <= 100_000);
+    println!("cold burst: worst soft overshoot {worst} ppm of the limit");
+}
