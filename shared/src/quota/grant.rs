@@ -186,11 +186,6 @@ impl KeyLedger {
         self.exact
     }
 
-    /// How many edges have counters here.
-    pub fn edge_count(&self) -> usize {
-        self.edges.len()
-    }
-
     /// One edge's counters, as merged so far.
     pub fn counters(&self, edge: EdgeId) -> EdgeCounters {
         match self.edges.binary_search_by_key(&edge, |(e, _)| *e) {
@@ -220,18 +215,6 @@ impl KeyLedger {
     /// Merges a full set of counters (another replica's view, or a store's).
     pub fn merge_counters(&mut self, edge: EdgeId, counters: EdgeCounters) {
         self.entry(edge).merge(counters);
-    }
-
-    /// Merges another ledger for the same key and window: the union of what both saw.
-    ///
-    /// `exact` is not a per-edge G-counter (only the regional writes it, once per admitted
-    /// request), so replicas must share one store for it to be exact; here the larger wins.
-    pub fn merge_ledger(&mut self, other: &KeyLedger) {
-        self.exact = self.exact.max(other.exact);
-        for (edge, counters) in &other.edges {
-            self.merge_counters(*edge, *counters);
-        }
-        self.near_limit |= other.near_limit;
     }
 
     /// Raises `edge`'s ceiling so it may decide locally, keeping `T + G ≤ θ·P`.
@@ -286,7 +269,6 @@ impl KeyLedger {
 
     /// The exact path: consumes `cost` iff `T + G + cost ≤ P`, and says what is left.
     pub fn exact(&mut self, cost: u64, budget: &Budget) -> ExactOutcome {
-        self.update_near_limit(budget);
         let reserved = self.reserved(budget);
         let allowed = reserved.saturating_add(cost) <= budget.partition;
         if allowed {
@@ -327,8 +309,11 @@ impl KeyLedger {
 /// not synced yet. With every edge spending it, admitted ≤ `P + n·c0 ≤ P·(1 + (1 − θ)/2)`, so
 /// 1.1·P with the default θ.
 pub fn cold_allowance(partition: u64, threshold: Threshold, edges: u32) -> u64 {
-    let spare = partition - threshold.of(partition);
-    spare / (2 * u64::from(edges.max(1)))
+    // One floor over the exact product: `P − ⌊θ·P⌋` would round the spare up and let small
+    // partitions pass the bound (P = 8, n = 1 would give c0 = 1 and admit 9).
+    let spare_ppm = u128::from(PPM - u64::from(threshold.ppm()));
+    let c0 = spare_ppm * u128::from(partition) / (u128::from(PPM) * 2 * u128::from(edges.max(1)));
+    u64::try_from(c0).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
@@ -461,6 +446,15 @@ mod tests {
         // (1 − 0.8)·1000 / (2·10) = 10.
         assert_eq!(cold_allowance(1000, DEFAULT_THRESHOLD, 10), 10);
         assert_eq!(cold_allowance(1000, DEFAULT_THRESHOLD, 0), 100);
+        // ⌊0.2·8 / 2⌋ = 0, not (8 − ⌊6.4⌋) / 2 = 1.
+        assert_eq!(cold_allowance(8, DEFAULT_THRESHOLD, 1), 0);
+        // The bound P + n·c0 ≤ 1.1·P for every small partition and edge count.
+        for p in 0..500u64 {
+            for n in 1..8u32 {
+                let c0 = cold_allowance(p, DEFAULT_THRESHOLD, n);
+                assert!(10 * (p + u64::from(n) * c0) <= 11 * p, "P = {p}, n = {n}");
+            }
+        }
     }
 
     #[test]

@@ -66,18 +66,12 @@ pub fn split(limit: u64, regions: &[RegionShare]) -> Vec<u64> {
         return out;
     }
     apportion(floor_total, &floors, &mut out);
-    let demand_total: u64 = free.iter().map(|&i| regions[i].demand).sum();
+    let any_demand = free.iter().any(|&i| regions[i].demand > 0);
     let demand: Vec<(usize, u128)> = free
         .iter()
         .map(|&i| {
-            (
-                i,
-                if demand_total == 0 {
-                    1
-                } else {
-                    u128::from(regions[i].demand)
-                },
-            )
+            let weight = if any_demand { regions[i].demand } else { 1 };
+            (i, u128::from(weight))
         })
         .collect();
     apportion(rest - floor_total, &demand, &mut out);
@@ -116,11 +110,14 @@ fn mul_div(a: u64, b: u64, c: u64) -> u64 {
 /// An exponentially weighted moving average of one region's demand, in integers.
 ///
 /// `s ← α·d + (1 − α)·s`, with α in ppm. The first observation seeds the average, so a new
-/// region is not treated as idle for several intervals.
+/// region is not treated as idle for several intervals. The average is kept in millionths
+/// and rounded only when read: rounding each step down would leave it stuck below a small
+/// steady demand (α = 0.1 from 0 towards 5 would never move).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DemandSmoother {
     alpha_ppm: u32,
-    smoothed: Option<u64>,
+    /// The average, times one million.
+    smoothed_micros: Option<u128>,
 }
 
 impl DemandSmoother {
@@ -128,28 +125,28 @@ impl DemandSmoother {
     pub fn new(alpha_ppm: u32) -> DemandSmoother {
         DemandSmoother {
             alpha_ppm: alpha_ppm.clamp(1, PPM as u32),
-            smoothed: None,
+            smoothed_micros: None,
         }
     }
 
     /// Folds in one interval's demand and returns the new average.
     pub fn observe(&mut self, demand: u64) -> u64 {
-        let next = match self.smoothed {
-            None => demand,
+        let d = u128::from(demand) * u128::from(PPM);
+        let next = match self.smoothed_micros {
+            None => d,
             Some(s) => {
                 let a = u128::from(self.alpha_ppm);
-                let v = (a * u128::from(demand) + (u128::from(PPM) - a) * u128::from(s))
-                    / u128::from(PPM);
-                u64::try_from(v).unwrap_or(u64::MAX)
+                (a * d + (u128::from(PPM) - a) * s) / u128::from(PPM)
             }
         };
-        self.smoothed = Some(next);
-        next
+        self.smoothed_micros = Some(next);
+        self.value()
     }
 
-    /// The current average (zero before any observation).
+    /// The current average, rounded to the nearest unit (zero before any observation).
     pub fn value(&self) -> u64 {
-        self.smoothed.unwrap_or(0)
+        let micros = self.smoothed_micros.unwrap_or(0);
+        u64::try_from((micros + u128::from(PPM) / 2) / u128::from(PPM)).unwrap_or(u64::MAX)
     }
 }
 
@@ -215,12 +212,14 @@ impl Transfer {
     /// covered. The receiver is never asked to give.
     pub fn new(id: u64, to: u32, wanted: u64, givers: &[(u32, u64)]) -> Transfer {
         let mut left = wanted;
-        let mut asks = Vec::new();
+        let mut asks: Vec<Ask> = Vec::new();
         for &(region, unused) in givers {
             if left == 0 {
                 break;
             }
-            if region == to || unused == 0 {
+            // The receiver never gives, and a region listed twice is asked once: a second ask
+            // could never be confirmed, and together they could exceed its unused quota.
+            if region == to || unused == 0 || asks.iter().any(|a| a.region == region) {
                 continue;
             }
             let amount = unused.min(left);
@@ -347,6 +346,33 @@ mod tests {
         assert_eq!(s.observe(100), 100);
         assert_eq!(s.observe(0), 50);
         assert_eq!(s.observe(0), 25);
+    }
+
+    #[test]
+    fn smoother_reaches_a_small_steady_demand() {
+        let mut s = DemandSmoother::new(100_000);
+        s.observe(0);
+        for _ in 0..100 {
+            s.observe(5);
+        }
+        assert_eq!(s.value(), 5);
+    }
+
+    #[test]
+    fn split_survives_huge_demands() {
+        let r = |demand| RegionShare {
+            demand,
+            floor_ppm: 0,
+            pinned_ppm: None,
+        };
+        let parts = split(1000, &[r(u64::MAX), r(u64::MAX)]);
+        assert_eq!(parts, vec![500, 500]);
+    }
+
+    #[test]
+    fn transfer_asks_a_region_listed_twice_once() {
+        let t = Transfer::new(1, 0, 100, &[(1, 30), (1, 30), (2, 100)]);
+        assert_eq!(t.asks().collect::<Vec<_>>(), vec![(1, 30), (2, 70)]);
     }
 
     #[test]

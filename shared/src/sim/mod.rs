@@ -28,7 +28,7 @@ use std::{
 
 use crate::{
     clock::Nanos,
-    quota::{Budget, EdgeId, KeyLedger, Threshold, cold_allowance},
+    quota::{Budget, EdgeId, Grant, KeyLedger, Threshold, cold_allowance},
     rules::Strictness,
 };
 
@@ -113,6 +113,9 @@ pub struct Report {
     pub exact: u64,
     /// Exact requests that timed out (denied).
     pub timeouts: u64,
+    /// Slots an edge dropped with counts the regional never acknowledged, because their window
+    /// had passed the regional's acceptance (the current and the previous window).
+    pub stale_dropped: u64,
     /// Exact requests by reason: the key had no grant yet at this edge (hard keys' first
     /// requests, soft keys past their cold allowance before the first sync).
     pub exact_cold: u64,
@@ -238,15 +241,12 @@ enum Node {
     Edge(u32),
 }
 
-struct Pending {
-    arrival: usize,
-}
-
 struct Edge {
     slots: HashMap<Slot, EdgeSlot>,
     denied_until: HashMap<u32, Nanos>,
     hot: BTreeSet<Slot>,
-    pending: HashMap<u64, Pending>,
+    /// Exact requests in flight: id → arrival.
+    pending: HashMap<u64, usize>,
     /// A silent edge sends nothing and receives nothing (crashed or cut off).
     silent: bool,
 }
@@ -388,10 +388,10 @@ impl Sim {
                 Node::Edge(e) => self.edge_receive(e, msg),
             },
             Event::Timeout { edge, id } => {
-                if let Some(p) = self.edges[edge as usize].pending.remove(&id) {
+                if let Some(arrival) = self.edges[edge as usize].pending.remove(&id) {
                     self.report.timeouts += 1;
-                    self.timed_out.insert((edge, id), p.arrival);
-                    self.decide(p.arrival, false, false, None);
+                    self.timed_out.insert((edge, id), arrival);
+                    self.decide(arrival, false, false, None);
                 }
             }
         }
@@ -447,7 +447,7 @@ impl Sim {
         }
         let id = self.next_id;
         self.next_id += 1;
-        e.pending.insert(id, Pending { arrival: i });
+        e.pending.insert(id, i);
         let timeout = now + self.config.timeout;
         self.schedule(timeout, Event::Timeout { edge, id });
         self.send(
@@ -491,11 +491,19 @@ impl Sim {
                 });
             }
         }
-        // Forget windows that are over and fully acknowledged.
+        // Forget windows the regional no longer accepts (older than the previous one). Counts
+        // still unacknowledged there are lost to the regional: the simulator counts them, and
+        // the lossless scenarios check that it never happens.
         let window = now.as_u64() / self.config.window.as_u64();
+        let mut stale = 0;
         e.slots.retain(|&(_, w), s| {
-            w + 1 >= window || s.used != s.acked_used || s.released != s.acked_released
+            let keep = w + 1 >= window;
+            if !keep && (s.used != s.acked_used || s.released != s.acked_released) {
+                stale += 1;
+            }
+            keep
         });
+        self.report.stale_dropped += stale;
         if !entries.is_empty() {
             entries.sort_by_key(|x| x.slot);
             self.send(Node::Regional, Msg::Sync { edge, entries });
@@ -510,8 +518,12 @@ impl Sim {
         match msg {
             Msg::Ack { entries, hot } => {
                 for a in entries {
+                    // An ack for a slot the edge already dropped (a late duplicate) has
+                    // nothing left to update.
+                    let Some(s) = e.slots.get_mut(&a.slot) else {
+                        continue;
+                    };
                     self.touched.push(a.slot);
-                    let s = e.slots.entry(a.slot).or_default();
                     // Ceilings and echoes only grow: a late or repeated ack changes nothing.
                     s.granted = s.granted.max(a.granted);
                     s.acked_used = s.acked_used.max(a.used);
@@ -530,16 +542,19 @@ impl Sim {
                 near_limit,
                 reopen_at,
             } => {
-                self.touched.push((key, window));
-                let s = e.slots.entry((key, window)).or_default();
-                s.granted = s.granted.max(granted);
-                s.near_limit |= near_limit;
+                let current = self.now.as_u64() / self.config.window.as_u64();
+                if window + 1 >= current {
+                    self.touched.push((key, window));
+                    let s = e.slots.entry((key, window)).or_default();
+                    s.granted = s.granted.max(granted);
+                    s.near_limit |= near_limit;
+                }
                 if !allowed {
                     let until = e.denied_until.entry(key).or_default();
                     *until = (*until).max(reopen_at);
                 }
-                if let Some(p) = e.pending.remove(&id) {
-                    self.decide(p.arrival, allowed, false, allowed.then_some((key, window)));
+                if let Some(arrival) = e.pending.remove(&id) {
+                    self.decide(arrival, allowed, false, allowed.then_some((key, window)));
                 }
             }
             Msg::Sync { .. } | Msg::Acquire { .. } => unreachable!("edges receive no requests"),
@@ -574,7 +589,8 @@ impl Sim {
                     self.touched.push(x.slot);
                     let ledger = self.ledgers.entry(x.slot).or_default();
                     ledger.merge(EdgeId(edge), x.used, x.released);
-                    ledger.grant(EdgeId(edge), &budget, x.want);
+                    let grant = ledger.grant(EdgeId(edge), &budget, x.want);
+                    assert_minted_under_threshold(self.config.seed, x.slot, ledger, &budget, grant);
                     let c = ledger.counters(EdgeId(edge));
                     acks.push(AckEntry {
                         slot: x.slot,
@@ -582,7 +598,9 @@ impl Sim {
                         used: c.used,
                         released: c.released,
                         near_limit: ledger.is_near_limit(),
-                        recall: ledger.pool_spent(&budget),
+                        // Only an edge holding more than it asked for gives back: the one this
+                        // ack just granted keeps its grant.
+                        recall: ledger.pool_spent(&budget) && c.unused() > x.want,
                     });
                 }
                 let hot = self.hot_keys();
@@ -608,7 +626,15 @@ impl Sim {
                 let ledger = self.ledgers.entry((key, window)).or_default();
                 let out = ledger.exact(cost, &budget);
                 let granted = if out.allowed {
-                    ledger.grant(EdgeId(edge), &budget, want).ceiling()
+                    let grant = ledger.grant(EdgeId(edge), &budget, want);
+                    assert_minted_under_threshold(
+                        self.config.seed,
+                        (key, window),
+                        ledger,
+                        &budget,
+                        grant,
+                    );
+                    grant.ceiling()
                 } else {
                     ledger.counters(EdgeId(edge)).granted
                 };
@@ -791,7 +817,7 @@ impl Sim {
                 *r.orphaned.entry((*key, *window)).or_default() += self.arrivals[i].cost;
             }
         }
-        for (&(key, window), &admitted) in &r.admitted {
+        for (&(key, _), &admitted) in &r.admitted {
             let spec = self.keys[key as usize];
             let over = admitted.saturating_sub(spec.limit);
             match spec.strictness {
@@ -802,7 +828,6 @@ impl Sim {
                     r.worst_soft_overshoot_ppm = r.worst_soft_overshoot_ppm.max(ppm);
                 }
             }
-            let _ = window;
         }
         for (&(key, window), &offered) in &r.offered {
             if denied.contains(&key) {
@@ -812,6 +837,25 @@ impl Sim {
             }
         }
         r
+    }
+}
+
+/// `T + G ≤ θ·P` in the regional's own view, right after a grant was minted. (The ground-truth
+/// checks after every event bound the edges' part; this one includes the exact path's.)
+fn assert_minted_under_threshold(
+    seed: u64,
+    (key, window): Slot,
+    ledger: &KeyLedger,
+    budget: &Budget,
+    grant: Grant,
+) {
+    if grant.raised_by() > 0 {
+        let reserved = ledger.reserved(budget);
+        let ceiling = budget.threshold.of(budget.partition);
+        assert!(
+            reserved <= ceiling,
+            "seed {seed}: key {key} window {window}: minted to T + G = {reserved} > θ·P"
+        );
     }
 }
 

@@ -80,9 +80,16 @@ fn duplicated_and_reordered_messages_never_overshoot_a_hard_key() {
             .collect();
         let report = Sim::new(config, vec![hard(500)], arrivals).drive_bounded(2_000_000);
         assert_eq!(report.hard_overshoot, 0, "seed {seed}");
+        assert_eq!(report.stale_dropped, 0, "seed {seed}");
         for window in 0..3 {
             let admitted = report.admitted.get(&(0, window)).copied().unwrap_or(0);
             assert!(admitted <= 500, "seed {seed} window {window}: {admitted}");
+            // Never over, and not by denying everything: with four times the limit offered,
+            // the window fills (lost replies and in-flight grants cost a little).
+            assert!(
+                admitted >= 450,
+                "seed {seed} window {window}: only {admitted}"
+            );
         }
     }
 }
@@ -255,11 +262,6 @@ fn cold_soft_keys_overshoot_at_most_n_times_c0() {
         assert!(
             admitted > limit,
             "seed {seed}: the cold allowance was not exercised"
-        );
-        assert_eq!(
-            report.soft_overshoot,
-            admitted - limit,
-            "seed {seed}: reported"
         );
         worst = worst.max(report.worst_soft_overshoot_ppm);
     }
