@@ -267,10 +267,15 @@ impl KeyLedger {
             && budget.grant_ceiling().saturating_sub(self.reserved(budget)) < budget.edges()
     }
 
+    /// Whether `cost` would pass the exact path now: `T + G + cost ≤ P`. Pure; lets a
+    /// request that must pass several limits check all of them before consuming from any.
+    pub fn fits(&self, cost: u64, budget: &Budget) -> bool {
+        self.reserved(budget).saturating_add(cost) <= budget.partition
+    }
+
     /// The exact path: consumes `cost` iff `T + G + cost ≤ P`, and says what is left.
     pub fn exact(&mut self, cost: u64, budget: &Budget) -> ExactOutcome {
-        let reserved = self.reserved(budget);
-        let allowed = reserved.saturating_add(cost) <= budget.partition;
+        let allowed = self.fits(cost, budget);
         if allowed {
             self.exact = self.exact.saturating_add(cost);
         }

@@ -28,12 +28,17 @@ use std::{
 
 use crate::{
     clock::Nanos,
-    quota::{Budget, EdgeId, Grant, KeyLedger, Threshold, cold_allowance},
+    quota::{Budget, EdgeId, KeyLedger, Threshold, cold_allowance},
     rules::Strictness,
 };
 
+mod regional;
 #[cfg(test)]
 mod tests;
+
+pub use self::regional::{
+    ExactAnswer, ExactCheck, MAX_CHECKS, RegionalModel, SyncAnswer, WireRegional,
+};
 
 /// How the simulated deployment and network behave.
 #[derive(Clone, Debug)]
@@ -264,8 +269,9 @@ pub struct Sim {
     events: Vec<Option<Event>>,
     seq: u64,
     edges: Vec<Edge>,
-    ledgers: HashMap<Slot, KeyLedger>,
-    replies: HashMap<(u32, u64), Msg>,
+    regional: RegionalModel<u32>,
+    /// The regional's first answer to each exact request: (edge, id) → (slot, allowed).
+    answered: HashMap<(u32, u64), (Slot, bool)>,
     /// Exact requests an edge gave up on: (edge, id) → arrival.
     timed_out: HashMap<(u32, u64), usize>,
     next_id: u64,
@@ -303,8 +309,8 @@ impl Sim {
             events: Vec::new(),
             seq: 0,
             edges,
-            ledgers: HashMap::new(),
-            replies: HashMap::new(),
+            regional: RegionalModel::new(),
+            answered: HashMap::new(),
             timed_out: HashMap::new(),
             next_id: 0,
             report: Report::default(),
@@ -336,7 +342,7 @@ impl Sim {
     ) -> (Report, HashMap<(u32, u64), KeyLedger>) {
         self.run(max_events);
         let report = self.finish();
-        (report, self.ledgers)
+        (report, std::mem::take(&mut self.regional).into_ledgers())
     }
 
     fn run(&mut self, max_events: u64) {
@@ -572,35 +578,35 @@ impl Sim {
         }
     }
 
-    fn accepts(&self, window: u64) -> bool {
-        let current = self.now.as_u64() / self.config.window.as_u64();
-        window + 1 >= current && window <= current
-    }
-
     fn regional_receive(&mut self, msg: Msg) {
+        let current = self.now.as_u64() / self.config.window.as_u64();
         match msg {
             Msg::Sync { edge, entries } => {
                 let mut acks = Vec::with_capacity(entries.len());
                 for x in entries {
-                    if !self.accepts(x.slot.1) {
-                        continue;
-                    }
                     let budget = self.budget(x.slot.0);
+                    let (key, window) = x.slot;
+                    let Some(a) = self.regional.sync(
+                        EdgeId(edge),
+                        &key,
+                        window,
+                        current,
+                        x.used,
+                        x.released,
+                        x.want,
+                        &budget,
+                    ) else {
+                        continue;
+                    };
                     self.touched.push(x.slot);
-                    let ledger = self.ledgers.entry(x.slot).or_default();
-                    ledger.merge(EdgeId(edge), x.used, x.released);
-                    let grant = ledger.grant(EdgeId(edge), &budget, x.want);
-                    assert_minted_under_threshold(self.config.seed, x.slot, ledger, &budget, grant);
-                    let c = ledger.counters(EdgeId(edge));
+                    self.assert_minted_under_threshold(x.slot, a.minted.raised_by());
                     acks.push(AckEntry {
                         slot: x.slot,
-                        granted: c.granted,
-                        used: c.used,
-                        released: c.released,
-                        near_limit: ledger.is_near_limit(),
-                        // Only an edge holding more than it asked for gives back: the one this
-                        // ack just granted keeps its grant.
-                        recall: ledger.pool_spent(&budget) && c.unused() > x.want,
+                        granted: a.granted,
+                        used: a.used,
+                        released: a.released,
+                        near_limit: a.near_limit,
+                        recall: a.recall,
                     });
                 }
                 let hot = self.hot_keys();
@@ -613,35 +619,23 @@ impl Sim {
                 cost,
                 want,
             } => {
-                // The regional decides by its own clock; a retried or duplicated request gets
-                // the first answer again and consumes nothing twice.
-                if let Some(reply) = self.replies.get(&(edge, id)) {
-                    let reply = reply.clone();
-                    self.send(Node::Edge(edge), reply);
-                    return;
-                }
-                let window = self.now.as_u64() / self.config.window.as_u64();
+                // The regional decides by its own clock; the model answers a repeated request
+                // with its first answer and consumes nothing twice.
                 let budget = self.budget(key);
-                self.touched.push((key, window));
-                let ledger = self.ledgers.entry((key, window)).or_default();
-                let out = ledger.exact(cost, &budget);
-                let granted = if out.allowed {
-                    let grant = ledger.grant(EdgeId(edge), &budget, want);
-                    assert_minted_under_threshold(
-                        self.config.seed,
-                        (key, window),
-                        ledger,
-                        &budget,
-                        grant,
-                    );
-                    grant.ceiling()
-                } else {
-                    ledger.counters(EdgeId(edge)).granted
+                let check = ExactCheck {
+                    key,
+                    cost,
+                    want,
+                    budget,
                 };
-                let window_end = Nanos((window + 1) * self.config.window.as_u64());
+                let a = self.regional.exact(EdgeId(edge), id, current, &[check]);
+                let slot = (key, a.window);
+                self.touched.push(slot);
+                self.assert_minted_under_threshold(slot, a.minted[0]);
+                self.answered.entry((edge, id)).or_insert((slot, a.allowed));
+                let window_end = Nanos((a.window + 1) * self.config.window.as_u64());
                 // Denied only because others hold unused grants: they come back within a flush.
-                let held = ledger.used() + cost <= budget.partition;
-                let reopen_at = if held {
+                let reopen_at = if a.held {
                     (self.now + self.config.flush_interval).min(window_end)
                 } else {
                     window_end
@@ -649,25 +643,45 @@ impl Sim {
                 let reply = Msg::Reply {
                     id,
                     key,
-                    window,
-                    allowed: out.allowed,
-                    granted,
-                    near_limit: ledger.is_near_limit(),
+                    window: a.window,
+                    allowed: a.allowed,
+                    granted: a.granted[0],
+                    near_limit: a.near_limit[0],
                     reopen_at,
                 };
-                self.replies.insert((edge, id), reply.clone());
                 self.send(Node::Edge(edge), reply);
             }
-            Msg::Ack { .. } | Msg::Reply { .. } => unreachable!("the regional receives no answers"),
+            Msg::Ack { .. } | Msg::Reply { .. } => {
+                unreachable!("the regional receives no answers")
+            }
         }
+    }
+
+    /// `T + G ≤ θ·P` in the regional's own view, right after a grant was minted. (The
+    /// ground-truth checks after every event bound the edges' part; this one includes the
+    /// exact path's.)
+    fn assert_minted_under_threshold(&self, (key, window): Slot, raised_by: u64) {
+        if raised_by == 0 {
+            return;
+        }
+        let budget = self.budget(key);
+        let reserved = self
+            .regional
+            .ledger(&key, window)
+            .map_or(0, |l| l.reserved(&budget));
+        assert!(
+            reserved <= budget.threshold.of(budget.partition),
+            "seed {}: key {key} window {window}: minted to T + G = {reserved} > θ·P",
+            self.config.seed
+        );
     }
 
     /// Keys above `θ·P/2` this window: edges spend no cold allowance on them.
     fn hot_keys(&self) -> Vec<Slot> {
         let current = self.now.as_u64() / self.config.window.as_u64();
         let mut hot: Vec<Slot> = self
-            .ledgers
-            .iter()
+            .regional
+            .ledgers()
             .filter(|((key, w), ledger)| {
                 *w == current && {
                     let b = self.budget(*key);
@@ -756,7 +770,7 @@ impl Sim {
     /// The invariants of DESIGN §4 for one slot, on ground truth: each edge's true counters
     /// against the ceilings the regional granted.
     fn check_invariants(&self, (key, window): Slot) {
-        if let Some(ledger) = self.ledgers.get(&(key, window)) {
+        if let Some(ledger) = self.regional.ledger(&key, window) {
             let spec = self.keys[key as usize];
             let budget = self.budget(key);
             let mut local = 0u64;
@@ -803,18 +817,9 @@ impl Sim {
             }
         }
         let mut r = std::mem::take(&mut self.report);
-        for (&(edge, id), reply) in &self.replies {
-            if let (
-                Msg::Reply {
-                    key,
-                    window,
-                    allowed: true,
-                    ..
-                },
-                Some(&i),
-            ) = (reply, self.timed_out.get(&(edge, id)))
-            {
-                *r.orphaned.entry((*key, *window)).or_default() += self.arrivals[i].cost;
+        for (edge_id, &arrival) in &self.timed_out {
+            if let Some(&(slot, true)) = self.answered.get(edge_id) {
+                *r.orphaned.entry(slot).or_default() += self.arrivals[arrival].cost;
             }
         }
         for (&(key, _), &admitted) in &r.admitted {
@@ -837,25 +842,6 @@ impl Sim {
             }
         }
         r
-    }
-}
-
-/// `T + G ≤ θ·P` in the regional's own view, right after a grant was minted. (The ground-truth
-/// checks after every event bound the edges' part; this one includes the exact path's.)
-fn assert_minted_under_threshold(
-    seed: u64,
-    (key, window): Slot,
-    ledger: &KeyLedger,
-    budget: &Budget,
-    grant: Grant,
-) {
-    if grant.raised_by() > 0 {
-        let reserved = ledger.reserved(budget);
-        let ceiling = budget.threshold.of(budget.partition);
-        assert!(
-            reserved <= ceiling,
-            "seed {seed}: key {key} window {window}: minted to T + G = {reserved} > θ·P"
-        );
     }
 }
 
