@@ -624,16 +624,17 @@ impl Sim {
                 let budget = self.budget(key);
                 let check = ExactCheck {
                     key,
+                    window: current,
                     cost,
                     want,
                     budget,
                 };
-                let a = self.regional.exact(EdgeId(edge), id, current, &[check]);
-                let slot = (key, a.window);
+                let a = self.regional.exact(EdgeId(edge), id, &[check]);
+                let slot = (key, current);
                 self.touched.push(slot);
                 self.assert_minted_under_threshold(slot, a.minted[0]);
                 self.answered.entry((edge, id)).or_insert((slot, a.allowed));
-                let window_end = Nanos((a.window + 1) * self.config.window.as_u64());
+                let window_end = Nanos((current + 1) * self.config.window.as_u64());
                 // Denied only because others hold unused grants: they come back within a flush.
                 let reopen_at = if a.held {
                     (self.now + self.config.flush_interval).min(window_end)
@@ -643,7 +644,7 @@ impl Sim {
                 let reply = Msg::Reply {
                     id,
                     key,
-                    window: a.window,
+                    window: current,
                     allowed: a.allowed,
                     granted: a.granted[0],
                     near_limit: a.near_limit[0],

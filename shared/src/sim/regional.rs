@@ -37,6 +37,8 @@ pub struct SyncAnswer {
 pub struct ExactCheck<K> {
     /// The key.
     pub key: K,
+    /// The window the regional decides it in, by its own clock (each limit has its own length).
+    pub window: u64,
     /// Its cost.
     pub cost: u64,
     /// What the edge asks to hold unused afterwards.
@@ -52,8 +54,6 @@ pub struct ExactAnswer {
     pub allowed: bool,
     /// Per check: whether it alone would have passed.
     pub fits: [bool; MAX_CHECKS],
-    /// The window the regional decided in, by its own clock.
-    pub window: u64,
     /// Per check, in order, the edge's ceiling afterwards (a grant rides along when allowed).
     /// At most [`MAX_CHECKS`] checks are answered.
     pub granted: [u64; MAX_CHECKS],
@@ -127,7 +127,8 @@ impl<K: Hash + Eq + Clone> RegionalModel<K> {
         })
     }
 
-    /// Decides an exact request in window `current`: every check's cost is consumed, or none.
+    /// Decides an exact request, each check in its own window: every check's cost is consumed,
+    /// or none.
     /// A request id seen before from this edge gets its first answer again.
     ///
     /// # Panics
@@ -137,7 +138,6 @@ impl<K: Hash + Eq + Clone> RegionalModel<K> {
         &mut self,
         edge: EdgeId,
         request_id: u64,
-        current: u64,
         checks: &[ExactCheck<K>],
     ) -> ExactAnswer {
         assert!(
@@ -152,14 +152,13 @@ impl<K: Hash + Eq + Clone> RegionalModel<K> {
             each[i] = c.cost <= c.budget.partition
                 && self
                     .ledgers
-                    .get(&(c.key.clone(), current))
+                    .get(&(c.key.clone(), c.window))
                     .is_none_or(|l| l.fits(c.cost, &c.budget));
         }
         let fits = each[..checks.len()].iter().all(|f| *f);
         let mut answer = ExactAnswer {
             allowed: fits,
             fits: each,
-            window: current,
             granted: [0; MAX_CHECKS],
             remaining: [0; MAX_CHECKS],
             near_limit: [false; MAX_CHECKS],
@@ -167,7 +166,7 @@ impl<K: Hash + Eq + Clone> RegionalModel<K> {
             held: false,
         };
         for (i, c) in checks.iter().enumerate() {
-            let ledger = self.ledgers.entry((c.key.clone(), current)).or_default();
+            let ledger = self.ledgers.entry((c.key.clone(), c.window)).or_default();
             if fits {
                 ledger.exact(c.cost, &c.budget);
                 answer.minted[i] = ledger.grant(edge, &c.budget, c.want).raised_by();
@@ -297,21 +296,21 @@ impl WireRegional {
         }
         let mut checks = Vec::with_capacity(request.checks.len());
         let mut ends = Vec::with_capacity(request.checks.len());
-        let mut current = 0;
         for c in &request.checks {
             let Some((budget, window)) = self.budget(c.limit) else {
                 return deny_unknown;
             };
-            current = now.as_u64() / window.as_u64().max(1);
+            let current = now.as_u64() / window.as_u64().max(1);
             ends.push(Nanos((current + 1).saturating_mul(window.as_u64())));
             checks.push(ExactCheck {
                 key: (c.limit, c.key.clone()),
+                window: current,
                 cost: u64::from(c.cost.get()),
                 want: c.want,
                 budget,
             });
         }
-        let a = self.model.exact(edge, request.request_id, current, &checks);
+        let a = self.model.exact(edge, request.request_id, &checks);
         let outcomes: Vec<CheckOutcome> = ends
             .iter()
             .enumerate()

@@ -1,0 +1,765 @@
+//! The `Agent`: `check` on every request, and the sync loop behind it.
+//!
+//! # How a request flows
+//!
+//! `check` matches the request against the rule set (no allocation: a per-thread buffer),
+//! then, for each limit that applies, locks that key's state in the map just long enough to
+//! reserve the cost under its grant or cold allowance. If every limit reserves, the request is
+//! admitted locally and the reservations become `used`. If a key holds a cached denial, the
+//! request is denied locally. Otherwise every reservation is rolled back and the whole request
+//! goes to the regional as one exact `Acquire` (all limits or none), bounded by the upstream
+//! timeout; when that fails or times out, each rule's failure mode decides. No lock is held
+//! across the network.
+//!
+//! The sync loop, every flush interval, walks the map, hands back idle or recalled grants,
+//! sends the counts the regional has not acknowledged (cumulative, so a resend after a lost
+//! answer is counted once), applies the answers (raised ceilings, `n`, hot keys), and forgets
+//! keys that have been idle long enough.
+
+use std::{
+    cell::Cell,
+    num::NonZeroU32,
+    sync::{
+        Arc,
+        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
+    },
+};
+
+use dashmap::DashMap;
+use shared::{
+    Clock, FailureMode, LimitId, Nanos, RuleSet,
+    algorithm::Limiter,
+    quota::cold_allowance,
+    rules::{Match, Request, recycle},
+    wire::{Acquire, AcquireReply, Check, MAX_KEYS_PER_BATCH, SyncAck, SyncBatch, SyncEntry},
+};
+use thiserror::Error;
+use tokio::{runtime::Handle, task::JoinHandle};
+
+use crate::{
+    config::AgentConfig,
+    decision::{Decision, DecisionPath},
+    local::{KeyState, Local, SlotKey, split},
+    upstream::{Upstream, UpstreamError},
+};
+
+/// The most limits one request is checked against; a request matching more is checked
+/// against the first this many. A rule set rarely gives a request more than four.
+pub const MAX_LIMITS_PER_REQUEST: usize = 16;
+
+/// The edge's rate limiter: cheap to clone, shared by every thread that serves requests.
+///
+/// See the [crate documentation](crate) for an example.
+#[derive(Clone)]
+pub struct Agent {
+    inner: Arc<Inner>,
+}
+
+/// Builds an [`Agent`].
+pub struct AgentBuilder {
+    config: AgentConfig,
+    rules: RuleSet,
+    upstream: Arc<dyn Upstream>,
+    clock: Option<Arc<dyn Clock>>,
+    runtime: Option<Handle>,
+}
+
+/// Why an agent could not be built.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// The agent talks to its regional on a tokio runtime; none was given and none is running.
+    #[error("no tokio runtime: build the agent inside one or pass AgentBuilder::runtime")]
+    NoRuntime,
+}
+
+impl AgentBuilder {
+    /// Uses `clock` instead of the system clock (tests drive time by hand).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> AgentBuilder {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// Runs the agent's network calls on `runtime` instead of the current one.
+    pub fn runtime(mut self, runtime: Handle) -> AgentBuilder {
+        self.runtime = Some(runtime);
+        self
+    }
+
+    /// Builds the agent. The sync loop is not started: call [`Agent::spawn_sync_loop`], or
+    /// drive [`Agent::flush`] yourself.
+    ///
+    /// # Errors
+    ///
+    /// [`BuildError::NoRuntime`] when no runtime was given and none is current.
+    pub fn build(self) -> Result<Agent, BuildError> {
+        let runtime = match self.runtime {
+            Some(h) => h,
+            None => Handle::try_current().map_err(|_| BuildError::NoRuntime)?,
+        };
+        Ok(Agent {
+            inner: Arc::new(Inner {
+                config: self.config,
+                rules: self.rules,
+                upstream: self.upstream,
+                clock: self.clock.unwrap_or_else(|| Arc::new(crate::SystemClock)),
+                runtime,
+                keys: DashMap::new(),
+                edges: AtomicU32::new(0),
+                down_until: AtomicU64::new(0),
+                next_request: AtomicU64::new(0),
+                stats: Stats::default(),
+            }),
+        })
+    }
+}
+
+impl Agent {
+    /// Starts building an agent for `rules`, talking to its regional through `upstream`.
+    pub fn builder(
+        config: AgentConfig,
+        rules: RuleSet,
+        upstream: Arc<dyn Upstream>,
+    ) -> AgentBuilder {
+        AgentBuilder {
+            config,
+            rules,
+            upstream,
+            clock: None,
+            runtime: None,
+        }
+    }
+
+    /// Decides one request of cost 1. Never awaits; returns at once on the local paths and
+    /// within the upstream timeout on the exact path.
+    ///
+    /// Blocks the calling thread on the exact path, so async servers should call
+    /// [`check_async`](Agent::check_async) instead. The call upstream runs on the agent's
+    /// runtime: never call `check` from that runtime's own thread when it is a current-thread
+    /// runtime, or every exact decision waits out the timeout.
+    pub fn check(&self, request: &Request<'_>) -> Decision {
+        self.check_cost(request, NonZeroU32::MIN)
+    }
+
+    /// [`check`](Agent::check) for a request that costs `cost` units of every limit.
+    pub fn check_cost(&self, request: &Request<'_>, cost: NonZeroU32) -> Decision {
+        let inner = &self.inner;
+        match inner.begin(request, cost) {
+            Step::Done(decision) => decision,
+            Step::Exact(exact, acquire) => {
+                let (tx, rx) = std::sync::mpsc::sync_channel(1);
+                let call = inner.upstream.acquire(acquire);
+                inner.runtime.spawn(async move {
+                    // The receiver may have timed out and gone; nothing to do then.
+                    let _ = tx.send(call.await);
+                });
+                let result = rx
+                    .recv_timeout(inner.config.upstream_timeout)
+                    .unwrap_or(Err(UpstreamError::Timeout));
+                inner.finish(exact, result)
+            }
+        }
+    }
+
+    /// [`check_cost`](Agent::check_cost) for async callers: awaits the regional instead of
+    /// blocking, with the same timeout.
+    pub async fn check_async(&self, request: &Request<'_>, cost: NonZeroU32) -> Decision {
+        let inner = &self.inner;
+        match inner.begin(request, cost) {
+            Step::Done(decision) => decision,
+            Step::Exact(exact, acquire) => {
+                let call = inner.upstream.acquire(acquire);
+                let result = tokio::time::timeout(inner.config.upstream_timeout, call)
+                    .await
+                    .unwrap_or(Err(UpstreamError::Timeout));
+                inner.finish(exact, result)
+            }
+        }
+    }
+
+    /// Syncs once: hands back idle grants, sends unacknowledged counts, applies the answers.
+    ///
+    /// # Errors
+    ///
+    /// When the regional cannot be reached; the counts stay and go with the next flush.
+    pub async fn flush(&self) -> Result<(), UpstreamError> {
+        self.inner.flush().await
+    }
+
+    /// Runs [`flush`](Agent::flush) every flush interval until the last clone of the agent is
+    /// dropped.
+    pub fn spawn_sync_loop(&self) -> JoinHandle<()> {
+        let weak = Arc::downgrade(&self.inner);
+        let period = self.inner.config.flush_interval;
+        self.inner.runtime.spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { break };
+                if let Err(e) = inner.flush().await {
+                    tracing::debug!(error = %e, "sync failed; counts kept for the next flush");
+                }
+            }
+        })
+    }
+
+    /// Counters of what the agent has done, for metrics.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.inner.stats.snapshot()
+    }
+
+    /// The rule set the agent enforces.
+    pub fn rules(&self) -> &RuleSet {
+        &self.inner.rules
+    }
+}
+
+/// What the agent has done since it started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Decisions made without the network (grant, cold allowance, cached denial, no rule).
+    pub local: u64,
+    /// Decisions made by the regional.
+    pub exact: u64,
+    /// Decisions made by a failure mode because the regional did not answer in time.
+    pub fallback: u64,
+    /// Requests denied, by any path.
+    pub denied: u64,
+    /// Windows whose counts were dropped before the regional acknowledged them (the bounded
+    /// replay buffer overflowing: a key kept only its current and previous window).
+    pub lost_windows: u64,
+    /// Syncs that failed.
+    pub sync_failures: u64,
+}
+
+struct Inner {
+    config: AgentConfig,
+    rules: RuleSet,
+    upstream: Arc<dyn Upstream>,
+    clock: Arc<dyn Clock>,
+    runtime: Handle,
+    /// Per (limit, key) state; see `local`.
+    keys: DashMap<Box<[u8]>, KeyState>,
+    /// `n`, as the regional last said; zero until it has (no cold allowance before then).
+    edges: AtomicU32,
+    /// Until then, decisions skip the network: it just failed.
+    down_until: AtomicU64,
+    next_request: AtomicU64,
+    stats: Stats,
+}
+
+/// A decision, or the exact request that will make it.
+enum Step {
+    Done(Decision),
+    Exact(ExactRequest, Acquire),
+}
+
+/// What `finish` needs to turn the regional's answer into a decision.
+struct ExactRequest {
+    now: Nanos,
+    cost: u64,
+    parts: Vec<Part>,
+}
+
+/// One limit of a request, as the slow paths need it.
+struct Part {
+    slot: SlotKey,
+    limit: LimitId,
+    value: u64,
+    window: u64,
+    window_end: Nanos,
+    failure: FailureMode,
+}
+
+thread_local! {
+    // Per-thread match buffer, so matching allocates nothing once warm.
+    static MATCHES: Cell<Vec<Match<'static>>> = const { Cell::new(Vec::new()) };
+}
+
+impl Inner {
+    fn begin(&self, request: &Request<'_>, cost: NonZeroU32) -> Step {
+        let now = self.clock.now();
+        let cost = u64::from(cost.get());
+        let mut matches: Vec<Match<'_>> = recycle(MATCHES.take());
+        self.rules.matches(request, &mut matches);
+        matches.truncate(MAX_LIMITS_PER_REQUEST);
+        let step = self.decide(&matches, now, cost);
+        MATCHES.set(recycle(matches));
+        step
+    }
+
+    fn decide(&self, matches: &[Match<'_>], now: Nanos, cost: u64) -> Step {
+        if matches.is_empty() {
+            self.stats.local.add(1);
+            return Step::Done(Decision::unlimited());
+        }
+        let n = self.edges.load(Ordering::Relaxed);
+        // Pass 1: reserve each limit locally, one key lock at a time.
+        let mut reserved = 0;
+        let mut verdict = Local::Reserved;
+        for m in matches {
+            let slot = SlotKey::new(m.limit.id(), &m.key);
+            let Some(len) = local_window(m.limit.limiter()) else {
+                // Decided by the regional only, but a cached denial is still free.
+                let until = self.with_state(&slot, |s| s.denied_until);
+                verdict = if until > now {
+                    Local::Denied { until }
+                } else {
+                    Local::Exact
+                };
+                break;
+            };
+            let w = now.as_u64() / len;
+            let value = m.limit.limiter().limit();
+            let c0 = cold_allowance(value, self.config.near_limit_threshold, n);
+            let (local, lost) =
+                self.with_state(&slot, |s| s.reserve(now, w, cost, m.rule.strictness(), c0));
+            self.stats.lost(lost);
+            if local != Local::Reserved {
+                verdict = local;
+                break;
+            }
+            reserved += 1;
+        }
+        // Pass 2: commit all, or roll back what pass 1 reserved.
+        for m in &matches[..reserved] {
+            let slot = SlotKey::new(m.limit.id(), &m.key);
+            self.with_state(&slot, |s| {
+                if verdict == Local::Reserved {
+                    s.commit(now, cost);
+                } else {
+                    s.roll_back(cost);
+                }
+            });
+        }
+        match verdict {
+            Local::Reserved => {
+                self.stats.local.add(1);
+                Step::Done(self.local_allow(matches, now))
+            }
+            Local::Denied { until } => {
+                self.stats.local.add(1);
+                self.stats.denied.add(1);
+                let m = &matches[reserved];
+                let limiter = m.limit.limiter();
+                let len = limiter.window().as_u64().max(1);
+                Step::Done(Decision {
+                    allowed: false,
+                    limit: limiter.limit(),
+                    remaining: 0,
+                    reset_at: Nanos((now.as_u64() / len + 1).saturating_mul(len)),
+                    retry_after: until - now,
+                    rule: Some(m.limit.id()),
+                    path: DecisionPath::CachedDenial,
+                })
+            }
+            Local::Exact => self.exact(matches, now, cost),
+        }
+    }
+
+    fn local_allow(&self, matches: &[Match<'_>], now: Nanos) -> Decision {
+        // The most restrictive limit answers: the least left.
+        let mut best: Option<Decision> = None;
+        for m in matches {
+            let limiter = m.limit.limiter();
+            let value = limiter.limit();
+            let len = local_window(limiter).unwrap_or(1);
+            let w = now.as_u64() / len;
+            let slot = SlotKey::new(m.limit.id(), &m.key);
+            let remaining = self.with_state(&slot, |s| s.window(w).0.remaining(value));
+            let d = Decision {
+                allowed: true,
+                limit: value,
+                remaining,
+                reset_at: Nanos((w + 1).saturating_mul(len)),
+                retry_after: Nanos::ZERO,
+                rule: Some(m.limit.id()),
+                path: DecisionPath::Local,
+            };
+            if best.is_none_or(|b| d.remaining < b.remaining) {
+                best = Some(d);
+            }
+        }
+        best.unwrap_or_else(Decision::unlimited)
+    }
+
+    /// Prepares the exact request for every limit of the request, or decides by failure mode
+    /// at once when the regional just failed.
+    fn exact(&self, matches: &[Match<'_>], now: Nanos, cost: u64) -> Step {
+        let mut parts = Vec::with_capacity(matches.len());
+        let mut checks = Vec::with_capacity(matches.len());
+        for m in matches {
+            let limiter = m.limit.limiter();
+            let len = limiter.window().as_u64().max(1);
+            let w = now.as_u64() / len;
+            let slot = SlotKey::new(m.limit.id(), &m.key);
+            let want = self.with_state(&slot, |s| {
+                let lost = s.note_demand(now, w, cost);
+                self.stats.lost(lost);
+                s.window(w).0.demand.saturating_mul(2)
+            });
+            let (_, wire_key) = split(slot.as_bytes());
+            checks.push(Check {
+                limit: m.limit.id(),
+                key: wire_key.to_owned(),
+                window: w,
+                // `cost` came from a NonZeroU32.
+                cost: NonZeroU32::new(u32::try_from(cost).unwrap_or(u32::MAX))
+                    .unwrap_or(NonZeroU32::MIN),
+                want,
+            });
+            parts.push(Part {
+                slot,
+                limit: m.limit.id(),
+                value: limiter.limit(),
+                window: w,
+                window_end: Nanos((w + 1).saturating_mul(len)),
+                failure: m.rule.on_failure(),
+            });
+        }
+        let exact = ExactRequest { now, cost, parts };
+        if now.as_u64() < self.down_until.load(Ordering::Relaxed) {
+            return Step::Done(self.fallback(exact));
+        }
+        let acquire = Acquire {
+            request_id: self.next_request.fetch_add(1, Ordering::Relaxed),
+            checks,
+        };
+        Step::Exact(exact, acquire)
+    }
+
+    /// Turns the regional's answer (or its failure) into a decision.
+    fn finish(&self, exact: ExactRequest, result: Result<AcquireReply, UpstreamError>) -> Decision {
+        let reply = match result {
+            Ok(reply) if reply.checks.len() == exact.parts.len() => reply,
+            Ok(_) => {
+                self.mark_down(exact.now);
+                return self.fallback(exact);
+            }
+            Err(_) => {
+                self.mark_down(exact.now);
+                return self.fallback(exact);
+            }
+        };
+        self.stats.exact.add(1);
+        let now = exact.now;
+        // The regional's clock is not ours. A denial says how far its reopening is from its
+        // now (`retry_after`), so its times carry over as offsets; an allowed answer carries
+        // no such offset, and the edge's own epoch-aligned window end is the reset.
+        let regional_now = reply.reset_at - reply.retry_after;
+        let local_time = |t: Nanos| now + (t - regional_now);
+        let mut answer: Option<Decision> = None;
+        for (part, check) in exact.parts.iter().zip(&reply.checks) {
+            // When the key may be tried again: the regional's reopening, carried to our clock
+            // (the window end, or sooner when only other edges' unused grants stood in the way).
+            let reopen = if reply.allowed {
+                now
+            } else {
+                local_time(check.reset_at)
+            };
+            let remaining = self.with_state(&part.slot, |s| {
+                s.raise_granted(part.window, check.granted);
+                if !reply.allowed && !check.allowed {
+                    s.denied_until = s.denied_until.max(reopen);
+                }
+                let Some(win) = s.slot(part.window) else {
+                    return check.remaining;
+                };
+                // What is left for this client here: nobody's, plus what this edge holds.
+                let remaining = check.remaining.saturating_add(win.unused());
+                let used = win.used;
+                win.learn_total(part.value.saturating_sub(remaining), used);
+                remaining
+            });
+            let d = Decision {
+                allowed: reply.allowed,
+                limit: part.value,
+                remaining: if check.allowed { remaining } else { 0 },
+                reset_at: part.window_end,
+                retry_after: reopen - now,
+                rule: Some(part.limit),
+                path: DecisionPath::Exact,
+            };
+            let better = match answer {
+                None => true,
+                // Denied: the limit that denied, reopening last. Allowed: the least left.
+                Some(b) if !reply.allowed => {
+                    !check.allowed && (b.retry_after < d.retry_after || b.rule.is_none())
+                }
+                Some(b) => d.remaining < b.remaining,
+            };
+            if better && (reply.allowed || !check.allowed) {
+                answer = Some(d);
+            }
+        }
+        let decision = answer.unwrap_or(Decision {
+            allowed: reply.allowed,
+            limit: 0,
+            remaining: 0,
+            reset_at: local_time(reply.reset_at),
+            retry_after: reply.retry_after,
+            rule: None,
+            path: DecisionPath::Exact,
+        });
+        if !decision.allowed {
+            self.stats.denied.add(1);
+        }
+        decision
+    }
+
+    /// The regional did not answer: each rule's failure mode decides (DESIGN §7). `closed`
+    /// denies; `local` admits while this edge's own count stays within `P/n`; `open` admits.
+    /// The request is admitted only if every limit admits, and what it admits is counted and
+    /// synced later like any other count.
+    fn fallback(&self, exact: ExactRequest) -> Decision {
+        self.stats.fallback.add(1);
+        let n = u64::from(self.edges.load(Ordering::Relaxed).max(1));
+        let now = exact.now;
+        let mut denied_by: Option<(&Part, FailureMode)> = None;
+        for part in &exact.parts {
+            let ok = match part.failure {
+                FailureMode::Closed => false,
+                FailureMode::Open => true,
+                FailureMode::Local => {
+                    let share = part.value / n;
+                    self.with_state(&part.slot, |s| {
+                        let (used, lost) = s.used_in(part.window);
+                        self.stats.lost(lost);
+                        used.saturating_add(exact.cost) <= share
+                    })
+                }
+            };
+            if !ok {
+                denied_by = Some((part, part.failure));
+                break;
+            }
+        }
+        if let Some((part, mode)) = denied_by {
+            self.stats.denied.add(1);
+            return Decision {
+                allowed: false,
+                limit: part.value,
+                remaining: 0,
+                reset_at: part.window_end,
+                // Not a promise the regional made: retry when the regional may be back.
+                retry_after: Nanos::from(self.config.upstream_backoff).min(part.window_end - now),
+                rule: Some(part.limit),
+                path: DecisionPath::Fallback(mode),
+            };
+        }
+        let mut mode = FailureMode::Open;
+        for part in &exact.parts {
+            self.with_state(&part.slot, |s| {
+                let lost = s.admit_unconditionally(now, part.window, exact.cost);
+                self.stats.lost(lost);
+            });
+            if part.failure == FailureMode::Local {
+                mode = FailureMode::Local;
+            }
+        }
+        let part = &exact.parts[0];
+        Decision {
+            allowed: true,
+            limit: part.value,
+            remaining: 0,
+            reset_at: part.window_end,
+            retry_after: Nanos::ZERO,
+            rule: Some(part.limit),
+            path: DecisionPath::Fallback(mode),
+        }
+    }
+
+    fn mark_down(&self, now: Nanos) {
+        let until = now + Nanos::from(self.config.upstream_backoff);
+        self.down_until.fetch_max(until.as_u64(), Ordering::Relaxed);
+    }
+
+    /// Runs `f` on the state of `slot`, creating it on first use. The shard lock is held only
+    /// for `f`, which never waits on anything.
+    fn with_state<R>(&self, slot: &SlotKey, f: impl FnOnce(&mut KeyState) -> R) -> R {
+        if let Some(mut state) = self.keys.get_mut(slot.as_bytes()) {
+            return f(&mut state);
+        }
+        let mut state = self
+            .keys
+            .entry(slot.as_bytes().into())
+            .or_insert_with(KeyState::new);
+        f(&mut state)
+    }
+
+    async fn flush(&self) -> Result<(), UpstreamError> {
+        let now = self.clock.now();
+        let entries = self.collect(now);
+        for chunk in entries.chunks(MAX_KEYS_PER_BATCH) {
+            let batch = SyncBatch {
+                entries: chunk.to_vec(),
+            };
+            let call = self.upstream.sync(batch);
+            let result = tokio::time::timeout(
+                self.config.flush_interval.max(self.config.upstream_timeout),
+                call,
+            )
+            .await
+            .unwrap_or(Err(UpstreamError::Timeout));
+            match result {
+                Ok(ack) => self.apply(&ack),
+                Err(e) => {
+                    self.stats.sync_failures.add(1);
+                    self.mark_down(now);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Walks every key: rolls windows forward, hands back idle or recalled grants, collects
+    /// what the regional has not acknowledged, and forgets keys idle long enough.
+    fn collect(&self, now: Nanos) -> Vec<SyncEntry> {
+        let idle_before = now - Nanos::from(self.config.idle_release);
+        let evict_before = now - Nanos::from(self.config.idle_eviction);
+        let mut entries = Vec::new();
+        let mut lost_total = 0;
+        self.keys.retain(|key, state| {
+            let (limit, wire_key) = split(key);
+            let Some((_, l)) = self.rules.limit(limit) else {
+                return false; // the rule is gone
+            };
+            let len = l.limiter().window().as_u64().max(1);
+            let current = now.as_u64() / len;
+            let (_, lost) = state.window(current);
+            lost_total += lost;
+            let idle = state.last_used < idle_before;
+            for win in [&mut state.prev, &mut state.cur] {
+                if win.index == u64::MAX {
+                    continue;
+                }
+                let past = win.index < current;
+                if idle || past || win.near_limit || win.recalled {
+                    win.release_unused();
+                }
+                win.recalled = false;
+                let want = if win.near_limit || past {
+                    0
+                } else {
+                    win.demand.saturating_mul(2)
+                };
+                win.demand = 0;
+                if win.unsynced() || want > 0 {
+                    entries.push(SyncEntry {
+                        limit,
+                        key: wire_key.to_owned(),
+                        window: win.index,
+                        used: win.used,
+                        released: win.released,
+                        want,
+                    });
+                }
+            }
+            state.unsynced() || state.last_used >= evict_before || state.denied_until > now
+        });
+        self.stats.lost(lost_total);
+        entries
+    }
+
+    fn apply(&self, ack: &SyncAck) {
+        for e in &ack.entries {
+            if e.edges > 0 {
+                self.edges.store(e.edges, Ordering::Relaxed);
+            }
+            let Some(slot) = SlotKey::from_wire(e.limit, &e.key) else {
+                continue;
+            };
+            if let Some(mut state) = self.keys.get_mut(slot.as_bytes())
+                && let Some(win) = state.slot(e.window)
+            {
+                // Everything only grows: a late or repeated answer changes nothing.
+                win.granted = win.granted.max(e.granted);
+                win.acked_used = win.acked_used.max(e.used);
+                win.acked_released = win.acked_released.max(e.released);
+                if e.used >= win.used_at_total {
+                    win.learn_total(e.total, e.used);
+                }
+                win.near_limit |= e.near_limit;
+                win.recalled |= e.recall;
+            }
+        }
+        for hot in &ack.hot_keys {
+            let Some(slot) = SlotKey::from_wire(hot.limit, &hot.key) else {
+                continue;
+            };
+            self.with_state(&slot, |s| s.hot_window = hot.window);
+        }
+    }
+}
+
+/// The window length of a limiter the edge can decide under grants, or `None` when its keys
+/// always take the exact path: the sliding log is exact only at one authority (DESIGN §3),
+/// and the buckets' grants are not built yet.
+fn local_window(limiter: &Limiter) -> Option<u64> {
+    match limiter {
+        Limiter::FixedWindow(_) | Limiter::SlidingWindow(_) => {
+            Some(limiter.window().as_u64().max(1))
+        }
+        Limiter::SlidingLog(_) | Limiter::TokenBucket(_) | Limiter::LeakyBucket(_) => None,
+    }
+}
+
+/// A counter spread over cache lines, so threads counting decisions do not contend.
+#[derive(Default)]
+struct Striped {
+    cells: [Padded; STRIPES],
+}
+
+const STRIPES: usize = 8;
+
+#[derive(Default)]
+#[repr(align(64))]
+struct Padded(AtomicU64);
+
+static NEXT_STRIPE: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static STRIPE: usize = NEXT_STRIPE.fetch_add(1, Ordering::Relaxed) % STRIPES;
+}
+
+impl Striped {
+    fn add(&self, n: u64) {
+        let i = STRIPE.with(|s| *s);
+        self.cells[i].0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn sum(&self) -> u64 {
+        self.cells.iter().map(|c| c.0.load(Ordering::Relaxed)).sum()
+    }
+}
+
+#[derive(Default)]
+struct Stats {
+    local: Striped,
+    exact: Striped,
+    fallback: Striped,
+    denied: Striped,
+    lost_windows: Striped,
+    sync_failures: Striped,
+}
+
+impl Stats {
+    fn lost(&self, n: u32) {
+        if n > 0 {
+            self.lost_windows.add(u64::from(n));
+        }
+    }
+
+    fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            local: self.local.sum(),
+            exact: self.exact.sum(),
+            fallback: self.fallback.sum(),
+            denied: self.denied.sum(),
+            lost_windows: self.lost_windows.sum(),
+            sync_failures: self.sync_failures.sum(),
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! DESIGN §7, the edge's rows: the regional unreachable or slow. Each failure mode, and no
+//! decision waits longer than the timeout.
+
+use std::{num::NonZeroU32, sync::Arc, time::Duration};
+
+use edge_agent::{AgentConfig, DecisionPath, Request};
+use shared::{FailureMode, ManualClock};
+
+use crate::support::*;
+
+fn rules_with(mode: &str) -> shared::RuleSet {
+    rules(&format!(
+        "rate_limits:\n  endpoints:\n    \
+         - {{ id: r, path: /r, limit: 10, window: 1m, key: ip, strictness: hard, on_failure: {mode} }}\n"
+    ))
+}
+
+fn req() -> Request<'static> {
+    Request {
+        ip: Some("9.9.9.9"),
+        ..Request::new("GET", "/r")
+    }
+}
+
+/// The admissions of 15 requests under `mode` when the regional is cut (unreachable at once).
+async fn admitted_when_unreachable(mode: &str) -> (usize, DecisionPath) {
+    let rules = rules_with(mode);
+    let clock = ManualClock::new(T0);
+    let region = regional(&rules, 1);
+    let link = Link::new(&region, 0, &clock);
+    link.up.store(false, std::sync::atomic::Ordering::SeqCst);
+    let agent = agent(&rules, link, &clock);
+    let mut path = DecisionPath::Unlimited;
+    let mut admitted = 0;
+    for _ in 0..15 {
+        let d = agent.check_async(&req(), NonZeroU32::MIN).await;
+        path = d.path;
+        admitted += usize::from(d.allowed);
+    }
+    (admitted, path)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_regional_local_mode_enforces_the_edges_share() {
+    // n is unknown (no answer yet), so this edge takes the whole P = 10 alone.
+    assert_eq!(
+        admitted_when_unreachable("local").await,
+        (10, DecisionPath::Fallback(FailureMode::Local))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_regional_open_mode_admits() {
+    assert_eq!(
+        admitted_when_unreachable("open").await,
+        (15, DecisionPath::Fallback(FailureMode::Open))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_regional_closed_mode_denies() {
+    assert_eq!(
+        admitted_when_unreachable("closed").await,
+        (0, DecisionPath::Fallback(FailureMode::Closed))
+    );
+}
+
+/// A regional that never answers: the async decision comes back at the timeout, by the
+/// failure mode. Time is paused, so "at the timeout" is exact, not a measurement.
+#[tokio::test(start_paused = true)]
+async fn a_stalled_regional_costs_at_most_the_timeout() {
+    let rules = rules_with("closed");
+    let clock = ManualClock::new(T0);
+    let agent = agent(&rules, Arc::new(Stalled), &clock);
+    let started = tokio::time::Instant::now();
+    let d = agent.check_async(&req(), NonZeroU32::MIN).await;
+    assert_eq!(started.elapsed(), AgentConfig::default().upstream_timeout);
+    assert_eq!(
+        (d.allowed, d.path),
+        (false, DecisionPath::Fallback(FailureMode::Closed))
+    );
+    // After a failure, decisions skip the network for the backoff: no second wait.
+    let started = tokio::time::Instant::now();
+    let d = agent.check_async(&req(), NonZeroU32::MIN).await;
+    assert_eq!(started.elapsed(), Duration::ZERO);
+    assert_eq!(d.path, DecisionPath::Fallback(FailureMode::Closed));
+}
+
+/// The blocking `check` against a stalled regional returns by the failure mode within the
+/// timeout (real time here: the bound asserted is loose, the path is exact).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_blocking_check_is_bounded_by_the_timeout_too() {
+    let rules = rules_with("open");
+    let clock = ManualClock::new(T0);
+    let agent = agent(&rules, Arc::new(Stalled), &clock);
+    let started = std::time::Instant::now();
+    let d = tokio::task::spawn_blocking(move || agent.check(&req()))
+        .await
+        .unwrap();
+    let waited = started.elapsed();
+    assert_eq!(
+        (d.allowed, d.path),
+        (true, DecisionPath::Fallback(FailureMode::Open))
+    );
+    assert!(waited >= AgentConfig::default().upstream_timeout);
+    assert!(waited < Duration::from_secs(2), "waited {waited:?}");
+}
