@@ -104,7 +104,7 @@ impl AgentBuilder {
                 upstream: self.upstream,
                 clock: self.clock.unwrap_or_else(|| Arc::new(crate::SystemClock)),
                 runtime,
-                keys: DashMap::new(),
+                keys: DashMap::with_hasher(foldhash::fast::RandomState::default()),
                 edges: AtomicU32::new(0),
                 down_until: AtomicU64::new(0),
                 next_request: AtomicU64::new(0),
@@ -239,8 +239,9 @@ struct Inner {
     upstream: Arc<dyn Upstream>,
     clock: Arc<dyn Clock>,
     runtime: Handle,
-    /// Per (limit, key) state; see `local`.
-    keys: DashMap<Box<[u8]>, KeyState>,
+    /// Per (limit, key) state; see `local`. Hashed with foldhash (seeded per process): this
+    /// lookup is on every request.
+    keys: DashMap<Box<[u8]>, KeyState, foldhash::fast::RandomState>,
     /// `n`, as the regional last said; zero until it has (no cold allowance before then).
     edges: AtomicU32,
     /// Until then, decisions skip the network: it just failed.
@@ -295,6 +296,11 @@ impl Inner {
             return Step::Done(Decision::unlimited());
         }
         let n = self.edges.load(Ordering::Relaxed);
+        if let [m] = matches
+            && let Some(decision) = self.decide_one(m, now, cost, n)
+        {
+            return Step::Done(decision);
+        }
         // Pass 1: reserve each limit locally, one key lock at a time.
         let mut reserved = 0;
         let mut verdict = Local::Reserved;
@@ -312,7 +318,7 @@ impl Inner {
             };
             let w = now.as_u64() / len;
             let value = m.limit.limiter().limit();
-            let c0 = cold_allowance(value, self.config.near_limit_threshold, n);
+            let c0 = self.cold_allowance(value, n);
             let (local, lost) =
                 self.with_state(&slot, |s| s.reserve(now, w, cost, m.rule.strictness(), c0));
             self.stats.lost(lost);
@@ -355,6 +361,54 @@ impl Inner {
                 })
             }
             Local::Exact => self.exact(matches, now, cost),
+        }
+    }
+
+    /// The common case, one limit: reserve, commit and read what is left under one lookup.
+    /// `None` when the key needs the regional (the general path then builds the request).
+    fn decide_one(&self, m: &Match<'_>, now: Nanos, cost: u64, n: u32) -> Option<Decision> {
+        let limiter = m.limit.limiter();
+        let len = local_window(limiter)?;
+        let w = now.as_u64() / len;
+        let value = limiter.limit();
+        let c0 = self.cold_allowance(value, n);
+        let slot = SlotKey::new(m.limit.id(), &m.key);
+        let (local, remaining, lost) = self.with_state(&slot, |s| {
+            let (local, lost) = s.reserve(now, w, cost, m.rule.strictness(), c0);
+            if local == Local::Reserved {
+                s.commit(now, cost);
+            }
+            (local, s.cur.remaining(value), lost)
+        });
+        self.stats.lost(lost);
+        let reset_at = Nanos((w + 1).saturating_mul(len));
+        match local {
+            Local::Reserved => {
+                self.stats.local.add(1);
+                Some(Decision {
+                    allowed: true,
+                    limit: value,
+                    remaining,
+                    reset_at,
+                    retry_after: Nanos::ZERO,
+                    rule: Some(m.limit.id()),
+                    path: DecisionPath::Local,
+                })
+            }
+            Local::Denied { until } => {
+                self.stats.local.add(1);
+                self.stats.denied.add(1);
+                Some(Decision {
+                    allowed: false,
+                    limit: value,
+                    remaining: 0,
+                    reset_at,
+                    retry_after: until - now,
+                    rule: Some(m.limit.id()),
+                    path: DecisionPath::CachedDenial,
+                })
+            }
+            Local::Exact => None,
         }
     }
 
@@ -568,6 +622,16 @@ impl Inner {
             rule: Some(part.limit),
             path: DecisionPath::Fallback(mode),
         }
+    }
+
+    /// `c0` for a limit of `value` with `n` edges, or nothing while `n` is unknown (no answer
+    /// from the regional yet): the bound `P + n·c0` needs the real `n`, and guessing low
+    /// would hand every edge a large allowance at start-up.
+    fn cold_allowance(&self, value: u64, n: u32) -> u64 {
+        if n == 0 {
+            return 0;
+        }
+        cold_allowance(value, self.config.near_limit_threshold, n)
     }
 
     fn mark_down(&self, now: Nanos) {

@@ -224,3 +224,30 @@ async fn limits_decided_only_by_the_regional_still_cache_their_denials() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_soft_key_spends_no_cold_allowance_before_the_regional_has_said_n() {
+    let rules = rules(
+        "rate_limits:\n  endpoints:\n    \
+         - { id: s, path: /login, limit: 1000, window: 1m, key: ip }\n",
+    );
+    let clock = ManualClock::new(T0);
+    let region = regional(&rules, 10);
+    let agent = agent(&rules, Link::new(&region, 0, &clock), &clock);
+    // No ack yet: n is unknown, so the first request asks the regional.
+    assert_eq!(agent.check(&login("6.6.6.6")).path, DecisionPath::Exact);
+    // Once an ack says n = 10, a new soft key may spend c0 = ⌊0.2·1000 / 20⌋ = 10 locally.
+    agent.flush().await.unwrap();
+    let paths: Vec<DecisionPath> = (0..11)
+        .map(|_| agent.check(&login("7.7.7.7")).path)
+        .collect();
+    assert!(
+        paths[..10].iter().all(|p| *p == DecisionPath::Local),
+        "{paths:?}"
+    );
+    assert_eq!(
+        paths[10],
+        DecisionPath::Exact,
+        "the allowance spent, the 11th asks"
+    );
+}

@@ -13,7 +13,11 @@
 //! room keeps its capacity and its heap pointer across many calls, and this module uses only
 //! `HashMap::get` with borrowed `&str` keys, slice iteration and `sort_unstable` (in place).
 
-use std::collections::HashMap;
+use std::collections::HashMap as StdHashMap;
+
+/// Maps on the matching path hash with foldhash (seeded per process), not SipHash: matching
+/// runs on every request.
+type HashMap<K, V> = StdHashMap<K, V, foldhash::fast::RandomState>;
 
 use super::{KeyKind, Limit, Rule, Selector, pattern::Segment, pattern::Segments};
 
@@ -162,7 +166,7 @@ impl Matcher {
         let mut matcher = Matcher {
             nodes: vec![Node::default()],
             default: None,
-            tiers: HashMap::new(),
+            tiers: HashMap::default(),
         };
         for (index, rule) in rules.iter().enumerate() {
             match &rule.selector {
