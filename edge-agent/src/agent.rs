@@ -231,6 +231,8 @@ pub struct StatsSnapshot {
     pub lost_windows: u64,
     /// Syncs that failed.
     pub sync_failures: u64,
+    /// Requests a shadow limit would have denied (or could not confirm locally); none was.
+    pub shadow_denials: u64,
 }
 
 struct Inner {
@@ -284,6 +286,13 @@ impl Inner {
         let cost = u64::from(cost.get());
         let mut matches: Vec<Match<'_>> = recycle(MATCHES.take());
         self.rules.matches(request, &mut matches);
+        // Shadow limits count and report, and never take part in the decision.
+        if matches.iter().any(|m| m.rule.shadow()) {
+            for m in matches.iter().filter(|m| m.rule.shadow()) {
+                self.shadow(m, now, cost);
+            }
+            matches.retain(|m| !m.rule.shadow());
+        }
         matches.truncate(MAX_LIMITS_PER_REQUEST);
         let step = self.decide(&matches, now, cost);
         MATCHES.set(recycle(matches));
@@ -361,6 +370,33 @@ impl Inner {
                 })
             }
             Local::Exact => self.exact(matches, now, cost),
+        }
+    }
+
+    /// A shadow limit: counts the request where it would have fitted locally, and otherwise
+    /// records a would-be denial. It never asks the regional and never denies: it only shows
+    /// what the limit would do. (Near the limit it reports from local knowledge, so it may
+    /// report a denial the regional would not have made.)
+    fn shadow(&self, m: &Match<'_>, now: Nanos, cost: u64) {
+        let limiter = m.limit.limiter();
+        let Some(len) = local_window(limiter) else {
+            return;
+        };
+        let w = now.as_u64() / len;
+        let c0 = self.cold_allowance(limiter.limit(), self.edges.load(Ordering::Relaxed));
+        let slot = SlotKey::new(m.limit.id(), &m.key);
+        let fitted = self.with_state(&slot, |s| {
+            let (local, _) = s.reserve(now, w, cost, m.rule.strictness(), c0);
+            if local == Local::Reserved {
+                s.commit(now, cost);
+            } else {
+                // Demand the sync loop turns into a grant, so counting can become local.
+                s.note_demand(now, w, cost);
+            }
+            local == Local::Reserved
+        });
+        if !fitted {
+            self.stats.shadow_denials.add(1);
         }
     }
 
@@ -807,6 +843,7 @@ struct Stats {
     denied: Striped,
     lost_windows: Striped,
     sync_failures: Striped,
+    shadow_denials: Striped,
 }
 
 impl Stats {
@@ -824,6 +861,7 @@ impl Stats {
             denied: self.denied.sum(),
             lost_windows: self.lost_windows.sum(),
             sync_failures: self.sync_failures.sum(),
+            shadow_denials: self.shadow_denials.sum(),
         }
     }
 }

@@ -251,3 +251,22 @@ async fn a_soft_key_spends_no_cold_allowance_before_the_regional_has_said_n() {
         "the allowance spent, the 11th asks"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_limit_denies_nothing_and_reports_what_it_would_deny() {
+    let rules = rules(
+        "rate_limits:\n  endpoints:\n    \
+         - { id: s, path: /login, limit: 2, window: 1m, key: ip, shadow: true }\n",
+    );
+    let clock = ManualClock::new(T0);
+    let region = regional(&rules, 1);
+    let agent = agent(&rules, Link::new(&region, 0, &clock), &clock);
+    // Let the regional say n (so the soft key has a cold allowance to count in).
+    agent.check(&login("8.8.8.8"));
+    agent.flush().await.unwrap();
+    let allowed = (0..10)
+        .filter(|_| agent.check(&login("8.8.8.8")).allowed)
+        .count();
+    assert_eq!(allowed, 10, "shadow: nothing denied");
+    assert!(agent.stats().shadow_denials >= 8, "{:?}", agent.stats());
+}
