@@ -56,6 +56,16 @@ impl Nanos {
         self.0 / 1_000_000_000
     }
 
+    /// A time or span computed in `u128`, saturating at [`Nanos::MAX`] (past the year 2554)
+    /// rather than wrapping: the algorithms widen their products and narrow once, here.
+    pub const fn saturating_from(t: u128) -> Nanos {
+        if t > u64::MAX as u128 {
+            Nanos::MAX
+        } else {
+            Nanos(t as u64)
+        }
+    }
+
     /// `self - earlier`, or zero when `earlier` is later.
     pub const fn saturating_sub(self, earlier: Nanos) -> Nanos {
         Nanos(self.0.saturating_sub(earlier.0))

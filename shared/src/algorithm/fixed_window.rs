@@ -100,8 +100,7 @@ impl Algorithm for FixedWindow {
 
 /// `w·W`, saturating at [`Nanos::MAX`] for windows past the year 2554.
 fn window_start(w: u64, window: Nanos) -> Nanos {
-    let start = u128::from(w) * u128::from(window.as_u64());
-    Nanos(u64::try_from(start).unwrap_or(u64::MAX))
+    Nanos::saturating_from(u128::from(w) * u128::from(window.as_u64()))
 }
 
 #[cfg(test)]

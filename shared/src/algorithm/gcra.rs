@@ -72,7 +72,7 @@ impl Gcra {
     /// `B·T`: the time an empty bucket takes to refill completely, saturating at
     /// [`Nanos::MAX`].
     pub fn refill_time(&self) -> Nanos {
-        clamp(self.tolerance())
+        Nanos::saturating_from(self.tolerance())
     }
 
     /// `B·T` in `u128`, exact.
@@ -114,14 +114,14 @@ impl Algorithm for Gcra {
         } else if new_tat - now_ns <= tolerance {
             (Verdict::Allow, tokens(new_tat), new_tat, Nanos::ZERO)
         } else {
-            let retry_after = clamp(new_tat - tolerance - now_ns);
+            let retry_after = Nanos::saturating_from(new_tat - tolerance - now_ns);
             (Verdict::Deny, tokens(base), base, retry_after)
         };
         Outcome {
             verdict,
             limit: burst,
             remaining,
-            reset_at: clamp(reset_at),
+            reset_at: Nanos::saturating_from(reset_at),
             retry_after,
         }
     }
@@ -129,13 +129,8 @@ impl Algorithm for Gcra {
     fn consume(&self, state: &mut GcraState, now: Nanos, cost: NonZeroU32) {
         let t = u128::from(self.emission_interval().as_u64());
         let base = u128::from(state.tat.max(now).as_u64());
-        state.tat = clamp(base + u128::from(cost.get()) * t);
+        state.tat = Nanos::saturating_from(base + u128::from(cost.get()) * t);
     }
-}
-
-/// A time computed in `u128`, saturating at [`Nanos::MAX`].
-fn clamp(t: u128) -> Nanos {
-    Nanos(u64::try_from(t).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]

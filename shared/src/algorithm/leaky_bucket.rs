@@ -94,7 +94,7 @@ impl LeakyBucket {
 
     /// `C·T`: the time a full bucket takes to drain completely, saturating at [`Nanos::MAX`].
     pub fn drain_time(&self) -> Nanos {
-        Nanos(u64::try_from(self.full()).unwrap_or(u64::MAX))
+        Nanos::saturating_from(self.full())
     }
 
     /// `C·T` in `u128`, exact.
@@ -134,20 +134,20 @@ impl Algorithm for LeakyBucket {
             let left = full.saturating_sub(level) / t;
             u64::try_from(left).expect("at most C·T / T = C units, a u64")
         };
-        let empty_at = |level: u128| clamp(u128::from(at.as_u64()) + level);
+        let empty_at = |level: u128| Nanos::saturating_from(u128::from(at.as_u64()) + level);
         let (verdict, remaining, reset_at, retry_after) = if u64::from(cost.get()) > capacity {
             let verdict = Verdict::InsufficientCapacity;
             (verdict, room(level), empty_at(level), Nanos::MAX)
         } else if after <= full {
             let verdict = match self.mode {
                 LeakyMode::Shaper if level > 0 => Verdict::Delay {
-                    after: clamp(level) + (at - now),
+                    after: Nanos::saturating_from(level) + (at - now),
                 },
                 LeakyMode::Shaper | LeakyMode::Meter => Verdict::Allow,
             };
             (verdict, room(after), empty_at(after), Nanos::ZERO)
         } else {
-            let retry_after = clamp(after - full) + (at - now);
+            let retry_after = Nanos::saturating_from(after - full) + (at - now);
             (Verdict::Deny, room(level), empty_at(level), retry_after)
         };
         Outcome {
@@ -164,15 +164,10 @@ impl Algorithm for LeakyBucket {
         let at = now.max(state.last);
         let level = u128::from(state.level_at(at).as_u64());
         *state = LeakyBucketState {
-            level: clamp(level + u128::from(cost.get()) * t),
+            level: Nanos::saturating_from(level + u128::from(cost.get()) * t),
             last: at,
         };
     }
-}
-
-/// A time computed in `u128`, saturating at [`Nanos::MAX`].
-fn clamp(t: u128) -> Nanos {
-    Nanos(u64::try_from(t).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]

@@ -140,7 +140,9 @@ impl SlidingWindow {
         } else {
             return now;
         };
-        clamp((u128::from(view.w) + windows_left) * u128::from(self.window.as_u64()))
+        Nanos::saturating_from(
+            (u128::from(view.w) + windows_left) * u128::from(self.window.as_u64()),
+        )
     }
 }
 
@@ -183,7 +185,7 @@ impl Algorithm for SlidingWindow {
             let reset_at = self.reset_at(&view, after, now);
             (Verdict::Allow, room(after), reset_at, Nanos::ZERO)
         } else {
-            let retry_at = clamp(self.retry_at(&view, cost));
+            let retry_at = Nanos::saturating_from(self.retry_at(&view, cost));
             let reset_at = self.reset_at(&view, cur, now);
             (Verdict::Deny, room(cur), reset_at, retry_at - now)
         };
@@ -216,11 +218,6 @@ struct View {
     current: u64,
     /// Admitted in `w − 1`.
     previous: u64,
-}
-
-/// An absolute time computed in `u128`, saturating at [`Nanos::MAX`] past the year 2554.
-fn clamp(t: u128) -> Nanos {
-    Nanos(u64::try_from(t).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]
