@@ -300,22 +300,21 @@ impl Inner {
     }
 
     fn decide(&self, matches: &[Match<'_>], now: Nanos, cost: u64) -> Step {
-        if matches.is_empty() {
+        let Some(last) = matches.len().checked_sub(1) else {
             self.stats.local.add(1);
             return Step::Done(Decision::unlimited());
-        }
+        };
         let n = self.edges.load(Ordering::Relaxed);
-        if let [m] = matches
-            && let Some(decision) = self.decide_one(m, now, cost, n)
-        {
-            return Step::Done(decision);
-        }
-        // Pass 1: reserve each limit locally, one key lock at a time.
+        // Pass 1: reserve each limit locally, one key lock at a time. The last limit decides
+        // the request, so when it reserves it commits at once, under the same lock: a
+        // single-limit request costs one lookup.
         let mut reserved = 0;
         let mut verdict = Local::Reserved;
-        for m in matches {
+        let mut answer: Option<Decision> = None;
+        for (i, m) in matches.iter().enumerate() {
             let slot = SlotKey::new(m.limit.id(), &m.key);
-            let Some(len) = local_window(m.limit.limiter()) else {
+            let limiter = m.limit.limiter();
+            let Some(len) = local_window(limiter) else {
                 // Decided by the regional only, but a cached denial is still free.
                 let until = self.with_state(&slot, |s| s.denied_until);
                 verdict = if until > now {
@@ -326,19 +325,48 @@ impl Inner {
                 break;
             };
             let w = now.as_u64() / len;
-            let value = m.limit.limiter().limit();
+            let value = limiter.limit();
             let c0 = self.cold_allowance(value, n);
-            let (local, lost) =
-                self.with_state(&slot, |s| s.reserve(now, w, cost, m.rule.strictness(), c0));
+            let (local, remaining, lost) = self.with_state(&slot, |s| {
+                let (local, lost) = s.reserve(now, w, cost, m.rule.strictness(), c0);
+                if local == Local::Reserved && i == last {
+                    s.commit(now, cost);
+                }
+                (local, s.cur.remaining(value), lost)
+            });
             self.stats.lost(lost);
             if local != Local::Reserved {
                 verdict = local;
                 break;
             }
             reserved += 1;
+            // The most restrictive limit answers: the least left (an earlier limit's
+            // reservation is not in its `remaining` yet).
+            let remaining = if i == last {
+                remaining
+            } else {
+                remaining.saturating_sub(cost)
+            };
+            if answer.is_none_or(|b| remaining < b.remaining) {
+                answer = Some(Decision {
+                    allowed: true,
+                    limit: value,
+                    remaining,
+                    reset_at: window_end(w, len),
+                    retry_after: Nanos::ZERO,
+                    rule: Some(m.limit.id()),
+                    path: DecisionPath::Local,
+                });
+            }
         }
-        // Pass 2: commit all, or roll back what pass 1 reserved.
-        for m in &matches[..reserved] {
+        // Pass 2: commit the earlier reservations (the last committed in pass 1), or roll back
+        // every reservation pass 1 made.
+        let settle = if verdict == Local::Reserved {
+            last
+        } else {
+            reserved
+        };
+        for m in &matches[..settle] {
             let slot = SlotKey::new(m.limit.id(), &m.key);
             self.with_state(&slot, |s| {
                 if verdict == Local::Reserved {
@@ -351,7 +379,7 @@ impl Inner {
         match verdict {
             Local::Reserved => {
                 self.stats.local.add(1);
-                Step::Done(self.local_allow(matches, now))
+                Step::Done(answer.unwrap_or_else(Decision::unlimited))
             }
             Local::Denied { until } => {
                 self.stats.local.add(1);
@@ -363,7 +391,7 @@ impl Inner {
                     allowed: false,
                     limit: limiter.limit(),
                     remaining: 0,
-                    reset_at: Nanos((now.as_u64() / len + 1).saturating_mul(len)),
+                    reset_at: window_end(now.as_u64() / len, len),
                     retry_after: until - now,
                     rule: Some(m.limit.id()),
                     path: DecisionPath::CachedDenial,
@@ -400,80 +428,6 @@ impl Inner {
         }
     }
 
-    /// The common case, one limit: reserve, commit and read what is left under one lookup.
-    /// `None` when the key needs the regional (the general path then builds the request).
-    fn decide_one(&self, m: &Match<'_>, now: Nanos, cost: u64, n: u32) -> Option<Decision> {
-        let limiter = m.limit.limiter();
-        let len = local_window(limiter)?;
-        let w = now.as_u64() / len;
-        let value = limiter.limit();
-        let c0 = self.cold_allowance(value, n);
-        let slot = SlotKey::new(m.limit.id(), &m.key);
-        let (local, remaining, lost) = self.with_state(&slot, |s| {
-            let (local, lost) = s.reserve(now, w, cost, m.rule.strictness(), c0);
-            if local == Local::Reserved {
-                s.commit(now, cost);
-            }
-            (local, s.cur.remaining(value), lost)
-        });
-        self.stats.lost(lost);
-        let reset_at = Nanos((w + 1).saturating_mul(len));
-        match local {
-            Local::Reserved => {
-                self.stats.local.add(1);
-                Some(Decision {
-                    allowed: true,
-                    limit: value,
-                    remaining,
-                    reset_at,
-                    retry_after: Nanos::ZERO,
-                    rule: Some(m.limit.id()),
-                    path: DecisionPath::Local,
-                })
-            }
-            Local::Denied { until } => {
-                self.stats.local.add(1);
-                self.stats.denied.add(1);
-                Some(Decision {
-                    allowed: false,
-                    limit: value,
-                    remaining: 0,
-                    reset_at,
-                    retry_after: until - now,
-                    rule: Some(m.limit.id()),
-                    path: DecisionPath::CachedDenial,
-                })
-            }
-            Local::Exact => None,
-        }
-    }
-
-    fn local_allow(&self, matches: &[Match<'_>], now: Nanos) -> Decision {
-        // The most restrictive limit answers: the least left.
-        let mut best: Option<Decision> = None;
-        for m in matches {
-            let limiter = m.limit.limiter();
-            let value = limiter.limit();
-            let len = local_window(limiter).unwrap_or(1);
-            let w = now.as_u64() / len;
-            let slot = SlotKey::new(m.limit.id(), &m.key);
-            let remaining = self.with_state(&slot, |s| s.window(w).0.remaining(value));
-            let d = Decision {
-                allowed: true,
-                limit: value,
-                remaining,
-                reset_at: Nanos((w + 1).saturating_mul(len)),
-                retry_after: Nanos::ZERO,
-                rule: Some(m.limit.id()),
-                path: DecisionPath::Local,
-            };
-            if best.is_none_or(|b| d.remaining < b.remaining) {
-                best = Some(d);
-            }
-        }
-        best.unwrap_or_else(Decision::unlimited)
-    }
-
     /// Prepares the exact request for every limit of the request, or decides by failure mode
     /// at once when the regional just failed.
     fn exact(&self, matches: &[Match<'_>], now: Nanos, cost: u64) -> Step {
@@ -504,7 +458,7 @@ impl Inner {
                 limit: m.limit.id(),
                 value: limiter.limit(),
                 window: w,
-                window_end: Nanos((w + 1).saturating_mul(len)),
+                window_end: window_end(w, len),
                 failure: m.rule.on_failure(),
             });
         }
@@ -792,6 +746,11 @@ impl Inner {
             self.with_state(&slot, |s| s.hot_window = hot.window);
         }
     }
+}
+
+/// The end of window `w` of length `len` (epoch-aligned, DESIGN §9).
+fn window_end(w: u64, len: u64) -> Nanos {
+    Nanos(w.saturating_add(1).saturating_mul(len))
 }
 
 /// The window length of a limiter the edge can decide under grants, or `None` when its keys
