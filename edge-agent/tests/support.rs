@@ -49,7 +49,7 @@ impl Link {
     pub fn new(regional: &Regional, edge: u32, clock: &ManualClock) -> Arc<Link> {
         Arc::new(Link {
             regional: regional.clone(),
-            edge: EdgeId(edge),
+            edge: EdgeId(u64::from(edge)),
             clock: clock.clone(),
             up: AtomicBool::new(true),
             syncs: AtomicU64::new(0),

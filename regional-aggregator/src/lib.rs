@@ -1,8 +1,15 @@
-//! The regional aggregator: one service per datacenter.
+//! The regional aggregator: one service per datacenter (DESIGN §1, §4–§7).
 //!
-//! **Not built yet.** This crate will hold the QUIC server edges sync with (mutual TLS), the
-//! `Store` trait with its Redis, Redis Cluster and in-memory implementations, the grant
-//! allocator over `shared::quota`, the circuit breaker, and the QUIC client of the coordinator
-//! (DESIGN §1, §4–§7). Until then it exports nothing.
+//! It holds the authoritative per-region counts, hands edges their grants, and answers exact
+//! checks near the limit.
+//!
+//! # Layout
+//!
+//! - [`store`]: where the counts live. The [`Store`](store::Store) trait, the in-memory store
+//!   (the default without Redis, and the specification) and the Redis store (Lua scripts,
+//!   pipelined per batch, single Redis or Redis Cluster).
+//!
+//! Still to come (issue 4): the QUIC server edges sync with, the service that turns edges'
+//! batches into store operations, the circuit breaker, and the binary.
 
-#![warn(missing_docs)]
+pub mod store;

@@ -82,8 +82,8 @@ proptest! {
                 Step::Sync { edge, want } => {
                     let e = &mut edges[edge as usize];
                     e.sent.push((e.truth.used, e.truth.released));
-                    ledger.merge(EdgeId(u32::from(edge)), e.truth.used, e.truth.released);
-                    let grant = ledger.grant(EdgeId(u32::from(edge)), &budget, want);
+                    ledger.merge(EdgeId(u64::from(edge)), e.truth.used, e.truth.released);
+                    let grant = ledger.grant(EdgeId(u64::from(edge)), &budget, want);
                     if grant.raised_by() > 0 {
                         // The invariant at the moment of minting, exact path included.
                         prop_assert!(ledger.reserved(&budget) <= budget.threshold.of(partition));
@@ -93,7 +93,7 @@ proptest! {
                 Step::Replay { edge, pick } => {
                     let e = &edges[edge as usize];
                     if let Some(&(used, released)) = e.sent.get(pick % e.sent.len().max(1)) {
-                        ledger.merge(EdgeId(u32::from(edge)), used, released);
+                        ledger.merge(EdgeId(u64::from(edge)), used, released);
                     }
                 }
                 Step::Exact { cost } => {
@@ -103,7 +103,7 @@ proptest! {
             // Ground truth: each edge's true use against the ceiling the regional holds.
             let local: u64 = (0..5u32)
                 .map(|i| {
-                    let granted = ledger.counters(EdgeId(i)).granted;
+                    let granted = ledger.counters(EdgeId(u64::from(i))).granted;
                     let t = edges[i as usize].truth;
                     t.used.max(granted.saturating_sub(t.released))
                 })
@@ -112,7 +112,7 @@ proptest! {
             prop_assert!(local + ledger.exact_used() <= partition);
             prop_assert!(ledger.reserved(&budget) <= partition);
             for i in 0..5u32 {
-                let merged = ledger.counters(EdgeId(i));
+                let merged = ledger.counters(EdgeId(u64::from(i)));
                 let truth = edges[i as usize].truth;
                 prop_assert!(merged.used <= truth.used && merged.released <= truth.released);
             }

@@ -8,6 +8,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::Nanos;
+
 /// The near-limit threshold θ, in parts per million so that every tier computes the same
 /// integers (no floats cross a tier boundary).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -45,11 +47,45 @@ impl Default for Threshold {
     }
 }
 
-/// An edge, as the regional numbers them. Assigned by the regional when an edge connects.
+/// An edge's identity in the counters: one per (node name, incarnation), DESIGN §4.
+///
+/// Every regional replica must file an edge's counters under the same id without talking,
+/// since an edge may fail over from one replica to another mid-window, so the id is a hash
+/// of what the edge says in its `Hello`, not a number a replica hands out. 64 bits keep the
+/// chance that two live edges share an id (their counts would then hide each other under the
+/// `max` merge) below one in 10^10 for a hundred thousand edges.
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
 )]
-pub struct EdgeId(pub u32);
+pub struct EdgeId(pub u64);
+
+impl EdgeId {
+    /// The id of `node`'s run `incarnation`: FNV-1a over the name, a separator and the
+    /// incarnation's bytes, the same on every tier and every process.
+    pub const fn of(node: &str, incarnation: u64) -> EdgeId {
+        const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+        const PRIME: u64 = 0x0000_0100_0000_01b3;
+        let mut hash = OFFSET;
+        let bytes = node.as_bytes();
+        let mut i = 0;
+        while i < bytes.len() {
+            hash ^= bytes[i] as u64;
+            hash = hash.wrapping_mul(PRIME);
+            i += 1;
+        }
+        // A byte no UTF-8 name contains, so ("ab", x) and ("a", "b"‖x) cannot collide by layout.
+        hash ^= 0xff;
+        hash = hash.wrapping_mul(PRIME);
+        let inc = incarnation.to_le_bytes();
+        let mut i = 0;
+        while i < inc.len() {
+            hash ^= inc[i] as u64;
+            hash = hash.wrapping_mul(PRIME);
+            i += 1;
+        }
+        EdgeId(hash)
+    }
+}
 
 /// The three counters of one edge for one (rule, key, window). Each only grows, and each has
 /// one writer: the regional raises `granted`, the edge raises `released` and `used`. Merging
@@ -286,6 +322,18 @@ impl KeyLedger {
         }
     }
 
+    /// Gives back `cost` the exact path consumed for a request that another of its limits
+    /// denied (all-or-nothing across limits). Never below zero. `near_limit` stays as it was:
+    /// it is sticky for the window, and a refund only makes the key less full.
+    pub fn refund(&mut self, cost: u64) {
+        self.exact = self.exact.saturating_sub(cost);
+    }
+
+    /// Every edge's counters, in id order.
+    pub fn edges(&self) -> impl ExactSizeIterator<Item = (EdgeId, EdgeCounters)> + '_ {
+        self.edges.iter().copied()
+    }
+
     /// Near the limit once actual usage (`T` plus what is carried) leaves less than one unit
     /// per edge under `θ·P`. Judged on usage, not on grants, so unused grants alone never
     /// push a key onto the exact path (they are recalled instead, see [`pool_spent`]).
@@ -319,6 +367,25 @@ pub fn cold_allowance(partition: u64, threshold: Threshold, edges: u32) -> u64 {
     let spare_ppm = u128::from(PPM - u64::from(threshold.ppm()));
     let c0 = spare_ppm * u128::from(partition) / (u128::from(PPM) * 2 * u128::from(edges.max(1)));
     u64::try_from(c0).unwrap_or(u64::MAX)
+}
+
+/// The weight of the previous window in a sliding window counter at `elapsed` into the
+/// current one, `(W − e) / W`, in parts per million, rounded up: the regional hands it to its
+/// store with every operation on a sliding window's ledger. Rounding up over-counts what is
+/// carried by at most one part per million, never under-counts it.
+pub fn carry_weight_ppm(window: Nanos, elapsed: Nanos) -> u32 {
+    let w = u128::from(window.as_u64().max(1));
+    let left = w.saturating_sub(u128::from(elapsed.as_u64()));
+    let ppm = (left * u128::from(PPM)).div_ceil(w);
+    u32::try_from(ppm).unwrap_or(u32::MAX)
+}
+
+/// What a sliding window carries into the current window from the previous one's usage
+/// `previous`: `⌈previous · weight_ppm / 10⁶⌉`. The stores compute exactly this (the Redis
+/// script in two halves so that every intermediate stays below 2^53, Lua's exact integers).
+pub fn carried(previous: u64, weight_ppm: u32) -> u64 {
+    let c = (u128::from(previous) * u128::from(weight_ppm)).div_ceil(u128::from(PPM));
+    u64::try_from(c).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
@@ -460,6 +527,26 @@ mod tests {
                 assert!(10 * (p + u64::from(n) * c0) <= 11 * p, "P = {p}, n = {n}");
             }
         }
+    }
+
+    #[test]
+    fn carried_is_the_weighted_previous_window_rounded_up() {
+        let w = Nanos::from_secs(60);
+        assert_eq!(carry_weight_ppm(w, Nanos::ZERO), 1_000_000);
+        assert_eq!(carry_weight_ppm(w, Nanos::from_secs(15)), 750_000);
+        assert_eq!(carry_weight_ppm(w, w), 0);
+        // One nanosecond in: rounds up to the whole previous window.
+        assert_eq!(carry_weight_ppm(w, Nanos(1)), 1_000_000);
+        assert_eq!(carried(100, 750_000), 75);
+        assert_eq!(carried(3, 500_000), 2, "1.5 rounds up");
+        assert_eq!(carried(0, 1_000_000), 0);
+    }
+
+    #[test]
+    fn edge_ids_differ_by_name_and_incarnation() {
+        assert_eq!(EdgeId::of("edge-1", 7), EdgeId::of("edge-1", 7));
+        assert_ne!(EdgeId::of("edge-1", 7), EdgeId::of("edge-1", 8));
+        assert_ne!(EdgeId::of("edge-1", 7), EdgeId::of("edge-2", 7));
     }
 
     #[test]

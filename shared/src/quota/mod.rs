@@ -19,7 +19,7 @@ mod partition;
 pub use self::{
     grant::{
         Budget, DEFAULT_THRESHOLD, EdgeCounters, EdgeId, ExactOutcome, Grant, KeyLedger, Threshold,
-        cold_allowance,
+        carried, carry_weight_ppm, cold_allowance,
     },
     partition::{
         DemandSmoother, RegionShare, Transfer, TransferError, TransferState, release_amount, split,

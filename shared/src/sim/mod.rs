@@ -587,7 +587,7 @@ impl Sim {
                     let budget = self.budget(x.slot.0);
                     let (key, window) = x.slot;
                     let Some(a) = self.regional.sync(
-                        EdgeId(edge),
+                        EdgeId(u64::from(edge)),
                         &key,
                         window,
                         current,
@@ -629,7 +629,7 @@ impl Sim {
                     want,
                     budget,
                 };
-                let a = self.regional.exact(EdgeId(edge), id, &[check]);
+                let a = self.regional.exact(EdgeId(u64::from(edge)), id, &[check]);
                 let slot = (key, current);
                 self.touched.push(slot);
                 self.assert_minted_under_threshold(slot, a.minted[0]);
@@ -776,7 +776,7 @@ impl Sim {
             let budget = self.budget(key);
             let mut local = 0u64;
             for (i, e) in self.edges.iter().enumerate() {
-                let merged = ledger.counters(EdgeId(i as u32));
+                let merged = ledger.counters(EdgeId(i as u64));
                 local += match e.slots.get(&(key, window)) {
                     Some(s) => s.used.max(merged.granted.saturating_sub(s.released)),
                     // The edge forgets a slot only once the regional acknowledged all of it.

@@ -1,0 +1,407 @@
+//! The Redis store: each ledger is one Redis hash, changed only by atomic Lua scripts.
+//!
+//! A batch becomes one pipeline of `EVALSHA` calls, one per op (DESIGN §6). On a Redis
+//! Cluster the batch is split by hash slot first, since a cluster pipeline must stay on one
+//! slot, and the per-slot pipelines run concurrently. Every ledger key carries a hash tag,
+//! `rl:{<limit>:<key>}:<window>`, so one limiter key's windows share a slot and a script may
+//! read the previous window (a sliding window's carry) in the same atomic call.
+//!
+//! Scripts are sent by SHA. A node that does not have one yet (just started, failed over,
+//! flushed) answers `NOSCRIPT` for that command only; those commands are sent again as `EVAL`
+//! with the body, which also caches it there. Nothing is sent twice that already ran.
+//!
+//! Errors are classified once, in [`classify`]: connection loss, timeouts, `BUSY`,
+//! `LOADING`, `TRYAGAIN`, `CLUSTERDOWN` are transient (the breaker counts them); a script
+//! error or a wrong type is permanent.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use futures_util::future::try_join_all;
+use redis::{
+    Client, Cmd, Pipeline, RedisError, RedisResult, RetryMethod, Script,
+    aio::{ConnectionManager, ConnectionManagerConfig},
+    cluster::ClusterClient,
+    cluster_async::ClusterConnection,
+    cluster_routing::Slot,
+};
+use shared::{Nanos, quota::EdgeId};
+
+use super::{
+    ExactOp, ExactReply, LedgerKey, LedgerView, Refund, Store, StoreError, StoreFuture, SyncOp,
+    SyncReply,
+};
+
+const LEDGER: &str = include_str!("lua/ledger.lua");
+
+/// Where Redis is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RedisTopology {
+    /// One Redis (or a primary behind a stable address): `redis://host:port/db`.
+    Single(String),
+    /// A Redis Cluster, found from any of these seed nodes.
+    Cluster(Vec<String>),
+}
+
+/// Ledgers in Redis. Clones share the connection.
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: Conn,
+    sync: Arc<Lua>,
+    exact: Arc<Lua>,
+    refund: Arc<Lua>,
+}
+
+/// A script's body and its SHA-1, the name `EVALSHA` calls it by.
+struct Lua {
+    body: String,
+    sha: String,
+}
+
+impl Lua {
+    fn new(body: String) -> Arc<Lua> {
+        let sha = Script::new(&body).get_hash().to_owned();
+        Arc::new(Lua { body, sha })
+    }
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.conn {
+            Conn::Single(_) => "single",
+            Conn::Cluster(_) => "cluster",
+        };
+        f.debug_struct("RedisStore")
+            .field("topology", &kind)
+            .finish()
+    }
+}
+
+#[derive(Clone)]
+enum Conn {
+    /// Reconnects by itself; a command fails fast while the server is away.
+    Single(ConnectionManager),
+    /// Follows the slot map, redirections and failovers by itself.
+    Cluster(ClusterConnection),
+}
+
+impl RedisStore {
+    /// Connects, with `timeout` bounding each connection attempt and each response. A single
+    /// Redis that is down now is not an error (commands fail until it is back, which the
+    /// circuit breaker sees); a cluster must answer once, to learn its slot map.
+    pub async fn connect(
+        topology: &RedisTopology,
+        timeout: Duration,
+    ) -> Result<RedisStore, StoreError> {
+        let conn = match topology {
+            RedisTopology::Single(url) => {
+                let client = Client::open(url.as_str()).map_err(classify)?;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(timeout))
+                    .set_response_timeout(Some(timeout))
+                    .set_number_of_retries(1)
+                    .set_max_delay(timeout);
+                Conn::Single(
+                    ConnectionManager::new_lazy_with_config(client, config).map_err(classify)?,
+                )
+            }
+            RedisTopology::Cluster(seeds) => {
+                let client = ClusterClient::builder(seeds.iter().map(String::as_str))
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    .retries(2)
+                    .build()
+                    .map_err(classify)?;
+                Conn::Cluster(client.get_async_connection().await.map_err(classify)?)
+            }
+        };
+        Ok(RedisStore {
+            conn,
+            sync: Lua::new(format!("{LEDGER}\n{}", include_str!("lua/sync.lua"))),
+            exact: Lua::new(format!("{LEDGER}\n{}", include_str!("lua/exact.lua"))),
+            refund: Lua::new(include_str!("lua/refund.lua").to_owned()),
+        })
+    }
+
+    /// Runs one script call per item, grouped into pipelines (one per slot on a cluster),
+    /// and returns each call's integers in item order.
+    async fn run(&self, calls: Vec<Call<'_>>) -> Result<Vec<Vec<i64>>, StoreError> {
+        let groups: Vec<Vec<usize>> = match self.conn {
+            Conn::Single(_) => vec![(0..calls.len()).collect()],
+            Conn::Cluster(_) => {
+                let mut by_slot: HashMap<Slot, Vec<usize>> = HashMap::new();
+                for (i, call) in calls.iter().enumerate() {
+                    let slot = Slot::for_key(call.keys[0].as_bytes());
+                    by_slot.entry(slot).or_default().push(i);
+                }
+                by_slot.into_values().collect()
+            }
+        };
+        let answers = try_join_all(groups.iter().map(|g| self.run_group(&calls, g))).await?;
+        let mut out = vec![Vec::new(); calls.len()];
+        for (group, answer) in groups.iter().zip(answers) {
+            for (&i, values) in group.iter().zip(answer) {
+                out[i] = values;
+            }
+        }
+        Ok(out)
+    }
+
+    /// One pipeline; a `NOSCRIPT` answer is retried once with the script's body.
+    async fn run_group(
+        &self,
+        calls: &[Call<'_>],
+        group: &[usize],
+    ) -> Result<Vec<Vec<i64>>, StoreError> {
+        let mut pipe = Pipeline::with_capacity(group.len());
+        pipe.ignore_errors();
+        for &i in group {
+            pipe.add_command(calls[i].command(false));
+        }
+        let results: Vec<RedisResult<Vec<i64>>> = self.query(&pipe).await?;
+        if results.len() != group.len() {
+            return Err(StoreError::Permanent(format!(
+                "pipeline of {} commands answered {} results",
+                group.len(),
+                results.len()
+            )));
+        }
+        let mut out = Vec::with_capacity(group.len());
+        for (&i, result) in group.iter().zip(results) {
+            let values = match result {
+                Ok(values) => values,
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    let mut again = Pipeline::with_capacity(1);
+                    again.add_command(calls[i].command(true));
+                    let (values,): (Vec<i64>,) = self.query(&again).await?;
+                    values
+                }
+                Err(e) => return Err(classify(e)),
+            };
+            out.push(values);
+        }
+        Ok(out)
+    }
+
+    async fn query<T: redis::FromRedisValue>(&self, pipe: &Pipeline) -> Result<T, StoreError> {
+        match &self.conn {
+            Conn::Single(c) => pipe.query_async(&mut c.clone()).await,
+            Conn::Cluster(c) => pipe.query_async(&mut c.clone()).await,
+        }
+        .map_err(classify)
+    }
+
+    fn call<'s>(&'s self, script: &'s Lua, at: &LedgerKey) -> Call<'s> {
+        let previous = match at.previous() {
+            Some(p) => ledger_key(&p),
+            // Window 0 has no previous window; a key that never exists, on the same slot.
+            None => format!("{}:none", ledger_key(at)),
+        };
+        Call {
+            script,
+            keys: [ledger_key(at), previous],
+            args: Vec::with_capacity(9),
+        }
+    }
+}
+
+/// One script call: the script, its two keys (the ledger and its previous window), its args.
+struct Call<'s> {
+    script: &'s Lua,
+    keys: [String; 2],
+    args: Vec<String>,
+}
+
+impl Call<'_> {
+    fn arg(mut self, value: impl ToString) -> Self {
+        self.args.push(value.to_string());
+        self
+    }
+
+    fn command(&self, with_body: bool) -> Cmd {
+        let mut cmd = if with_body {
+            redis::cmd("EVAL")
+        } else {
+            redis::cmd("EVALSHA")
+        };
+        cmd.arg(if with_body {
+            &self.script.body
+        } else {
+            &self.script.sha
+        });
+        cmd.arg(self.keys.len()).arg(&self.keys[..]).arg(&self.args);
+        cmd
+    }
+}
+
+/// `rl:{<limit>:<key>}:<window>`: the braces are the hash tag, so every window of one
+/// limiter key lands on one cluster slot.
+fn ledger_key(at: &LedgerKey) -> String {
+    format!("rl:{{{:016x}:{}}}:{}", at.limit.0, at.key, at.window)
+}
+
+fn edge_field(edge: EdgeId) -> String {
+    format!("{:016x}", edge.0)
+}
+
+/// Milliseconds from `now` until `expire_at`, at least one (a TTL of zero deletes).
+fn ttl_ms(now: Nanos, expire_at: Nanos) -> u64 {
+    (expire_at - now).as_u64().div_ceil(1_000_000).max(1)
+}
+
+/// Decides, once, whether a Redis error is worth retrying.
+fn classify(e: RedisError) -> StoreError {
+    if matches!(
+        e.kind(),
+        redis::ErrorKind::Parse | redis::ErrorKind::UnexpectedReturnType
+    ) {
+        // Our scripts answered something we do not read: the same call fails the same way.
+        return StoreError::Permanent(e.to_string());
+    }
+    match e.retry_method() {
+        RetryMethod::NoRetry => StoreError::Permanent(e.to_string()),
+        _ => StoreError::Transient(e.to_string()),
+    }
+}
+
+fn reply_error(what: &str, values: &[i64]) -> StoreError {
+    StoreError::Permanent(format!("{what} script answered {values:?}"))
+}
+
+fn count(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+impl Store for RedisStore {
+    fn sync<'a>(
+        &'a self,
+        edge: EdgeId,
+        now: Nanos,
+        ops: &'a [SyncOp],
+    ) -> StoreFuture<'a, Vec<SyncReply>> {
+        Box::pin(async move {
+            let field = edge_field(edge);
+            let calls = ops
+                .iter()
+                .map(|op| {
+                    self.call(&self.sync, &op.at)
+                        .arg(&field)
+                        .arg(op.used)
+                        .arg(op.released)
+                        .arg(op.want)
+                        .arg(op.bounds.partition)
+                        .arg(op.bounds.ceiling())
+                        .arg(op.bounds.edges)
+                        .arg(op.bounds.carry_ppm)
+                        .arg(ttl_ms(now, op.expire_at))
+                })
+                .collect();
+            self.run(calls)
+                .await?
+                .into_iter()
+                .map(|v| match v[..] {
+                    [granted, used, released, total, reserved, near, recall] => Ok(SyncReply {
+                        granted: count(granted),
+                        used: count(used),
+                        released: count(released),
+                        total: count(total),
+                        reserved: count(reserved),
+                        near_limit: near == 1,
+                        recall: recall == 1,
+                    }),
+                    _ => Err(reply_error("sync", &v)),
+                })
+                .collect()
+        })
+    }
+
+    fn exact<'a>(
+        &'a self,
+        edge: EdgeId,
+        now: Nanos,
+        ops: &'a [ExactOp],
+    ) -> StoreFuture<'a, Vec<ExactReply>> {
+        Box::pin(async move {
+            let field = edge_field(edge);
+            let calls = ops
+                .iter()
+                .map(|op| {
+                    self.call(&self.exact, &op.at)
+                        .arg(&field)
+                        .arg(op.cost)
+                        .arg(op.want)
+                        .arg(op.bounds.partition)
+                        .arg(op.bounds.ceiling())
+                        .arg(op.bounds.edges)
+                        .arg(op.bounds.carry_ppm)
+                        .arg(ttl_ms(now, op.expire_at))
+                })
+                .collect();
+            self.run(calls)
+                .await?
+                .into_iter()
+                .map(|v| match v[..] {
+                    [allowed, granted, remaining, near, held, total] => Ok(ExactReply {
+                        allowed: allowed == 1,
+                        granted: count(granted),
+                        remaining: count(remaining),
+                        near_limit: near == 1,
+                        held: held == 1,
+                        total: count(total),
+                    }),
+                    _ => Err(reply_error("exact", &v)),
+                })
+                .collect()
+        })
+    }
+
+    fn refund<'a>(&'a self, refunds: &'a [Refund]) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let calls = refunds
+                .iter()
+                .map(|r| self.call(&self.refund, &r.at).arg(r.cost))
+                .collect();
+            self.run(calls).await.map(|_| ())
+        })
+    }
+
+    fn ledger<'a>(&'a self, at: &'a LedgerKey) -> StoreFuture<'a, Option<LedgerView>> {
+        Box::pin(async move {
+            let mut pipe = Pipeline::with_capacity(1);
+            pipe.hgetall(ledger_key(at));
+            let (fields,): (Vec<(String, String)>,) = self.query(&pipe).await?;
+            if fields.is_empty() {
+                return Ok(None);
+            }
+            let mut view = LedgerView::default();
+            for (field, value) in fields {
+                let bad = || StoreError::Permanent(format!("ledger field {field} = {value:?}"));
+                let n: u64 = value.parse().map_err(|_| bad())?;
+                match field.as_str() {
+                    "x" => view.exact = n,
+                    "nl" => view.near_limit = true,
+                    _ => {
+                        let (kind, edge) = field.split_once(':').ok_or_else(bad)?;
+                        let edge = EdgeId(u64::from_str_radix(edge, 16).map_err(|_| bad())?);
+                        let i = match view.edges.binary_search_by_key(&edge, |(e, _)| *e) {
+                            Ok(i) => i,
+                            Err(i) => {
+                                view.edges.insert(i, (edge, Default::default()));
+                                i
+                            }
+                        };
+                        let c = &mut view.edges[i].1;
+                        match kind {
+                            "g" => c.granted = n,
+                            "r" => c.released = n,
+                            "u" => c.used = n,
+                            _ => return Err(bad()),
+                        }
+                    }
+                }
+            }
+            Ok(Some(view))
+        })
+    }
+}

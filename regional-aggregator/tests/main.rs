@@ -1,0 +1,5 @@
+//! The regional aggregator's integration tests: one binary (one link on two cores), a module
+//! per concern.
+
+mod store;
+mod support;

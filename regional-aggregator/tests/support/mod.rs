@@ -1,0 +1,3 @@
+//! What the regional's tests share: real Redis processes.
+
+pub mod redis;
