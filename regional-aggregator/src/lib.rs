@@ -9,7 +9,13 @@
 //!   (the default without Redis, and the specification) and the Redis store (Lua scripts,
 //!   pipelined per batch, single Redis or Redis Cluster).
 //!
-//! Still to come (issue 4): the QUIC server edges sync with, the service that turns edges'
-//! batches into store operations, the circuit breaker, and the binary.
+//! - [`regional`]: the decisions. [`Regional`] turns an edge's sync batch or exact request
+//!   into store operations under the rules, and the store's answers into the reply.
+//!
+//! Still to come (issue 4): the QUIC server edges sync with, the circuit breaker, and the
+//! binary.
 
+pub mod regional;
 pub mod store;
+
+pub use self::regional::{Regional, RegionalConfig, RegionalStats};

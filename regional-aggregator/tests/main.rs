@@ -1,5 +1,6 @@
 //! The regional aggregator's integration tests: one binary (one link on two cores), a module
 //! per concern.
 
+mod regional;
 mod store;
 mod support;

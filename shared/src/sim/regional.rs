@@ -284,13 +284,7 @@ impl WireRegional {
 
     /// Answers `edge`'s exact request at `now`; a limit the rules do not know is denied.
     pub fn acquire(&mut self, edge: EdgeId, now: Nanos, request: &Acquire) -> AcquireReply {
-        let deny_unknown = AcquireReply {
-            request_id: request.request_id,
-            allowed: false,
-            checks: Vec::new(),
-            reset_at: now,
-            retry_after: Nanos::ZERO,
-        };
+        let deny_unknown = AcquireReply::deny_all(request.request_id, now);
         if request.checks.len() > MAX_CHECKS {
             return deny_unknown;
         }
@@ -325,27 +319,7 @@ impl WireRegional {
                 granted: a.granted[i],
             })
             .collect();
-        let reset_at = if a.allowed {
-            outcomes.iter().map(|o| o.reset_at).min().unwrap_or(now)
-        } else {
-            outcomes
-                .iter()
-                .filter(|o| !o.allowed)
-                .map(|o| o.reset_at)
-                .max()
-                .unwrap_or(now)
-        };
-        AcquireReply {
-            request_id: request.request_id,
-            allowed: a.allowed,
-            checks: outcomes,
-            reset_at,
-            retry_after: if a.allowed {
-                Nanos::ZERO
-            } else {
-                reset_at - now
-            },
-        }
+        AcquireReply::from_checks(request.request_id, now, outcomes)
     }
 
     fn hot_keys(&self, now: Nanos) -> Vec<HotKey> {

@@ -359,6 +359,44 @@ pub struct AcquireReply {
     pub retry_after: Nanos,
 }
 
+impl AcquireReply {
+    /// The reply to request `request_id` decided at `now` from its checks' outcomes: allowed
+    /// when every check passed; `reset_at` the earliest reset when allowed, the latest
+    /// reopening among the checks that denied when not; `retry_after` measured from `now`.
+    pub fn from_checks(request_id: u64, now: Nanos, checks: Vec<CheckOutcome>) -> AcquireReply {
+        let allowed = checks.iter().all(|c| c.allowed);
+        let reset_at = if allowed {
+            checks.iter().map(|c| c.reset_at).min()
+        } else {
+            checks
+                .iter()
+                .filter(|c| !c.allowed)
+                .map(|c| c.reset_at)
+                .max()
+        }
+        .unwrap_or(now);
+        AcquireReply {
+            request_id,
+            allowed,
+            checks,
+            reset_at,
+            retry_after: if allowed { Nanos::ZERO } else { reset_at - now },
+        }
+    }
+
+    /// A denial of everything: a request the regional cannot decide (a limit it does not
+    /// know), which the edge must not admit on its say-so.
+    pub fn deny_all(request_id: u64, now: Nanos) -> AcquireReply {
+        AcquireReply {
+            request_id,
+            allowed: false,
+            checks: Vec::new(),
+            reset_at: now,
+            retry_after: Nanos::ZERO,
+        }
+    }
+}
+
 /// The regional's answer for one [`Check`], by its position in the [`Acquire`].
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct CheckOutcome {

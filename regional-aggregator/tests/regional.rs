@@ -1,0 +1,286 @@
+//! The regional's decisions on a real Redis, called in process (the QUIC path is tested in
+//! its own module): all-or-nothing across limits, resent requests, clock skew, and edge agents
+//! that never pass a hard limit together.
+
+use std::{num::NonZeroU32, sync::Arc, time::Duration};
+
+use edge_agent::{Agent, AgentConfig, Request, Upstream, UpstreamError, UpstreamFuture};
+use regional_aggregator::{
+    Regional, RegionalConfig,
+    store::{LedgerKey, RedisStore, RedisTopology},
+};
+use shared::{
+    Clock, ManualClock, Nanos, RuleSet,
+    quota::EdgeId,
+    sim::Rng,
+    wire::{Acquire, AcquireReply, Check, SyncAck, SyncBatch, SyncEntry},
+};
+
+use crate::support::redis::RedisServer;
+
+/// A round minute: windows start here.
+const T0: Nanos = Nanos(1_800_000_000_000_000_000);
+
+const RULES: &str = "\
+rate_limits:
+  endpoints:
+    - { id: login, path: /login, limit: 100, window: 1m, key: user_id, strictness: hard }
+    - { id: a, path: /a, limit: 10, window: 1m, key: user_id }
+    - { id: b, path: /b, limit: 2, window: 1m, key: user_id }
+    - { id: c, path: /c, limit: 10, window: 1m, key: user_id, algorithm: fixed_window }
+";
+
+fn rules() -> RuleSet {
+    RuleSet::from_yaml("rules.yaml", RULES).expect("the test rules parse")
+}
+
+async fn redis_regional(server: &RedisServer, clock: &ManualClock) -> Arc<Regional> {
+    let store = RedisStore::connect(&RedisTopology::Single(server.url()), Duration::from_secs(2))
+        .await
+        .expect("the test Redis is up");
+    Arc::new(Regional::new(
+        RegionalConfig::default(),
+        rules(),
+        Arc::new(store),
+        Arc::new(clock.clone()),
+    ))
+}
+
+fn limit(rules: &RuleSet, id: &str) -> shared::LimitId {
+    rules.rule(id).expect("the rule exists").limits()[0].id()
+}
+
+fn check(rules: &RuleSet, id: &str, cost: u32) -> Check {
+    Check {
+        limit: limit(rules, id),
+        key: "u:alice".into(),
+        window: T0.as_u64() / 60_000_000_000,
+        cost: NonZeroU32::new(cost).expect("a test cost is not zero"),
+        want: 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_consumes_from_all_its_limits_or_none() {
+    let server = RedisServer::start();
+    let clock = ManualClock::new(T0);
+    let regional = redis_regional(&server, &clock).await;
+    let rules = regional.rules();
+    // 3 fits limit a (10) but not limit b (2): denied, and a is refunded.
+    let request = Acquire {
+        request_id: 1,
+        checks: vec![check(&rules, "a", 3), check(&rules, "b", 3)],
+    };
+    let reply = regional.acquire(EdgeId(1), &request).await.unwrap();
+    assert!(!reply.allowed);
+    assert!(reply.checks[0].allowed && !reply.checks[1].allowed);
+    assert_eq!(
+        reply.retry_after,
+        Nanos::from_secs(60),
+        "b reopens with the next window"
+    );
+    let a = LedgerKey {
+        limit: limit(&rules, "a"),
+        key: "u:alice".into(),
+        window: request.checks[0].window,
+    };
+    let view = regional
+        .store()
+        .ledger(&a)
+        .await
+        .unwrap()
+        .unwrap_or_default();
+    assert_eq!(view.exact, 0, "what limit a consumed was given back");
+    // Within both limits: consumed from both.
+    let request = Acquire {
+        request_id: 2,
+        checks: vec![check(&rules, "a", 2), check(&rules, "b", 2)],
+    };
+    let reply = regional.acquire(EdgeId(1), &request).await.unwrap();
+    assert!(reply.allowed);
+    assert_eq!(reply.checks[0].remaining, 8);
+    assert_eq!(reply.checks[1].remaining, 0);
+    let view = regional
+        .store()
+        .ledger(&a)
+        .await
+        .unwrap()
+        .unwrap_or_default();
+    assert_eq!(view.exact, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resent_exact_request_is_answered_once() {
+    let server = RedisServer::start();
+    let clock = ManualClock::new(T0);
+    let regional = redis_regional(&server, &clock).await;
+    let rules = regional.rules();
+    let request = Acquire {
+        request_id: 7,
+        checks: vec![check(&rules, "c", 4)],
+    };
+    let first = regional.acquire(EdgeId(1), &request).await.unwrap();
+    let again = regional.acquire(EdgeId(1), &request).await.unwrap();
+    assert_eq!(first, again);
+    assert_eq!(
+        regional
+            .stats()
+            .replayed
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // Another edge's request 7 is another request.
+    let other = regional.acquire(EdgeId(2), &request).await.unwrap();
+    assert_eq!(other.checks[0].remaining, 2, "10 − 4 − 4");
+    // Past the replay window (here also the next minute) the id is a new request.
+    clock.advance(Nanos::from_secs(60));
+    let later = regional.acquire(EdgeId(1), &request).await.unwrap();
+    assert!(later.allowed);
+    assert_eq!(later.checks[0].remaining, 6, "a fresh window: 10 − 4");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_for_a_window_two_behind_are_refused_as_skew() {
+    let server = RedisServer::start();
+    let clock = ManualClock::new(T0 + Nanos::from_secs(120));
+    let regional = redis_regional(&server, &clock).await;
+    let rules = regional.rules();
+    let entry = |window| SyncEntry {
+        limit: limit(&rules, "a"),
+        key: "u:alice".into(),
+        window,
+        used: 3,
+        released: 0,
+        want: 5,
+    };
+    let current = clock.now().as_u64() / 60_000_000_000;
+    let batch = SyncBatch {
+        entries: vec![
+            entry(current - 2),
+            entry(current - 1),
+            entry(current),
+            entry(current + 1),
+        ],
+    };
+    let ack = regional.sync(EdgeId(1), &batch).await.unwrap();
+    let windows: Vec<u64> = ack.entries.iter().map(|e| e.window).collect();
+    assert_eq!(windows, vec![current - 1, current]);
+    assert_eq!(ack.entries[0].granted, 0, "no grant for a past window");
+    // Limit a is a sliding window, and at the window's first instant the previous window's
+    // 3 count in full: the pool has θ·P − T − carried = 8 − 3 − 3 = 2 left for the grant.
+    assert_eq!(ack.entries[1].granted, 3 + 2);
+    assert_eq!(
+        regional
+            .stats()
+            .skewed
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+}
+
+/// An edge's link to the regional, in process.
+struct Direct {
+    regional: Arc<Regional>,
+    edge: EdgeId,
+}
+
+impl Upstream for Direct {
+    fn sync(&self, batch: SyncBatch) -> UpstreamFuture<SyncAck> {
+        let (regional, edge) = (self.regional.clone(), self.edge);
+        Box::pin(async move {
+            regional
+                .sync(edge, &batch)
+                .await
+                .map_err(|e| UpstreamError::Unreachable(e.to_string()))
+        })
+    }
+
+    fn acquire(&self, request: Acquire) -> UpstreamFuture<AcquireReply> {
+        let (regional, edge) = (self.regional.clone(), self.edge);
+        Box::pin(async move {
+            regional
+                .acquire(edge, &request)
+                .await
+                .map_err(|e| UpstreamError::Unreachable(e.to_string()))
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_edges_on_redis_never_pass_a_hard_limit() {
+    let server = RedisServer::start();
+    let rules = rules();
+    for seed in 0..5 {
+        let clock = ManualClock::new(T0 + Nanos::from_secs(3600 * seed));
+        let regional = redis_regional(&server, &clock).await;
+        let agents: Vec<Arc<Agent>> = (0..3)
+            .map(|e| {
+                regional.edge_connected();
+                let link = Arc::new(Direct {
+                    regional: regional.clone(),
+                    edge: EdgeId::of(&format!("edge-{e}"), seed),
+                });
+                Arc::new(
+                    Agent::builder(AgentConfig::default(), rules.clone(), link)
+                        .clock(Arc::new(clock.clone()))
+                        .build()
+                        .unwrap(),
+                )
+            })
+            .collect();
+        // Three threads per round, one per edge, then a flush: concurrent decisions on one
+        // hard key, 300 attempts on a limit of 100.
+        let mut rng = Rng::new(seed);
+        let mut admitted = 0;
+        for _ in 0..20 {
+            let burst: Vec<usize> = (0..3).map(|_| 1 + rng.below(8) as usize).collect();
+            let handles: Vec<_> = agents
+                .iter()
+                .zip(burst)
+                .map(|(a, n)| {
+                    let a = a.clone();
+                    std::thread::spawn(move || {
+                        (0..n)
+                            .filter(|_| {
+                                let request = Request {
+                                    user_id: Some("alice"),
+                                    ..Request::new("POST", "/login")
+                                };
+                                a.check(&request).allowed
+                            })
+                            .count()
+                    })
+                })
+                .collect();
+            for h in handles {
+                admitted += h.join().unwrap();
+            }
+            for a in &agents {
+                let _ = a.flush().await;
+            }
+            clock.advance(Nanos::from_millis(100));
+        }
+        // Everyone's counts are in: the store's T is what the agents admitted.
+        for a in &agents {
+            a.flush().await.unwrap();
+        }
+        let at = LedgerKey {
+            limit: limit(&rules, "login"),
+            key: "u:alice".into(),
+            window: clock.now().as_u64() / 60_000_000_000,
+        };
+        let total = regional
+            .store()
+            .ledger(&at)
+            .await
+            .unwrap()
+            .unwrap_or_default()
+            .total();
+        // Never beyond the limit, and with 270 attempts on average, none short of it either.
+        assert_eq!(admitted, 100, "seed {seed}");
+        assert_eq!(
+            total, admitted as u64,
+            "seed {seed}: the store counts what was admitted"
+        );
+    }
+}
