@@ -12,9 +12,12 @@
 //! - [`regional`]: the decisions. [`Regional`] turns an edge's sync batch or exact request
 //!   into store operations under the rules, and the store's answers into the reply.
 //!
-//! Still to come (issue 4): the QUIC server edges sync with, the circuit breaker, and the
-//! binary.
+//! - [`breaker`]: the circuit breaker. [`GuardedStore`](breaker::GuardedStore) decides in
+//!   memory while Redis fails, and writes what it decided back when Redis returns.
+//!
+//! Still to come (issue 4): the QUIC server edges sync with, and the binary.
 
+pub mod breaker;
 pub mod regional;
 pub mod store;
 

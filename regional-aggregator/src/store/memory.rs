@@ -13,7 +13,8 @@ use shared::{
 };
 
 use super::{
-    ExactOp, ExactReply, LedgerKey, LedgerView, Refund, Store, StoreFuture, SyncOp, SyncReply,
+    Absorb, ExactOp, ExactReply, LedgerKey, LedgerView, Refund, Store, StoreFuture, SyncOp,
+    SyncReply,
 };
 
 /// How many operations pass between two sweeps of expired ledgers.
@@ -30,6 +31,8 @@ pub struct MemoryStore {
 struct Entry {
     ledger: KeyLedger,
     expire_at: Nanos,
+    /// Exact counts absorbed per tag, so absorbing again adds only what is new.
+    absorbed: Vec<(String, u64)>,
 }
 
 impl MemoryStore {
@@ -46,6 +49,19 @@ impl MemoryStore {
     /// Whether no ledger is held.
     pub fn is_empty(&self) -> bool {
         self.ledgers.is_empty()
+    }
+
+    /// Every live ledger, for writing them into another store ([`Store::absorb`]).
+    pub fn snapshot(&self, now: Nanos) -> Vec<Absorb> {
+        self.ledgers
+            .iter()
+            .filter(|e| e.expire_at > now)
+            .map(|e| Absorb {
+                at: e.key().clone(),
+                view: view(&e.ledger),
+                expire_at: e.expire_at,
+            })
+            .collect()
     }
 
     /// What the previous window carries into `at`'s, read before `at`'s entry is locked (the
@@ -132,6 +148,19 @@ impl MemoryStore {
     }
 }
 
+fn view(ledger: &KeyLedger) -> LedgerView {
+    LedgerView {
+        exact: ledger.exact_used(),
+        // An edge that only asked (and got nothing) has all-zero counters: Redis writes no
+        // field for it, and neither view lists it.
+        edges: ledger
+            .edges()
+            .filter(|(_, c)| *c != EdgeCounters::default())
+            .collect(),
+        near_limit: ledger.is_near_limit(),
+    }
+}
+
 impl Store for MemoryStore {
     fn sync<'a>(
         &'a self,
@@ -164,18 +193,37 @@ impl Store for MemoryStore {
         Box::pin(std::future::ready(Ok(())))
     }
 
-    fn ledger<'a>(&'a self, at: &'a LedgerKey) -> StoreFuture<'a, Option<LedgerView>> {
-        let view = self.ledgers.get(at).map(|e| LedgerView {
-            exact: e.ledger.exact_used(),
-            // An edge that only asked (and got nothing) has all-zero counters: Redis writes no
-            // field for it, and neither view lists it.
-            edges: e
+    fn absorb<'a>(
+        &'a self,
+        tag: &'a str,
+        now: Nanos,
+        ledgers: &'a [Absorb],
+    ) -> StoreFuture<'a, ()> {
+        for a in ledgers {
+            let mut entry = self.entry(&a.at, now);
+            entry.expire_at = entry.expire_at.max(a.expire_at);
+            for &(edge, counters) in &a.view.edges {
+                entry.ledger.merge_counters(edge, counters);
+            }
+            if a.view.near_limit {
+                entry.ledger.mark_near_limit();
+            }
+            let before = match entry.absorbed.iter_mut().find(|(t, _)| t == tag) {
+                Some((_, n)) => std::mem::replace(n, (*n).max(a.view.exact)),
+                None => {
+                    entry.absorbed.push((tag.to_owned(), a.view.exact));
+                    0
+                }
+            };
+            entry
                 .ledger
-                .edges()
-                .filter(|(_, c)| *c != EdgeCounters::default())
-                .collect(),
-            near_limit: e.ledger.is_near_limit(),
-        });
+                .absorb_exact(a.view.exact.saturating_sub(before));
+        }
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn ledger<'a>(&'a self, at: &'a LedgerKey) -> StoreFuture<'a, Option<LedgerView>> {
+        let view = self.ledgers.get(at).map(|e| view(&e.ledger));
         Box::pin(std::future::ready(Ok(view)))
     }
 }

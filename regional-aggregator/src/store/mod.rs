@@ -72,6 +72,13 @@ pub trait Store: Send + Sync + 'static {
     /// Gives back exact-path consumption.
     fn refund<'a>(&'a self, refunds: &'a [Refund]) -> StoreFuture<'a, ()>;
 
+    /// Writes ledgers decided elsewhere into this store, idempotently: each edge's counters
+    /// by `max`, the exact count under `tag` by `max` (so writing the same ledgers twice,
+    /// or a second time with more in them, counts each admission once). The circuit breaker
+    /// writes what it counted in memory while Redis was away this way.
+    fn absorb<'a>(&'a self, tag: &'a str, now: Nanos, ledgers: &'a [Absorb])
+    -> StoreFuture<'a, ()>;
+
     /// Reads one ledger as it is now (debugging, tests, recovery); `None` when it does not
     /// exist or has expired.
     fn ledger<'a>(&'a self, at: &'a LedgerKey) -> StoreFuture<'a, Option<LedgerView>>;
@@ -217,6 +224,17 @@ pub struct Refund {
     pub at: LedgerKey,
     /// What to give back.
     pub cost: u64,
+}
+
+/// A ledger decided elsewhere, for [`Store::absorb`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Absorb {
+    /// Which ledger.
+    pub at: LedgerKey,
+    /// What was decided: its exact count and each edge's counters.
+    pub view: LedgerView,
+    /// When the ledger may be forgotten.
+    pub expire_at: Nanos,
 }
 
 /// One ledger as a store holds it.

@@ -27,8 +27,8 @@ use redis::{
 use shared::{Nanos, quota::EdgeId};
 
 use super::{
-    ExactOp, ExactReply, LedgerKey, LedgerView, Refund, Store, StoreError, StoreFuture, SyncOp,
-    SyncReply,
+    Absorb, ExactOp, ExactReply, LedgerKey, LedgerView, Refund, Store, StoreError, StoreFuture,
+    SyncOp, SyncReply,
 };
 
 const LEDGER: &str = include_str!("lua/ledger.lua");
@@ -49,6 +49,7 @@ pub struct RedisStore {
     sync: Arc<Lua>,
     exact: Arc<Lua>,
     refund: Arc<Lua>,
+    absorb: Arc<Lua>,
 }
 
 /// A script's body and its SHA-1, the name `EVALSHA` calls it by.
@@ -119,6 +120,7 @@ impl RedisStore {
             sync: Lua::new(format!("{LEDGER}\n{}", include_str!("lua/sync.lua"))),
             exact: Lua::new(format!("{LEDGER}\n{}", include_str!("lua/exact.lua"))),
             refund: Lua::new(include_str!("lua/refund.lua").to_owned()),
+            absorb: Lua::new(include_str!("lua/absorb.lua").to_owned()),
         })
     }
 
@@ -366,6 +368,36 @@ impl Store for RedisStore {
         })
     }
 
+    fn absorb<'a>(
+        &'a self,
+        tag: &'a str,
+        now: Nanos,
+        ledgers: &'a [Absorb],
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let calls = ledgers
+                .iter()
+                .map(|a| {
+                    let mut call = self
+                        .call(&self.absorb, &a.at)
+                        .arg(tag)
+                        .arg(a.view.exact)
+                        .arg(u8::from(a.view.near_limit))
+                        .arg(ttl_ms(now, a.expire_at));
+                    for (edge, c) in &a.view.edges {
+                        call = call
+                            .arg(edge_field(*edge))
+                            .arg(c.granted)
+                            .arg(c.released)
+                            .arg(c.used);
+                    }
+                    call
+                })
+                .collect();
+            self.run(calls).await.map(|_| ())
+        })
+    }
+
     fn ledger<'a>(&'a self, at: &'a LedgerKey) -> StoreFuture<'a, Option<LedgerView>> {
         Box::pin(async move {
             let mut pipe = Pipeline::with_capacity(1);
@@ -379,7 +411,8 @@ impl Store for RedisStore {
                 let bad = || StoreError::Permanent(format!("ledger field {field} = {value:?}"));
                 let n: u64 = value.parse().map_err(|_| bad())?;
                 match field.as_str() {
-                    "x" => view.exact = n,
+                    "x" => view.exact += n,
+                    f if f.starts_with("x:") => view.exact += n,
                     "nl" => view.near_limit = true,
                     _ => {
                         let (kind, edge) = field.split_once(':').ok_or_else(bad)?;

@@ -78,6 +78,21 @@ impl RedisServer {
         Self::start_with(Vec::new(), false)
     }
 
+    /// Starts a standalone server that writes every change to its append-only file before
+    /// answering, so a kill and a [`restart`](RedisServer::restart) lose nothing.
+    #[allow(dead_code)] // used by the breaker scenarios
+    pub fn start_durable() -> RedisServer {
+        Self::start_with(
+            vec![
+                "--appendonly".into(),
+                "yes".into(),
+                "--appendfsync".into(),
+                "always".into(),
+            ],
+            false,
+        )
+    }
+
     fn start_with(extra: Vec<String>, bus: bool) -> RedisServer {
         for _ in 0..5 {
             let mut server = RedisServer {
@@ -94,9 +109,16 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) -> bool {
+        let durable = self.extra.iter().any(|a| a == "--appendonly");
+        let aof: &[&str] = if durable {
+            &[]
+        } else {
+            &["--appendonly", "no"]
+        };
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
+            .args(["--save", ""])
+            .args(aof)
             .arg("--dir")
             .arg(&self.dir)
             .args(&self.extra)
@@ -140,7 +162,7 @@ impl RedisServer {
         }
     }
 
-    /// Starts it again on the same port (empty: nothing was saved).
+    /// Starts it again on the same port: empty, unless it was started durable.
     #[allow(dead_code)] // used by the breaker scenarios
     pub fn restart(&mut self) {
         self.kill();

@@ -329,6 +329,17 @@ impl KeyLedger {
         self.exact = self.exact.saturating_sub(cost);
     }
 
+    /// Counts `n` admitted on the exact path elsewhere: by this region's regional while its
+    /// store was away, written back on recovery. Unconditional: it was admitted already.
+    pub fn absorb_exact(&mut self, n: u64) {
+        self.exact = self.exact.saturating_add(n);
+    }
+
+    /// Stops grants for the rest of the window, as another view of the same ledger decided.
+    pub fn mark_near_limit(&mut self) {
+        self.near_limit = true;
+    }
+
     /// Every edge's counters, in id order.
     pub fn edges(&self) -> impl ExactSizeIterator<Item = (EdgeId, EdgeCounters)> + '_ {
         self.edges.iter().copied()

@@ -12,7 +12,7 @@ local allowed = cost <= partition and reserved(l, carry) + cost <= partition
 local held = false
 if allowed then
   l.exact = l.exact + cost
-  redis.call('HSET', key, 'x', l.exact)
+  redis.call('HINCRBY', key, 'x', cost)
   update_near(l, key, ceiling, carry, n)
   grant(l, key, edge, ceiling, carry, n, want)
   redis.call('PEXPIRE', key, ARGV[8])

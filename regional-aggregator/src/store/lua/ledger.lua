@@ -4,6 +4,8 @@
 --
 -- A ledger is one hash:
 --   x          what the regional admitted on the exact path
+--   x:<tag>    what it admitted while Redis was away, written back on recovery (by max, so a
+--              repeated write-back counts once)
 --   nl         present once grants have stopped for the window (sticky)
 --   g:<edge>   the edge's granted ceiling   (raised only here)
 --   r:<edge>   what the edge handed back    (merged by max)
@@ -19,8 +21,8 @@ local function load(key)
   local l = { exact = 0, near = false, edges = {} }
   for i = 1, #flat, 2 do
     local field, value = flat[i], tonumber(flat[i + 1])
-    if field == 'x' then
-      l.exact = value
+    if field == 'x' or string.sub(field, 1, 2) == 'x:' then
+      l.exact = l.exact + value
     elseif field == 'nl' then
       l.near = true
     else
