@@ -4,8 +4,8 @@
 use std::{sync::Arc, time::Duration};
 
 use regional_aggregator::store::{
-    Bounds, ExactOp, LedgerKey, LedgerView, MemoryStore, RedisStore, RedisTopology, Refund, Store,
-    SyncOp,
+    Absorb, Bounds, ExactOp, LedgerKey, LedgerView, MemoryStore, RedisStore, RedisTopology, Refund,
+    Store, SyncOp,
 };
 use shared::{
     LimitId, Nanos,
@@ -451,6 +451,35 @@ async fn lua_matches_the_shared_ledger(redis: &dyn Store, seed: u64, ops: usize)
             if m[0].allowed {
                 consumed.push((at_key, op[0].cost));
             }
+        } else if rng.chance(400_000) {
+            // Write back a ledger decided elsewhere, under one of two tags, as the breaker
+            // does after an outage.
+            let view = LedgerView {
+                exact: rng.below(20),
+                edges: vec![(
+                    EdgeId(rng.below(3)),
+                    shared::quota::EdgeCounters {
+                        granted: rng.below(40),
+                        released: rng.below(5),
+                        used: rng.below(40),
+                    },
+                )],
+                near_limit: rng.chance(100_000),
+            };
+            let absorb = [Absorb {
+                at: at_key,
+                view,
+                expire_at: expire(w),
+            }];
+            let tag = format!("t{}", rng.below(2));
+            memory
+                .absorb(&tag, now, &absorb)
+                .await
+                .expect("the store answers");
+            redis
+                .absorb(&tag, now, &absorb)
+                .await
+                .expect("the store answers");
         } else if let Some((at_key, cost)) = consumed.pop() {
             let refund = [Refund { at: at_key, cost }];
             memory.refund(&refund).await.expect("the store answers");
