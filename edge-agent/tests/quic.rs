@@ -478,7 +478,9 @@ impl Service for SimRegional {
             region: REGION.into(),
             rule_set_version: 0,
         };
-        let id = u32::try_from(index).expect("a handful of edges");
+        // `try_into` rather than a named width, so this stays right whatever integer `EdgeId`
+        // wraps.
+        let id = index.try_into().expect("a handful of edges");
         Ok((EdgeId(id), welcome))
     }
 
