@@ -9,7 +9,7 @@
 //!
 //! The most important types are [`Agent`] (built with [`Agent::builder`]), [`AgentConfig`],
 //! [`Request`] (the borrowed request view from `shared`) and [`Decision`]. The regional is
-//! reached through the [`Upstream`] trait; [`identity`](IdentityConfig) helpers turn headers
+//! reached through the [`Upstream`] trait, which [`QuicUpstream`] implements over QUIC; [`identity`](IdentityConfig) helpers turn headers
 //! and the socket address into a client identity.
 //!
 //! # Example
@@ -51,6 +51,8 @@
 //! - `decision`: [`Decision`] and [`DecisionPath`].
 //! - `config`: [`AgentConfig`] and its defaults.
 //! - `upstream`: the [`Upstream`] trait and [`UpstreamError`].
+//! - `quic`: [`QuicUpstream`], the real upstream: QUIC with mutual TLS to the regional,
+//!   failover and reconnection ([`QuicConfig`]).
 //! - `identity`: client identity from headers and the socket (trusted proxies only).
 //! - `clock`: [`SystemClock`].
 
@@ -62,6 +64,7 @@ mod config;
 mod decision;
 mod identity;
 mod local;
+mod quic;
 mod upstream;
 
 pub use crate::{
@@ -75,6 +78,10 @@ pub use crate::{
     identity::{
         Cidr, DEFAULT_API_KEY_HEADER, DEFAULT_TIER_HEADER, DEFAULT_USER_ID_HEADER, Identity,
         IdentityConfig, IdentityError, IpText, client_ip,
+    },
+    quic::{
+        DEFAULT_BACKOFF_MAX, DEFAULT_BACKOFF_MIN, DEFAULT_CONNECT_TIMEOUT, QuicConfig, QuicError,
+        QuicUpstream,
     },
     upstream::{Upstream, UpstreamError, UpstreamFuture},
 };

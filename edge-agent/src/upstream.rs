@@ -1,5 +1,5 @@
 //! How the agent reaches its regional: a small trait, so the agent can be tested against the
-//! simulator's regional model or a scripted fake, and the QUIC client (regional issue)
+//! simulator's regional model or a scripted fake, and the QUIC client (`quic::QuicUpstream`)
 //! implements the same thing.
 
 use std::{future::Future, pin::Pin};

@@ -5,6 +5,8 @@
 //! `quinn-proto` beside `quinn`. That is what lets the edge, the regional and the coordinator
 //! share one definition of a rule, a window and a grant, and what lets the simulator and the
 //! property tests drive all of it deterministically. Do not add I/O here: it belongs to the tiers.
+//! The one exception is `net`, behind the `net` feature: the QUIC transport the tiers share, kept
+//! here so that all of them speak it identically, and compiled only by the crates that need it.
 //!
 //! # Layout
 //!
@@ -15,6 +17,8 @@
 //! - [`quota`]: grants under `T + G ≤ θ·P`, the monotone per-edge counters, partitions and
 //!   two-phase transfers (DESIGN §4).
 //! - [`wire`]: every protocol message and the length-prefixed postcard codec (DESIGN §5).
+//! - `net` (the `net` feature): QUIC with mutual TLS, the accept loop, the deployment CA
+//!   (DESIGN §5, §7).
 //! - `sim` (tests, or the `sim` feature): a deterministic simulator of N edges and a regional.
 
 #![warn(missing_docs)]
@@ -25,6 +29,8 @@ pub mod quota;
 pub mod rules;
 pub mod wire;
 
+#[cfg(feature = "net")]
+pub mod net;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
 

@@ -1,0 +1,427 @@
+//! The real [`Upstream`]: one long-lived QUIC connection to the region's regional, with mutual
+//! TLS, failover between the regional's addresses, and reconnection with backoff.
+//!
+//! # How a call flows
+//!
+//! A background task owns the connection's life: it dials an address, does the `Hello` /
+//! `Welcome` handshake (`shared::net::connect`), publishes the connection, and waits for it
+//! to end; then it moves on to the next address and dials again. Calls never wait for any of
+//! that. `sync` and `acquire` look at the published connection: with none they fail at once
+//! with [`UpstreamError::Unreachable`], so the agent's failure mode decides without spending
+//! its timeout; with one they open a stream for the request (`shared::net::call`) and check
+//! that the reply is the one the request expects. A call that finds the connection lost
+//! unpublishes it at once, so the calls after it fail fast too while the task reconnects.
+//!
+//! # Reconnecting
+//!
+//! The addresses are tried in order, moving to the next after every failed attempt and every
+//! lost connection, so a regional replica that goes away hands its edges to the next one. A
+//! round of attempts that all failed waits [`QuicConfig::backoff_min`], doubling each round up
+//! to [`QuicConfig::backoff_max`]; a connection that was established resets it. A refusal
+//! because the regional is shutting down moves to the next address at once. A refusal that no
+//! retry can fix (wrong protocol version, role, region, or a certificate that does not name
+//! this node) is a configuration error: it is logged at error level and retried at the
+//! maximum backoff, so that fixing the regional's side is enough to recover.
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use quinn::{Connection, Endpoint, VarInt};
+use shared::{
+    net::{self, Identity as TlsIdentity, NetError},
+    wire::{
+        Acquire, AcquireReply, CloseCode, ErrorNotice, Hello, Message, PROTOCOL_VERSION, Refusal,
+        Role, SyncAck, SyncBatch,
+    },
+};
+use thiserror::Error;
+use tokio::{runtime::Handle, sync::watch, task::JoinHandle};
+use tracing::{debug, error, info, warn};
+
+use crate::upstream::{Upstream, UpstreamError, UpstreamFuture};
+
+/// The first pause after a round of failed connection attempts. Defaults to 100 ms.
+pub const DEFAULT_BACKOFF_MIN: Duration = Duration::from_millis(100);
+
+/// The longest pause between rounds of connection attempts. Defaults to 5 s.
+pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// How long one connection attempt (QUIC, TLS and the `Hello`) may take. Defaults to 2 s.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How the edge reaches its regional. Build it with [`QuicConfig::new`], which fills in the
+/// defaults, and change what you need.
+#[derive(Clone, Debug)]
+pub struct QuicConfig {
+    /// The regional's addresses (its replicas), tried in this order. At least one.
+    pub addresses: Vec<SocketAddr>,
+    /// The DNS name the regional's certificate carries (`regional-eu-1`, `localhost`): TLS
+    /// accepts the server only if the deployment CA issued its certificate for this name.
+    pub server_name: String,
+    /// This edge's certificate, key and the deployment CA.
+    pub identity: TlsIdentity,
+    /// This edge's node name, as its certificate carries it (the regional refuses a `Hello`
+    /// whose name the certificate does not carry).
+    pub node: String,
+    /// This process's incarnation (DESIGN §4: counters are kept per node and incarnation).
+    /// Defaults to the start time in nanoseconds since the epoch, which differs on every start.
+    pub incarnation: u64,
+    /// The region this edge belongs to; a regional of another region refuses it.
+    pub region: String,
+    /// The version of the rule set the edge enforces, sent in the `Hello`. Defaults to 0
+    /// (none yet).
+    pub rule_set_version: u64,
+    /// The pause after the first round of failed attempts; it doubles every round. Defaults
+    /// to 100 ms. Must not be zero.
+    pub backoff_min: Duration,
+    /// The longest pause between rounds, and the pause after a refusal that only a
+    /// configuration change can fix. Defaults to 5 s.
+    pub backoff_max: Duration,
+    /// How long one attempt may take before it counts as failed. Defaults to 2 s.
+    ///
+    /// A dead address (nothing listening, a host that is down) answers nothing at all over
+    /// UDP, so this is what failover to the next address costs.
+    pub connect_timeout: Duration,
+}
+
+impl QuicConfig {
+    /// A config with every default, for the edge `node` of `region`, dialling the regional at
+    /// `addresses` by `server_name`.
+    pub fn new(
+        addresses: Vec<SocketAddr>,
+        server_name: impl Into<String>,
+        identity: TlsIdentity,
+        node: impl Into<String>,
+        region: impl Into<String>,
+    ) -> QuicConfig {
+        let started = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        QuicConfig {
+            addresses,
+            server_name: server_name.into(),
+            identity,
+            node: node.into(),
+            incarnation: u64::try_from(started.as_nanos()).unwrap_or(u64::MAX),
+            region: region.into(),
+            rule_set_version: 0,
+            backoff_min: DEFAULT_BACKOFF_MIN,
+            backoff_max: DEFAULT_BACKOFF_MAX,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        }
+    }
+}
+
+/// Why a [`QuicUpstream`] could not be started.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum QuicError {
+    /// A setting is out of range; the message names it.
+    #[error("invalid QUIC upstream config: {0}")]
+    Config(&'static str),
+    /// There is no tokio runtime to run the connection on.
+    #[error("no tokio runtime: start the QUIC upstream inside one")]
+    NoRuntime,
+    /// The TLS identity is not usable, or the client socket could not be bound.
+    #[error(transparent)]
+    Net(#[from] NetError),
+}
+
+/// The agent's [`Upstream`] over QUIC: one long-lived, mutually authenticated connection to
+/// the region's regional, kept up by a background task.
+///
+/// Calls never wait for a connection: while there is none, `sync` and `acquire` fail at once
+/// with [`UpstreamError::Unreachable`] and the agent's failure modes decide. A call that finds
+/// the connection lost fails the same way and makes the calls after it fail fast too. The task
+/// tries [`QuicConfig::addresses`] in order, moving to the next after every failed attempt or
+/// lost connection, and backs off between rounds of failures from
+/// [`QuicConfig::backoff_min`] to [`QuicConfig::backoff_max`]; a refusal no retry can fix
+/// (wrong version, role, region, or a certificate that does not name this node) is logged at
+/// error level and retried at the maximum backoff.
+///
+/// Dropping it stops reconnecting and closes the connection with
+/// [`CloseCode::ShuttingDown`].
+pub struct QuicUpstream {
+    link: Arc<Link>,
+    endpoint: Endpoint,
+    task: JoinHandle<()>,
+}
+
+impl QuicUpstream {
+    /// Starts connecting to the regional on the current tokio runtime and returns at once,
+    /// before any connection exists: calls fail with [`UpstreamError::Unreachable`] until the
+    /// first handshake completes (see [`connected`](QuicUpstream::connected)).
+    ///
+    /// # Errors
+    ///
+    /// [`QuicError::Config`] for an empty address list or a zero or inverted backoff;
+    /// [`QuicError::NoRuntime`] outside a tokio runtime; [`QuicError::Net`] when the identity
+    /// is unusable or no UDP socket can be bound.
+    pub fn connect(config: QuicConfig) -> Result<Arc<QuicUpstream>, QuicError> {
+        check(&config)?;
+        let runtime = Handle::try_current().map_err(|_| QuicError::NoRuntime)?;
+        let bind = if config.addresses.iter().any(SocketAddr::is_ipv6) {
+            SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
+        } else {
+            SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
+        };
+        let endpoint = net::client_endpoint(bind, &config.identity)?;
+        let (state, _) = watch::channel(None);
+        let link = Arc::new(Link { state });
+        let task = runtime.spawn(run(link.clone(), endpoint.clone(), config));
+        Ok(Arc::new(QuicUpstream {
+            link,
+            endpoint,
+            task,
+        }))
+    }
+
+    /// The address of the regional the edge is connected to now, or `None` while it is not
+    /// connected (calls then fail at once).
+    pub fn connected_to(&self) -> Option<SocketAddr> {
+        self.link.state.borrow().as_ref().map(|live| live.address)
+    }
+
+    /// Waits until the edge is connected and returns the regional's address. Waits forever
+    /// if no regional accepts it: bound it with a timeout.
+    pub async fn connected(&self) -> SocketAddr {
+        let mut changes = self.link.state.subscribe();
+        loop {
+            if let Some(address) = self.connected_to() {
+                return address;
+            }
+            // The sender lives in `self.link`, so this cannot fail while `self` is borrowed.
+            if changes.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
+impl Drop for QuicUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.endpoint.close(
+            VarInt::from_u32(CloseCode::ShuttingDown.as_u32()),
+            b"edge shutting down",
+        );
+    }
+}
+
+impl Upstream for QuicUpstream {
+    fn sync(&self, batch: SyncBatch) -> UpstreamFuture<SyncAck> {
+        let Some(live) = self.link.live() else {
+            return Box::pin(async { Err(not_connected()) });
+        };
+        let link = self.link.clone();
+        Box::pin(async move {
+            match link.call(&live, Message::SyncBatch(batch)).await? {
+                Message::SyncAck(ack) => Ok(ack),
+                other => Err(unexpected("sync_ack", &other)),
+            }
+        })
+    }
+
+    fn acquire(&self, request: Acquire) -> UpstreamFuture<AcquireReply> {
+        let Some(live) = self.link.live() else {
+            return Box::pin(async { Err(not_connected()) });
+        };
+        let link = self.link.clone();
+        let id = request.request_id;
+        Box::pin(async move {
+            match link.call(&live, Message::Acquire(request)).await? {
+                Message::AcquireReply(reply) if reply.request_id == id => Ok(reply),
+                Message::AcquireReply(reply) => Err(UpstreamError::Protocol(format!(
+                    "the reply to acquire {id} answers acquire {}",
+                    reply.request_id
+                ))),
+                other => Err(unexpected("acquire_reply", &other)),
+            }
+        })
+    }
+}
+
+/// What the calls and the connection task share: the connection, when there is one.
+struct Link {
+    /// The published connection. A `watch` so that [`QuicUpstream::connected`] can wait for
+    /// a change; its lock is held only to clone or replace the value, never across an await.
+    state: watch::Sender<Option<Live>>,
+}
+
+/// An established connection and where it goes.
+#[derive(Clone)]
+struct Live {
+    conn: Connection,
+    address: SocketAddr,
+}
+
+impl Link {
+    fn live(&self) -> Option<Live> {
+        self.state.borrow().clone()
+    }
+
+    /// Unpublishes `live` if it is still the published connection.
+    fn lost(&self, live: &Live) {
+        let id = live.conn.stable_id();
+        self.state.send_if_modified(|state| {
+            if state.as_ref().is_some_and(|l| l.conn.stable_id() == id) {
+                *state = None;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// One request on `live`; an error notice from the regional becomes an error.
+    async fn call(&self, live: &Live, request: Message) -> Result<Message, UpstreamError> {
+        let reply = net::call(&live.conn, &request).await.map_err(|err| {
+            if err.is_connection_lost() {
+                // Fail the next calls at once; the task is already reconnecting.
+                self.lost(live);
+            }
+            call_error(&err)
+        })?;
+        match reply {
+            Message::Error(notice) => Err(notice_error(&notice)),
+            reply => Ok(reply),
+        }
+    }
+}
+
+/// The connection task: connect, publish, wait for the end, move on; forever (until the
+/// upstream is dropped and aborts it).
+async fn run(link: Arc<Link>, endpoint: Endpoint, config: QuicConfig) {
+    let hello = Hello {
+        protocol_version: PROTOCOL_VERSION,
+        node: config.node.clone(),
+        incarnation: config.incarnation,
+        role: Role::Edge,
+        region: config.region.clone(),
+        rule_set_version: config.rule_set_version,
+    };
+    let addresses = &config.addresses;
+    let mut next = 0;
+    let mut failed_in_round = 0;
+    let mut backoff = config.backoff_min;
+    loop {
+        // `check` refused an empty list, so `next` always indexes it.
+        let Some(&address) = addresses.get(next) else {
+            return;
+        };
+        next = (next + 1) % addresses.len();
+        let attempt = tokio::time::timeout(
+            config.connect_timeout,
+            net::connect(&endpoint, address, &config.server_name, &hello),
+        )
+        .await
+        .unwrap_or(Err(NetError::Timeout));
+        let error = match attempt {
+            Ok((conn, welcome)) => {
+                info!(%address, regional = %welcome.node, "connected to the regional");
+                let live = Live { conn, address };
+                link.state.send_replace(Some(live.clone()));
+                let reason = live.conn.closed().await;
+                link.lost(&live);
+                warn!(%address, %reason, "connection to the regional lost");
+                (failed_in_round, backoff) = (0, config.backoff_min);
+                // A pause even after a good connection, so a regional that accepts and
+                // closes at once cannot spin this loop.
+                tokio::time::sleep(config.backoff_min).await;
+                continue;
+            }
+            Err(error) => error,
+        };
+        if let NetError::Refused(refused) = &error {
+            if refused.reason == Refusal::ShuttingDown {
+                info!(%address, "the regional is shutting down, trying the next address");
+            } else {
+                error!(
+                    %address, reason = ?refused.reason, message = %refused.message,
+                    "the regional refused this edge: fix the configuration",
+                );
+                tokio::time::sleep(config.backoff_max).await;
+                continue;
+            }
+        } else if failed_in_round == 0 {
+            warn!(%address, %error, "cannot connect to the regional");
+        } else {
+            debug!(%address, %error, "cannot connect to the regional");
+        }
+        failed_in_round += 1;
+        if failed_in_round >= addresses.len() {
+            failed_in_round = 0;
+            tokio::time::sleep(backoff).await;
+            backoff = backoff.saturating_mul(2).min(config.backoff_max);
+        }
+    }
+}
+
+/// Refuses a config the task could not run with.
+fn check(config: &QuicConfig) -> Result<(), QuicError> {
+    if config.addresses.is_empty() {
+        return Err(QuicError::Config(
+            "addresses: at least one regional address",
+        ));
+    }
+    if config.backoff_min.is_zero() || config.backoff_min > config.backoff_max {
+        return Err(QuicError::Config(
+            "backoff_min must be greater than zero and at most backoff_max",
+        ));
+    }
+    if config.connect_timeout.is_zero() {
+        return Err(QuicError::Config(
+            "connect_timeout must be greater than zero",
+        ));
+    }
+    Ok(())
+}
+
+fn not_connected() -> UpstreamError {
+    UpstreamError::Unreachable("not connected to a regional".into())
+}
+
+fn unexpected(expected: &str, got: &Message) -> UpstreamError {
+    UpstreamError::Protocol(format!(
+        "expected {expected}, the regional sent {}",
+        got.kind()
+    ))
+}
+
+/// Transient or permanent, decided once (STYLE 16): the connection or the regional's own state
+/// is worth retrying; a frame the regional refused, or a reply we cannot read, is a bug or a
+/// version mismatch that retrying repeats.
+fn call_error(err: &NetError) -> UpstreamError {
+    match err {
+        NetError::ConnectionLost(_) | NetError::Connect(_) => {
+            UpstreamError::Unreachable(err.to_string())
+        }
+        NetError::Timeout => UpstreamError::Timeout,
+        NetError::StreamClosed { .. } if err.peer_code().is_some_and(transient) => {
+            UpstreamError::Unreachable(err.to_string())
+        }
+        _ => UpstreamError::Protocol(err.to_string()),
+    }
+}
+
+/// An [`ErrorNotice`] the regional answered instead of a reply.
+fn notice_error(notice: &ErrorNotice) -> UpstreamError {
+    let text = format!("regional: {}: {}", notice.code.name(), notice.message);
+    if transient(notice.code) {
+        UpstreamError::Unreachable(text)
+    } else {
+        UpstreamError::Protocol(text)
+    }
+}
+
+/// Codes that say nothing is wrong with what we sent: the regional is going away or failed
+/// on its own side.
+fn transient(code: CloseCode) -> bool {
+    matches!(
+        code,
+        CloseCode::Normal | CloseCode::ShuttingDown | CloseCode::Internal
+    )
+}
