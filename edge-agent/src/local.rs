@@ -255,13 +255,17 @@ impl KeyState {
         if win.near_limit {
             return (Local::Exact, lost);
         }
-        let fits = if win.granted > 0 {
-            win.unused() >= cost
-        } else {
-            strictness == Strictness::Soft
+        // Under the grant; or, for a soft key that is not hot, within the cold allowance
+        // beyond what the regional counts this edge as holding (`granted − released`). The
+        // second covers a key's first requests and a warm key whose grant was handed back
+        // after an idle spell alike, and still bounds what this edge admits beyond its
+        // grants in one window by c0, which is what keeps admitted ≤ P + n·c0.
+        let held = win.granted.saturating_sub(win.released);
+        let fits = win.unused() >= cost
+            || (strictness == Strictness::Soft
                 && !hot
-                && win.used.saturating_add(win.pending).saturating_add(cost) <= c0
-        };
+                && win.used.saturating_add(win.pending).saturating_add(cost)
+                    <= held.saturating_add(c0));
         if !fits {
             return (Local::Exact, lost);
         }
@@ -375,6 +379,33 @@ mod tests {
             s.commit(now, 1);
         }
         assert_eq!(s.reserve(now, 0, 1, Strictness::Hard, 0).0, Local::Exact);
+    }
+
+    #[test]
+    fn a_soft_key_whose_grant_was_handed_back_may_spend_the_cold_allowance_once() {
+        let mut s = KeyState::new();
+        let now = Nanos::from_secs(1);
+        assert_eq!(s.reserve(now, 0, 1, Strictness::Soft, 2).0, Local::Reserved);
+        s.commit(now, 1);
+        s.raise_granted(0, 4); // the ceiling counts the 1 already used
+        for _ in 0..3 {
+            assert_eq!(s.reserve(now, 0, 1, Strictness::Soft, 2).0, Local::Reserved);
+            s.commit(now, 1);
+        }
+        s.cur.release_unused(); // idle: nothing unused to hand back, held stays 4
+        // Beyond the grant: two more (c0 = 2), then the exact path.
+        for _ in 0..2 {
+            assert_eq!(s.reserve(now, 0, 1, Strictness::Soft, 2).0, Local::Reserved);
+            s.commit(now, 1);
+        }
+        assert_eq!(s.reserve(now, 0, 1, Strictness::Soft, 2).0, Local::Exact);
+        // Hard keys never go beyond their grant.
+        let mut h = KeyState::new();
+        assert_eq!(h.reserve(now, 0, 1, Strictness::Hard, 2).0, Local::Exact);
+        h.raise_granted(0, 1);
+        assert_eq!(h.reserve(now, 0, 1, Strictness::Hard, 2).0, Local::Reserved);
+        h.commit(now, 1);
+        assert_eq!(h.reserve(now, 0, 1, Strictness::Hard, 2).0, Local::Exact);
     }
 
     #[test]

@@ -15,10 +15,13 @@
 //! - [`breaker`]: the circuit breaker. [`GuardedStore`](breaker::GuardedStore) decides in
 //!   memory while Redis fails, and writes what it decided back when Redis returns.
 //!
-//! Still to come (issue 4): the QUIC server edges sync with, and the binary.
+//! - [`server`]: the QUIC service edges connect to (`shared::net` does the transport).
+//!
+//! Still to come (issue 4): the binary.
 
 pub mod breaker;
 pub mod regional;
+pub mod server;
 pub mod store;
 
 pub use self::regional::{Regional, RegionalConfig, RegionalStats};

@@ -2,6 +2,7 @@
 //! per concern.
 
 mod breaker;
+mod quic;
 mod regional;
 mod store;
 mod support;

@@ -1,0 +1,215 @@
+//! Edge agents and a regional over real QUIC with mutual TLS on loopback, with a real Redis
+//! behind: a hard key under concurrent load, and a Zipf workload's local ratio.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use edge_agent::{Agent, AgentConfig, QuicConfig, QuicUpstream, Request};
+use regional_aggregator::{
+    Regional, RegionalConfig,
+    server::EdgeService,
+    store::{LedgerKey, RedisStore, RedisTopology},
+};
+use shared::{
+    Clock, ManualClock, Nanos, RuleSet,
+    net::{self, Ca, Identity, NetStats},
+    sim::{Rng, Zipf},
+};
+
+use crate::support::redis::RedisServer;
+
+const T0: Nanos = Nanos(1_800_000_000_000_000_000);
+const REGION: &str = "eu";
+const REGIONAL: &str = "regional-eu-1";
+
+struct Topology {
+    regional: Arc<Regional>,
+    agents: Vec<Arc<Agent>>,
+    clock: ManualClock,
+    _endpoint: quinn::Endpoint,
+}
+
+/// One regional on `server`'s Redis serving QUIC on a free port, and `edges` agents connected
+/// to it, all on one manual clock.
+async fn topology(server: &RedisServer, yaml: &str, edges: usize) -> Topology {
+    let rules = RuleSet::from_yaml("rules.yaml", yaml).expect("test rules parse");
+    let clock = ManualClock::new(T0);
+    let store = RedisStore::connect(&RedisTopology::Single(server.url()), Duration::from_secs(2))
+        .await
+        .expect("the test Redis is up");
+    let regional = Arc::new(Regional::new(
+        RegionalConfig::default(),
+        rules.clone(),
+        Arc::new(store),
+        Arc::new(clock.clone()),
+    ));
+    let ca = Ca::generate("test deployment CA").expect("ring generates keys");
+    let identity = Identity::new(&ca, &ca.issue(REGIONAL, &[]).expect("a DNS name"));
+    let endpoint = net::server_endpoint("127.0.0.1:0".parse().expect("an address"), &identity)
+        .expect("a free loopback port");
+    let addr: SocketAddr = endpoint.local_addr().expect("bound");
+    let service = Arc::new(EdgeService::new(regional.clone(), REGIONAL, REGION));
+    tokio::spawn(net::serve(
+        endpoint.clone(),
+        service,
+        Arc::new(NetStats::default()),
+    ));
+    let mut agents = Vec::new();
+    for e in 0..edges {
+        let node = format!("edge-eu-{e}");
+        let identity = Identity::new(&ca, &ca.issue(&node, &[]).expect("a DNS name"));
+        let upstream = QuicUpstream::connect(QuicConfig::new(
+            vec![addr],
+            REGIONAL,
+            identity,
+            node,
+            REGION,
+        ))
+        .expect("inside a runtime");
+        tokio::time::timeout(Duration::from_secs(5), upstream.connected())
+            .await
+            .expect("the edge connects over loopback");
+        agents.push(Arc::new(
+            Agent::builder(AgentConfig::default(), rules.clone(), upstream)
+                .clock(Arc::new(clock.clone()))
+                .build()
+                .expect("inside a runtime"),
+        ));
+    }
+    assert_eq!(
+        regional.edges(),
+        edges as u32,
+        "n counts the connected edges"
+    );
+    Topology {
+        regional,
+        agents,
+        clock,
+        _endpoint: endpoint,
+    }
+}
+
+fn user<'a>(id: &'a str, path: &'a str) -> Request<'a> {
+    Request {
+        user_id: Some(id),
+        ..Request::new("POST", path)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_edges_over_quic_admit_a_hard_key_exactly_to_its_limit() {
+    let server = RedisServer::start();
+    let t = topology(
+        &server,
+        "rate_limits:\n  endpoints:\n    \
+         - { id: login, path: /login, limit: 100, window: 1m, key: user_id, strictness: hard }\n",
+        3,
+    )
+    .await;
+    let mut rng = Rng::new(7);
+    let mut admitted = 0;
+    for _ in 0..25 {
+        // One thread per edge, each a burst of 1–8 requests for the same user, at once.
+        let handles: Vec<_> = t
+            .agents
+            .iter()
+            .map(|a| {
+                let a = a.clone();
+                let n = 1 + rng.below(8) as usize;
+                std::thread::spawn(move || {
+                    (0..n)
+                        .filter(|_| a.check(&user("alice", "/login")).allowed)
+                        .count()
+                })
+            })
+            .collect();
+        for h in handles {
+            admitted += h.join().expect("no check panics");
+        }
+        for a in &t.agents {
+            let _ = a.flush().await;
+        }
+        t.clock.advance(Nanos::from_millis(100));
+    }
+    for a in &t.agents {
+        a.flush().await.expect("the regional answers");
+    }
+    let exact: u64 = t.agents.iter().map(|a| a.stats().exact).sum();
+    let fallback: u64 = t.agents.iter().map(|a| a.stats().fallback).sum();
+    assert_eq!(fallback, 0, "every exact request was answered in time");
+    assert_eq!(
+        admitted, 100,
+        "never beyond the limit, none short ({exact} exact)"
+    );
+    let at = LedgerKey {
+        limit: t.regional.rules().rule("login").expect("rule").limits()[0].id(),
+        key: "u:alice".into(),
+        window: t.clock.now().as_u64() / 60_000_000_000,
+    };
+    let view = t
+        .regional
+        .store()
+        .ledger(&at)
+        .await
+        .expect("Redis answers")
+        .expect("the ledger exists");
+    assert_eq!(view.total(), 100, "Redis counts exactly what was admitted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zipf_workload_is_decided_locally_at_least_95_percent() {
+    let server = RedisServer::start();
+    // 2,000 users under a soft limit of 600 per minute each: the heads of the distribution
+    // reach their limit, the tail does not.
+    let t = topology(
+        &server,
+        "rate_limits:\n  endpoints:\n    \
+         - { id: api, path: /api, limit: 600, window: 1m, key: user_id }\n",
+        3,
+    )
+    .await;
+    let zipf = Zipf::new(2000, 1.1);
+    let mut rng = Rng::new(11);
+    let names: Vec<String> = (0..2000).map(|i| format!("user-{i}")).collect();
+    let requests = 30_000;
+    for i in 0..requests {
+        let a = &t.agents[rng.below(3) as usize];
+        let _ = a.check(&user(&names[zipf.sample(&mut rng)], "/api"));
+        // 1,000 requests per second across the edges: a flush every 100 of them.
+        t.clock.advance(Nanos::from_millis(1));
+        if i % 100 == 99 {
+            for a in &t.agents {
+                let _ = a.flush().await;
+            }
+        }
+    }
+    let local: u64 = t.agents.iter().map(|a| a.stats().local).sum();
+    let exact: u64 = t.agents.iter().map(|a| a.stats().exact).sum();
+    let fallback: u64 = t.agents.iter().map(|a| a.stats().fallback).sum();
+    assert_eq!(fallback, 0);
+    let ratio = local as f64 / requests as f64;
+    eprintln!("zipf: {local} of {requests} local ({ratio:.4}), {exact} exact");
+    assert!(
+        ratio >= 0.95,
+        "{local} of {requests} local ({ratio:.4}), {exact} exact"
+    );
+    // The soft bound still holds for the heaviest key: admitted ≤ P + n·c0 = 600 + 3·20.
+    for a in &t.agents {
+        a.flush().await.expect("the regional answers");
+    }
+    let at = LedgerKey {
+        limit: t.regional.rules().rule("api").expect("rule").limits()[0].id(),
+        key: "u:user-0".into(),
+        window: t.clock.now().as_u64() / 60_000_000_000,
+    };
+    let total = t
+        .regional
+        .store()
+        .ledger(&at)
+        .await
+        .expect("Redis answers")
+        .expect("the heaviest key was used")
+        .total();
+    eprintln!("zipf: heaviest key admitted {total}");
+    assert!(total >= 600, "the heaviest key reached its limit ({total})");
+    assert!(total <= 660, "soft overshoot beyond P + n·c0: {total}");
+}
