@@ -2,12 +2,13 @@
 //! stop a region from deciding.
 //!
 //! [`GuardedStore`] is a [`Store`] that sends every call to the primary store (Redis) under a
-//! timeout while the breaker is closed. After [`BreakerConfig::failures`] failures or
+//! timeout while the breaker is closed; a call that fails or times out fails (the edge's
+//! failure mode decides that request). After [`BreakerConfig::failures`] failures or
 //! timeouts in a row it opens: calls go to an in-memory store instead, with the same bounds
-//! (the region's share of `P`), and nothing waits on Redis. After the cooldown one call probes
-//! Redis (half-open); when it succeeds, what was decided in memory is written back to Redis
-//! with [`Store::absorb`] and the breaker closes, so Redis's counts equal what was admitted.
-//! A failed probe opens it for another cooldown.
+//! (the region's share of `P`), and nothing waits on Redis. After the cooldown a task probes
+//! Redis (half-open) while calls stay in memory; when Redis answers, what was decided in
+//! memory is written back with [`Store::absorb`] and the breaker closes, so Redis's counts
+//! equal what was admitted. A failed probe opens it for another cooldown.
 //!
 //! The write-back runs twice, before and after calls switch back to Redis: the first carries
 //! the outage, the second the calls that were still landing in memory during the first. Both
@@ -15,9 +16,6 @@
 //! nothing counts twice. Edges' own counters need no write-back to be right (they are
 //! cumulative, and each edge's next sync carries them), but the grants made in memory and the
 //! exact path's admissions exist nowhere else.
-//!
-//! A call that timed out may still have been applied by Redis; it is decided again in memory,
-//! so its cost may count twice (a false denial later, never an overshoot).
 //!
 //! What the memory store cannot know is what Redis had counted before the outage, except
 //! what edges report again: during an outage a key may admit up to its partition on top of
@@ -191,8 +189,13 @@ pub struct BreakerStats {
     pub written_back: AtomicU64,
 }
 
-/// A [`Store`] that falls back to memory while its primary fails.
+/// A [`Store`] that falls back to memory while its primary fails. Clones share everything.
+#[derive(Clone)]
 pub struct GuardedStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     primary: Arc<dyn Store>,
     fallback: Mutex<Arc<MemoryStore>>,
     breaker: Mutex<Breaker>,
@@ -214,33 +217,37 @@ impl GuardedStore {
         node: impl Into<String>,
     ) -> GuardedStore {
         GuardedStore {
-            primary,
-            fallback: Mutex::new(Arc::new(MemoryStore::new())),
-            timeout: config.timeout,
-            breaker: Mutex::new(Breaker::new(config)),
-            clock,
-            node: node.into(),
-            outage: Mutex::new(None),
-            stats: BreakerStats::default(),
+            inner: Arc::new(Inner {
+                primary,
+                fallback: Mutex::new(Arc::new(MemoryStore::new())),
+                timeout: config.timeout,
+                breaker: Mutex::new(Breaker::new(config)),
+                clock,
+                node: node.into(),
+                outage: Mutex::new(None),
+                stats: BreakerStats::default(),
+            }),
         }
     }
 
     /// The breaker's state now.
     pub fn state(&self) -> BreakerState {
-        lock(&self.breaker).state()
+        lock(&self.inner.breaker).state()
     }
 
     /// Counters.
     pub fn stats(&self) -> &BreakerStats {
-        &self.stats
-    }
-
-    fn fallback(&self) -> Arc<dyn Store> {
-        lock(&self.fallback).clone()
+        &self.inner.stats
     }
 
     /// Runs `call` on the primary or on memory, as the breaker says, and keeps the breaker
-    /// up to date.
+    /// up to date. No call waits longer than the timeout on the primary.
+    ///
+    /// While the breaker is closed, a failed call fails: the edge's failure mode decides that
+    /// request. Memory knows nothing of what the primary counted, so deciding there while
+    /// the primary is merely slow once would admit against an empty ledger; it is used only
+    /// once the breaker is open. The half-open probe is the write-back itself, run in its own
+    /// task, so no decision waits for a recovery.
     ///
     /// `call` owns the store it is handed (an `Arc`), so memory can be swapped out under a
     /// call in flight without ending that call.
@@ -248,52 +255,81 @@ impl GuardedStore {
         &'a self,
         call: impl Fn(Arc<dyn Store>) -> StoreFuture<'a, T>,
     ) -> Result<T, StoreError> {
-        let now = self.clock.now();
-        let route = lock(&self.breaker).route(now);
-        if route == Route::Fallback {
-            self.stats.fallback_calls.fetch_add(1, Ordering::Relaxed);
-            let fallback = self.fallback();
-            return call(fallback).await;
+        let inner = &self.inner;
+        let now = inner.clock.now();
+        let route = lock(&inner.breaker).route(now);
+        match route {
+            Route::Fallback => return inner.in_memory(call).await,
+            Route::Probe => {
+                tokio::spawn(inner.clone().recover());
+                return inner.in_memory(call).await;
+            }
+            Route::Primary => {}
         }
-        let result = tokio::time::timeout(self.timeout, call(self.primary.clone())).await;
+        let result = tokio::time::timeout(inner.timeout, call(inner.primary.clone())).await;
         match result {
             Ok(Ok(value)) => {
-                lock(&self.breaker).succeeded(route);
-                if route == Route::Probe {
-                    self.recover().await;
-                }
+                lock(&inner.breaker).succeeded(route);
                 Ok(value)
             }
-            Ok(Err(StoreError::Permanent(e))) => {
-                // Not the store being away: the same call fails the same way in memory or not.
-                lock(&self.breaker).succeeded(route);
-                Err(StoreError::Permanent(e))
+            // Not the store being away: the same call fails the same way, anywhere.
+            Ok(Err(StoreError::Permanent(e))) => Err(StoreError::Permanent(e)),
+            Ok(Err(StoreError::Transient(e))) => {
+                inner.failed(now);
+                Err(StoreError::Transient(e))
             }
-            Ok(Err(StoreError::Transient(_))) | Err(_) => {
-                let opened = lock(&self.breaker).failed(route, now);
-                if opened {
-                    self.stats.opened.fetch_add(1, Ordering::Relaxed);
-                    *lock(&self.outage) = Some(format!("{}-{}", self.node, now.as_u64()));
-                    tracing::error!(
-                        "store failing: circuit breaker open, deciding in memory until a probe succeeds"
-                    );
-                }
-                self.stats.fallback_calls.fetch_add(1, Ordering::Relaxed);
-                let fallback = self.fallback();
-                call(fallback).await
+            Err(_) => {
+                inner.failed(now);
+                Err(StoreError::Transient(format!(
+                    "no answer within {:?}",
+                    inner.timeout
+                )))
             }
         }
     }
+}
 
-    /// After a successful probe: writes what memory decided back to the primary, switches
-    /// calls back to it, and writes again what landed in memory meanwhile.
-    async fn recover(&self) {
+impl Inner {
+    async fn in_memory<'a, T>(
+        &self,
+        call: impl Fn(Arc<dyn Store>) -> StoreFuture<'a, T>,
+    ) -> Result<T, StoreError> {
+        self.stats.fallback_calls.fetch_add(1, Ordering::Relaxed);
+        let fallback: Arc<dyn Store> = lock(&self.fallback).clone();
+        call(fallback).await
+    }
+
+    fn failed(&self, now: Nanos) {
+        if lock(&self.breaker).failed(Route::Primary, now) {
+            self.stats.opened.fetch_add(1, Ordering::Relaxed);
+            *lock(&self.outage) = Some(format!("{}-{}", self.node, now.as_u64()));
+            tracing::error!(
+                "store failing: circuit breaker open, deciding in memory until a probe succeeds"
+            );
+        }
+    }
+
+    /// The half-open probe: reach the primary, write what memory decided back to it, switch
+    /// calls back to it, and write again what landed in memory meanwhile. Any failure opens
+    /// the breaker for another cooldown.
+    async fn recover(self: Arc<Self>) {
         let tag = lock(&self.outage)
             .clone()
             .unwrap_or_else(|| format!("{}-recovery", self.node));
         let old = lock(&self.fallback).clone();
-        if let Err(e) = self.write_back(&tag, &old).await {
-            tracing::warn!(error = %e, "write-back to the store failed; breaker stays open");
+        let probe = LedgerKey {
+            limit: shared::LimitId(0),
+            key: String::new(),
+            window: 0,
+        };
+        let reached = tokio::time::timeout(self.timeout, self.primary.ledger(&probe)).await;
+        let first = match reached {
+            Ok(Ok(_)) => self.write_back(&tag, &old).await,
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(StoreError::Transient("probe timed out".into())),
+        };
+        if let Err(e) = first {
+            tracing::warn!(error = %e, "store probe failed; breaker stays open");
             let now = self.clock.now();
             lock(&self.breaker).failed(Route::Probe, now);
             return;
@@ -301,11 +337,16 @@ impl GuardedStore {
         *lock(&self.fallback) = Arc::new(MemoryStore::new());
         lock(&self.breaker).close();
         if let Err(e) = self.write_back(&tag, &old).await {
-            // What landed in memory between the two passes is lost to Redis: bounded by the
-            // calls of a few milliseconds, and edges' own counters come back with their syncs.
+            // What landed in memory between the two passes is lost to the primary: the calls
+            // of a few milliseconds, and edges' own counters come back with their syncs.
             tracing::warn!(error = %e, "second write-back pass failed");
         }
-        *lock(&self.outage) = None;
+        let mut outage = lock(&self.outage);
+        // A new outage may have begun meanwhile; its tag stays.
+        if outage.as_deref() == Some(tag.as_str()) {
+            *outage = None;
+        }
+        drop(outage);
         tracing::info!("store back: circuit breaker closed, memory counts written back");
     }
 

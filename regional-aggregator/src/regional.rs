@@ -190,6 +190,8 @@ impl Regional {
         let rules = self.rules();
         let n = self.edges();
         let mut ops = Vec::with_capacity(batch.entries.len());
+        // Each limit's current window here, for the hot-key broadcast.
+        let mut current_windows: HashMap<LimitId, u64> = HashMap::new();
         for e in &batch.entries {
             let Some((_, limit)) = rules.limit(e.limit) else {
                 self.stats.unknown_limit.fetch_add(1, Ordering::Relaxed);
@@ -205,6 +207,9 @@ impl Regional {
                 continue;
             }
             let is_current = e.window == current;
+            if is_current {
+                current_windows.insert(e.limit, current);
+            }
             let carry = if w.sliding && is_current {
                 carry_weight_ppm(w.length, Nanos(now.as_u64() % w.length.as_u64()))
             } else {
@@ -235,9 +240,10 @@ impl Regional {
         let mut hot = self.hot.lock().unwrap_or_else(|e| e.into_inner());
         for (op, r) in ops.into_iter().zip(replies) {
             // DESIGN §4: keys above θ·P/2 are broadcast so no edge spends a cold allowance
-            // on them.
+            // on them. Only the current window's count says so (a past window's would
+            // overwrite the key's current one in the broadcast list).
             let is_hot = r.reserved.saturating_mul(2) >= op.bounds.ceiling();
-            if is_hot {
+            if is_hot && current_windows.get(&op.at.limit) == Some(&op.at.window) {
                 hot.insert((op.at.limit, op.at.key.clone()), op.at.window);
             }
             entries.push(AckEntry {
@@ -273,6 +279,7 @@ impl Regional {
         let n = self.edges();
         let mut ops = Vec::with_capacity(request.checks.len());
         let mut ends = Vec::with_capacity(request.checks.len());
+        let mut same_window = Vec::with_capacity(request.checks.len());
         for c in &request.checks {
             let Some((_, limit)) = rules.limit(c.limit) else {
                 self.stats.unknown_limit.fetch_add(1, Ordering::Relaxed);
@@ -293,6 +300,10 @@ impl Regional {
                 0
             };
             ends.push(Nanos((current + 1).saturating_mul(w.length.as_u64())));
+            // The edge applies the answer's ceiling to the window it named; a grant minted in
+            // another window (clocks a boundary apart) would be spent against a ledger that
+            // does not reserve it. So none is minted, and none reported (see below).
+            same_window.push(c.window == current);
             ops.push(ExactOp {
                 at: LedgerKey {
                     limit: c.limit,
@@ -300,7 +311,7 @@ impl Regional {
                     window: current,
                 },
                 cost: u64::from(c.cost.get()),
-                want: c.want,
+                want: if c.window == current { c.want } else { 0 },
                 bounds: Bounds::new(w.limit, self.config.threshold, n, carry),
                 expire_at: expiry(current, w.length),
             });
@@ -333,7 +344,8 @@ impl Regional {
         let outcomes = replies
             .iter()
             .zip(ends)
-            .map(|(r, end)| CheckOutcome {
+            .zip(same_window)
+            .map(|((r, end), same)| CheckOutcome {
                 allowed: r.allowed,
                 remaining: r.remaining,
                 reset_at: if r.allowed || !r.held {
@@ -341,7 +353,8 @@ impl Regional {
                 } else {
                     (now + self.config.hold).min(end)
                 },
-                granted: r.granted,
+                // 0 never lowers the edge's ceiling (it keeps the larger).
+                granted: if same { r.granted } else { 0 },
             })
             .collect();
         let reply = AcquireReply::from_checks(request.request_id, now, outcomes);

@@ -26,13 +26,20 @@ pub struct EdgeService {
     region: String,
 }
 
-/// One connected edge.
-#[derive(Debug)]
+/// One connected edge. It counts in `n` from its `Welcome` until the session is dropped,
+/// which happens however the connection ends (even when the `Welcome` never got out).
 pub struct EdgeSession {
     /// Its node name, as its certificate proves.
     pub node: String,
     /// Where its counters are filed.
     pub edge: EdgeId,
+    regional: Arc<Regional>,
+}
+
+impl Drop for EdgeSession {
+    fn drop(&mut self) {
+        self.regional.edge_disconnected();
+    }
 }
 
 impl EdgeService {
@@ -81,6 +88,7 @@ impl Service for EdgeService {
         let session = EdgeSession {
             node: hello.node.clone(),
             edge: EdgeId::of(&hello.node, hello.incarnation),
+            regional: self.regional.clone(),
         };
         let welcome = Welcome {
             protocol_version: PROTOCOL_VERSION,
@@ -122,7 +130,6 @@ impl Service for EdgeService {
     }
 
     fn closed(&self, session: &EdgeSession) {
-        self.regional.edge_disconnected();
         tracing::info!(edge = %session.node, "edge disconnected");
     }
 }

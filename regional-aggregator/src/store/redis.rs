@@ -10,9 +10,9 @@
 //! flushed) answers `NOSCRIPT` for that command only; those commands are sent again as `EVAL`
 //! with the body, which also caches it there. Nothing is sent twice that already ran.
 //!
-//! Errors are classified once, in [`classify`]: connection loss, timeouts, `BUSY`,
-//! `LOADING`, `TRYAGAIN`, `CLUSTERDOWN` are transient (the breaker counts them); a script
-//! error or a wrong type is permanent.
+//! Errors are classified once, in [`classify`]: connection loss, timeouts, `OOM`,
+//! `READONLY`, `BUSY`, `LOADING`, `TRYAGAIN`, `CLUSTERDOWN` are transient (the breaker counts
+//! them); a script error or a wrong type is permanent.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -254,6 +254,14 @@ fn ttl_ms(now: Nanos, expire_at: Nanos) -> u64 {
 
 /// Decides, once, whether a Redis error is worth retrying.
 fn classify(e: RedisError) -> StoreError {
+    // A full, read-only (failing over), loading or busy Redis is away for a while, not
+    // refusing this call for what it is: the breaker must count these.
+    if matches!(
+        e.code(),
+        Some("OOM" | "READONLY" | "MASTERDOWN" | "LOADING" | "BUSY" | "TRYAGAIN" | "CLUSTERDOWN")
+    ) {
+        return StoreError::Transient(e.to_string());
+    }
     if matches!(
         e.kind(),
         redis::ErrorKind::Parse | redis::ErrorKind::UnexpectedReturnType
@@ -407,12 +415,18 @@ impl Store for RedisStore {
                 return Ok(None);
             }
             let mut view = LedgerView::default();
+            // `x` may be below zero after a refund against tagged write-backs (refund.lua);
+            // the total is clamped at zero, as the scripts read it.
+            let mut exact: i64 = 0;
             for (field, value) in fields {
                 let bad = || StoreError::Permanent(format!("ledger field {field} = {value:?}"));
-                let n: u64 = value.parse().map_err(|_| bad())?;
+                let signed: i64 = value.parse().map_err(|_| bad())?;
+                if field == "x" || field.starts_with("x:") {
+                    exact = exact.saturating_add(signed);
+                    continue;
+                }
+                let n = u64::try_from(signed).map_err(|_| bad())?;
                 match field.as_str() {
-                    "x" => view.exact += n,
-                    f if f.starts_with("x:") => view.exact += n,
                     "nl" => view.near_limit = true,
                     _ => {
                         let (kind, edge) = field.split_once(':').ok_or_else(bad)?;
@@ -434,6 +448,7 @@ impl Store for RedisStore {
                     }
                 }
             }
+            view.exact = u64::try_from(exact).unwrap_or(0);
             Ok(Some(view))
         })
     }

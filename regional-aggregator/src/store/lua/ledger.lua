@@ -35,6 +35,8 @@ local function load(key)
       e[kind] = value
     end
   end
+  -- A refund may leave x below zero against tagged write-backs; the total never is.
+  l.exact = math.max(0, l.exact)
   return l
 end
 

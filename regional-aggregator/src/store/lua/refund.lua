@@ -1,7 +1,8 @@
 -- refund: give back exact-path consumption for a request another of its limits denied.
--- KEYS[1] the ledger. ARGV: cost. Never below zero; nothing else changes.
-local x = tonumber(redis.call('HGET', KEYS[1], 'x') or '0')
-if x > 0 then
-  redis.call('HSET', KEYS[1], 'x', math.max(0, x - tonumber(ARGV[1])))
+-- KEYS[1] the ledger. ARGV: cost. Only the live count x moves (it may go below zero when the
+-- consumption was written back under a tag); ledger.lua clamps the exact total at zero, as
+-- KeyLedger::refund saturates. Nothing else changes.
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HINCRBY', KEYS[1], 'x', -tonumber(ARGV[1]))
 end
 return { 0 }
