@@ -90,7 +90,6 @@ pub struct Breaker {
     state: BreakerState,
     failures: u32,
     open_until: Nanos,
-    probing: bool,
 }
 
 /// Where one call goes.
@@ -112,7 +111,6 @@ impl Breaker {
             state: BreakerState::Closed,
             failures: 0,
             open_until: Nanos::ZERO,
-            probing: false,
         }
     }
 
@@ -121,60 +119,48 @@ impl Breaker {
         self.state
     }
 
-    /// Routes a call made at `now`.
+    /// Routes a call made at `now`. The first call after the cooldown is the probe; until
+    /// the probe ends (closing or reopening the breaker) every call goes to memory.
     pub fn route(&mut self, now: Nanos) -> Route {
         match self.state {
             BreakerState::Closed => Route::Primary,
             BreakerState::Open if now >= self.open_until => {
                 self.state = BreakerState::HalfOpen;
-                self.probing = true;
                 Route::Probe
             }
-            BreakerState::Open => Route::Fallback,
-            BreakerState::HalfOpen if !self.probing => {
-                self.probing = true;
-                Route::Probe
-            }
-            BreakerState::HalfOpen => Route::Fallback,
+            BreakerState::Open | BreakerState::HalfOpen => Route::Fallback,
         }
     }
 
     /// Records a primary call's failure or timeout; true when this opened the breaker.
-    pub fn failed(&mut self, route: Route, now: Nanos) -> bool {
-        let cooldown = Nanos::saturating_from(self.config.cooldown.as_nanos());
-        match route {
-            Route::Probe => {
-                self.state = BreakerState::Open;
-                self.probing = false;
-                self.open_until = now + cooldown;
-                false
-            }
-            Route::Primary => {
-                self.failures += 1;
-                if self.state == BreakerState::Closed && self.failures >= self.config.failures {
-                    self.state = BreakerState::Open;
-                    self.open_until = now + cooldown;
-                    return true;
-                }
-                false
-            }
-            Route::Fallback => false,
+    pub fn failed(&mut self, now: Nanos) -> bool {
+        self.failures += 1;
+        if self.state == BreakerState::Closed && self.failures >= self.config.failures {
+            self.reopen(now);
+            return true;
         }
+        false
     }
 
-    /// Records a primary call's success. A successful probe does not close the breaker by
-    /// itself: the write-back does ([`Breaker::close`]).
-    pub fn succeeded(&mut self, route: Route) {
-        if route == Route::Primary {
-            self.failures = 0;
-        }
+    /// Records a failed probe: open for another cooldown.
+    pub fn probe_failed(&mut self, now: Nanos) {
+        self.reopen(now);
+    }
+
+    /// Records a primary call's success: the run of failures starts over.
+    pub fn succeeded(&mut self) {
+        self.failures = 0;
     }
 
     /// Closes the breaker after a probe and the write-back succeeded.
     pub fn close(&mut self) {
         self.state = BreakerState::Closed;
         self.failures = 0;
-        self.probing = false;
+    }
+
+    fn reopen(&mut self, now: Nanos) {
+        self.state = BreakerState::Open;
+        self.open_until = now + Nanos::saturating_from(self.config.cooldown.as_nanos());
     }
 }
 
@@ -269,7 +255,7 @@ impl GuardedStore {
         let result = tokio::time::timeout(inner.timeout, call(inner.primary.clone())).await;
         match result {
             Ok(Ok(value)) => {
-                lock(&inner.breaker).succeeded(route);
+                lock(&inner.breaker).succeeded();
                 Ok(value)
             }
             // Not the store being away: the same call fails the same way, anywhere.
@@ -300,7 +286,7 @@ impl Inner {
     }
 
     fn failed(&self, now: Nanos) {
-        if lock(&self.breaker).failed(Route::Primary, now) {
+        if lock(&self.breaker).failed(now) {
             self.stats.opened.fetch_add(1, Ordering::Relaxed);
             *lock(&self.outage) = Some(format!("{}-{}", self.node, now.as_u64()));
             tracing::error!(
@@ -331,7 +317,7 @@ impl Inner {
         if let Err(e) = first {
             tracing::warn!(error = %e, "store probe failed; breaker stays open");
             let now = self.clock.now();
-            lock(&self.breaker).failed(Route::Probe, now);
+            lock(&self.breaker).probe_failed(now);
             return;
         }
         *lock(&self.fallback) = Arc::new(MemoryStore::new());
@@ -420,12 +406,12 @@ mod tests {
         let now = Nanos::from_secs(1);
         for _ in 0..4 {
             assert_eq!(b.route(now), Route::Primary);
-            assert!(!b.failed(Route::Primary, now));
+            assert!(!b.failed(now));
         }
-        b.succeeded(Route::Primary); // a success resets the run
+        b.succeeded(); // a success resets the run
         for i in 0..5 {
             assert_eq!(b.route(now), Route::Primary);
-            assert_eq!(b.failed(Route::Primary, now), i == 4);
+            assert_eq!(b.failed(now), i == 4);
         }
         assert_eq!(b.state(), BreakerState::Open);
         assert_eq!(b.route(now), Route::Fallback);
@@ -436,14 +422,13 @@ mod tests {
         let mut b = breaker();
         let t = Nanos::from_secs(1);
         for _ in 0..5 {
-            b.failed(Route::Primary, t);
+            b.failed(t);
         }
         let later = t + Nanos::from_secs(60);
         assert_eq!(b.route(later - Nanos(1)), Route::Fallback);
         assert_eq!(b.route(later), Route::Probe);
         assert_eq!(b.state(), BreakerState::HalfOpen);
         assert_eq!(b.route(later), Route::Fallback, "one probe at a time");
-        b.succeeded(Route::Probe);
         assert_eq!(
             b.state(),
             BreakerState::HalfOpen,
@@ -458,11 +443,11 @@ mod tests {
         let mut b = breaker();
         let t = Nanos::from_secs(1);
         for _ in 0..5 {
-            b.failed(Route::Primary, t);
+            b.failed(t);
         }
         let probe_at = t + Nanos::from_secs(60);
         assert_eq!(b.route(probe_at), Route::Probe);
-        b.failed(Route::Probe, probe_at);
+        b.probe_failed(probe_at);
         assert_eq!(b.state(), BreakerState::Open);
         assert_eq!(b.route(probe_at + Nanos::from_secs(59)), Route::Fallback);
         assert_eq!(b.route(probe_at + Nanos::from_secs(60)), Route::Probe);

@@ -185,14 +185,16 @@ impl Regional {
     /// Merges `edge`'s batch and answers it. Entries for unknown limits, non-window
     /// algorithms or skewed windows get no answer (the edge resends them until their window
     /// passes, and they are counted here).
-    pub async fn sync(&self, edge: EdgeId, batch: &SyncBatch) -> Result<SyncAck, StoreError> {
+    /// The batch is taken whole so its keys move into the store ops and the ack without a
+    /// copy each.
+    pub async fn sync(&self, edge: EdgeId, batch: SyncBatch) -> Result<SyncAck, StoreError> {
         let now = self.clock.now();
         let rules = self.rules();
         let n = self.edges();
         let mut ops = Vec::with_capacity(batch.entries.len());
-        // Each limit's current window here, for the hot-key broadcast.
-        let mut current_windows: HashMap<LimitId, u64> = HashMap::new();
-        for e in &batch.entries {
+        // Per op: whether its window is current here (only those grant and mark keys hot).
+        let mut is_current_op = Vec::with_capacity(batch.entries.len());
+        for e in batch.entries {
             let Some((_, limit)) = rules.limit(e.limit) else {
                 self.stats.unknown_limit.fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -207,9 +209,7 @@ impl Regional {
                 continue;
             }
             let is_current = e.window == current;
-            if is_current {
-                current_windows.insert(e.limit, current);
-            }
+            is_current_op.push(is_current);
             let carry = if w.sliding && is_current {
                 carry_weight_ppm(w.length, Nanos(now.as_u64() % w.length.as_u64()))
             } else {
@@ -218,7 +218,7 @@ impl Regional {
             ops.push(SyncOp {
                 at: LedgerKey {
                     limit: e.limit,
-                    key: e.key.clone(),
+                    key: e.key,
                     window: e.window,
                 },
                 used: e.used,
@@ -238,12 +238,12 @@ impl Regional {
             .fetch_add(ops.len() as u64, Ordering::Relaxed);
         let mut entries = Vec::with_capacity(ops.len());
         let mut hot = self.hot.lock().unwrap_or_else(|e| e.into_inner());
-        for (op, r) in ops.into_iter().zip(replies) {
+        for ((op, r), is_current) in ops.into_iter().zip(replies).zip(is_current_op) {
             // DESIGN §4: keys above θ·P/2 are broadcast so no edge spends a cold allowance
             // on them. Only the current window's count says so (a past window's would
             // overwrite the key's current one in the broadcast list).
             let is_hot = r.reserved.saturating_mul(2) >= op.bounds.ceiling();
-            if is_hot && current_windows.get(&op.at.limit) == Some(&op.at.window) {
+            if is_hot && is_current {
                 hot.insert((op.at.limit, op.at.key.clone()), op.at.window);
             }
             entries.push(AckEntry {

@@ -104,7 +104,7 @@ impl Service for EdgeService {
         let answer = match message {
             Message::SyncBatch(batch) => self
                 .regional
-                .sync(session.edge, &batch)
+                .sync(session.edge, batch)
                 .await
                 .map(Message::from),
             Message::Acquire(request) => self
@@ -115,7 +115,7 @@ impl Service for EdgeService {
             other => {
                 return Message::Error(ErrorNotice {
                     code: CloseCode::UnexpectedMessage,
-                    message: format!("{} is not a request an edge sends", other.name()),
+                    message: format!("{} is not a request an edge sends", other.kind()),
                 });
             }
         };

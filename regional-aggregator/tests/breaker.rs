@@ -116,7 +116,7 @@ async fn redis_killed_mid_load_then_back_counts_everything_once() {
     for _ in 0..20 {
         load.exact(&regional).await;
     }
-    regional.sync(EdgeId(1), &sync(30)).await.unwrap();
+    regional.sync(EdgeId(1), sync(30)).await.unwrap();
     assert_eq!(guarded.state(), BreakerState::Closed);
 
     // Down: no call waits past the breaker's timeout by much; the first five fail (the edge's
@@ -126,8 +126,8 @@ async fn redis_killed_mid_load_then_back_counts_everything_once() {
     for _ in 0..40 {
         load.exact(&regional).await;
     }
-    regional.sync(EdgeId(1), &sync(55)).await.unwrap();
-    regional.sync(EdgeId(2), &sync(7)).await.unwrap();
+    regional.sync(EdgeId(1), sync(55)).await.unwrap();
+    regional.sync(EdgeId(2), sync(7)).await.unwrap();
     assert_eq!(guarded.state(), BreakerState::Open);
     assert_eq!(guarded.stats().opened.load(Ordering::Relaxed), 1);
     assert!(

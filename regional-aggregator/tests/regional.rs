@@ -162,7 +162,7 @@ async fn counts_for_a_window_two_behind_are_refused_as_skew() {
             entry(current + 1),
         ],
     };
-    let ack = regional.sync(EdgeId(1), &batch).await.unwrap();
+    let ack = regional.sync(EdgeId(1), batch).await.unwrap();
     let windows: Vec<u64> = ack.entries.iter().map(|e| e.window).collect();
     assert_eq!(windows, vec![current - 1, current]);
     assert_eq!(ack.entries[0].granted, 0, "no grant for a past window");
@@ -189,7 +189,7 @@ impl Upstream for Direct {
         let (regional, edge) = (self.regional.clone(), self.edge);
         Box::pin(async move {
             regional
-                .sync(edge, &batch)
+                .sync(edge, batch)
                 .await
                 .map_err(|e| UpstreamError::Unreachable(e.to_string()))
         })

@@ -84,7 +84,11 @@ impl MemoryStore {
         at: &LedgerKey,
         now: Nanos,
     ) -> dashmap::mapref::one::RefMut<'_, LedgerKey, Entry> {
-        let mut entry = self.ledgers.entry(at.clone()).or_default();
+        // The key is cloned only for a ledger not held yet: most ops find theirs.
+        let mut entry = match self.ledgers.get_mut(at) {
+            Some(entry) => entry,
+            None => self.ledgers.entry(at.clone()).or_default(),
+        };
         if entry.expire_at <= now {
             *entry = Entry::default();
         }

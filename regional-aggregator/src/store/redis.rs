@@ -27,8 +27,8 @@ use redis::{
 use shared::{Nanos, quota::EdgeId};
 
 use super::{
-    Absorb, ExactOp, ExactReply, LedgerKey, LedgerView, Refund, Store, StoreError, StoreFuture,
-    SyncOp, SyncReply,
+    Absorb, Bounds, ExactOp, ExactReply, LedgerKey, LedgerView, Refund, Store, StoreError,
+    StoreFuture, SyncOp, SyncReply,
 };
 
 const LEDGER: &str = include_str!("lua/ledger.lua");
@@ -221,6 +221,15 @@ impl Call<'_> {
         self
     }
 
+    /// The tail both ledger scripts take: partition, θ·P, n, carry weight, TTL.
+    fn bounds(self, bounds: &Bounds, now: Nanos, expire_at: Nanos) -> Self {
+        self.arg(bounds.partition)
+            .arg(bounds.ceiling())
+            .arg(bounds.edges)
+            .arg(bounds.carry_ppm)
+            .arg(ttl_ms(now, expire_at))
+    }
+
     fn command(&self, with_body: bool) -> Cmd {
         let mut cmd = if with_body {
             redis::cmd("EVAL")
@@ -300,11 +309,7 @@ impl Store for RedisStore {
                         .arg(op.used)
                         .arg(op.released)
                         .arg(op.want)
-                        .arg(op.bounds.partition)
-                        .arg(op.bounds.ceiling())
-                        .arg(op.bounds.edges)
-                        .arg(op.bounds.carry_ppm)
-                        .arg(ttl_ms(now, op.expire_at))
+                        .bounds(&op.bounds, now, op.expire_at)
                 })
                 .collect();
             self.run(calls)
@@ -341,11 +346,7 @@ impl Store for RedisStore {
                         .arg(&field)
                         .arg(op.cost)
                         .arg(op.want)
-                        .arg(op.bounds.partition)
-                        .arg(op.bounds.ceiling())
-                        .arg(op.bounds.edges)
-                        .arg(op.bounds.carry_ppm)
-                        .arg(ttl_ms(now, op.expire_at))
+                        .bounds(&op.bounds, now, op.expire_at)
                 })
                 .collect();
             self.run(calls)

@@ -8,7 +8,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::Nanos;
+use crate::{
+    Nanos,
+    rules::{FNV_OFFSET, fnv1a},
+};
 
 /// The near-limit threshold θ, in parts per million so that every tier computes the same
 /// integers (no floats cross a tier boundary).
@@ -63,27 +66,10 @@ impl EdgeId {
     /// The id of `node`'s run `incarnation`: FNV-1a over the name, a separator and the
     /// incarnation's bytes, the same on every tier and every process.
     pub const fn of(node: &str, incarnation: u64) -> EdgeId {
-        const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-        const PRIME: u64 = 0x0000_0100_0000_01b3;
-        let mut hash = OFFSET;
-        let bytes = node.as_bytes();
-        let mut i = 0;
-        while i < bytes.len() {
-            hash ^= bytes[i] as u64;
-            hash = hash.wrapping_mul(PRIME);
-            i += 1;
-        }
+        let hash = fnv1a(FNV_OFFSET, node.as_bytes());
         // A byte no UTF-8 name contains, so ("ab", x) and ("a", "b"‖x) cannot collide by layout.
-        hash ^= 0xff;
-        hash = hash.wrapping_mul(PRIME);
-        let inc = incarnation.to_le_bytes();
-        let mut i = 0;
-        while i < inc.len() {
-            hash ^= inc[i] as u64;
-            hash = hash.wrapping_mul(PRIME);
-            i += 1;
-        }
-        EdgeId(hash)
+        let hash = fnv1a(hash, &[0xff]);
+        EdgeId(fnv1a(hash, &incarnation.to_le_bytes()))
     }
 }
 

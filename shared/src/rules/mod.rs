@@ -348,18 +348,24 @@ impl LimitId {
     /// Deliberately not std's `DefaultHasher`, which is seeded per process: every tier and
     /// every process must compute the same id from the same name without talking.
     pub const fn from_name(name: &str) -> LimitId {
-        const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-        const PRIME: u64 = 0x0000_0100_0000_01b3;
-        let bytes = name.as_bytes();
-        let mut hash = OFFSET;
-        let mut i = 0;
-        while i < bytes.len() {
-            hash ^= bytes[i] as u64;
-            hash = hash.wrapping_mul(PRIME);
-            i += 1;
-        }
-        LimitId(hash)
+        LimitId(fnv1a(FNV_OFFSET, name.as_bytes()))
     }
+}
+
+/// FNV-1a's starting value.
+pub(crate) const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a over `bytes`, continuing from `hash` ([`FNV_OFFSET`] to start): the ids every tier
+/// must compute alike without talking ([`LimitId`], [`EdgeId`](crate::quota::EdgeId)).
+pub(crate) const fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut i = 0;
+    while i < bytes.len() {
+        hash ^= bytes[i] as u64;
+        hash = hash.wrapping_mul(PRIME);
+        i += 1;
+    }
+    hash
 }
 
 /// How a key an edge has not seen yet is treated (DESIGN §4).

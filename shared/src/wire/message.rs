@@ -359,31 +359,6 @@ pub struct AcquireReply {
     pub retry_after: Nanos,
 }
 
-impl Message {
-    /// The variant's name, for logs and error notices.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Message::Hello(_) => "Hello",
-            Message::Welcome(_) => "Welcome",
-            Message::Refused(_) => "Refused",
-            Message::SyncBatch(_) => "SyncBatch",
-            Message::SyncAck(_) => "SyncAck",
-            Message::Acquire(_) => "Acquire",
-            Message::AcquireReply(_) => "AcquireReply",
-            Message::RuleSetPush(_) => "RuleSetPush",
-            Message::RuleSetAck(_) => "RuleSetAck",
-            Message::Report(_) => "Report",
-            Message::Partitions(_) => "Partitions",
-            Message::Release(_) => "Release",
-            Message::Confirm(_) => "Confirm",
-            Message::TransferGrant(_) => "TransferGrant",
-            Message::QuotaRequest(_) => "QuotaRequest",
-            Message::QuotaReply(_) => "QuotaReply",
-            Message::Error(_) => "Error",
-        }
-    }
-}
-
 impl AcquireReply {
     /// The reply to request `request_id` decided at `now` from its checks' outcomes: allowed
     /// when every check passed; `reset_at` the earliest reset when allowed, the latest
