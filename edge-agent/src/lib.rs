@@ -54,12 +54,11 @@
 //! - `quic`: [`QuicUpstream`], the real upstream: QUIC with mutual TLS to the regional,
 //!   failover and reconnection ([`QuicConfig`]).
 //! - `identity`: client identity from headers and the socket (trusted proxies only).
-//! - `clock`: [`SystemClock`].
+//! - [`SystemClock`] is `shared`'s, re-exported: the wall clock the agent runs on.
 
 #![warn(missing_docs)]
 
 mod agent;
-mod clock;
 mod config;
 mod decision;
 mod identity;
@@ -67,9 +66,10 @@ mod local;
 mod quic;
 mod upstream;
 
+pub use shared::SystemClock;
+
 pub use crate::{
     agent::{Agent, AgentBuilder, BuildError, MAX_LIMITS_PER_REQUEST, StatsSnapshot},
-    clock::SystemClock,
     config::{
         AgentConfig, DEFAULT_FLUSH_INTERVAL, DEFAULT_IDLE_EVICTION, DEFAULT_IDLE_RELEASE,
         DEFAULT_UPSTREAM_BACKOFF, DEFAULT_UPSTREAM_TIMEOUT,

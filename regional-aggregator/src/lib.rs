@@ -17,9 +17,13 @@
 //!
 //! - [`server`]: the QUIC service edges connect to (`shared::net` does the transport).
 //!
-//! Still to come (issue 4): the binary.
+//! - [`config`] and [`app`]: the `regional-aggregator` binary. Its configuration file, and
+//!   what the process does: check everything it names, build the store (Redis behind the
+//!   breaker, or memory), serve edges until a signal, make the deployment's certificates.
 
+pub mod app;
 pub mod breaker;
+pub mod config;
 pub mod regional;
 pub mod server;
 pub mod store;

@@ -1,8 +1,9 @@
 //! Time as every tier names it: nanoseconds since the Unix epoch, passed in, never read here.
 //!
-//! `shared` owns no clock that reads the wall: the tiers implement [`Clock`] over the system
-//! clock, and tests and the simulator use [`ManualClock`]. Windows are aligned to the epoch
-//! (DESIGN §9), so two tiers that agree on the time agree on the window without talking.
+//! Every decision takes `now` from a [`Clock`] it is handed: the tiers run on [`SystemClock`],
+//! tests and the simulator on [`ManualClock`]. Nothing in the core reads the wall by itself.
+//! Windows are aligned to the epoch (DESIGN §9), so two tiers that agree on the time agree on
+//! the window without talking.
 
 use std::{
     fmt,
@@ -11,7 +12,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use serde::{Deserialize, Serialize};
@@ -111,6 +112,20 @@ impl fmt::Display for Nanos {
 pub trait Clock: Send + Sync {
     /// The current time, in nanoseconds since the Unix epoch.
     fn now(&self) -> Nanos;
+}
+
+/// Nanoseconds since the Unix epoch from the system clock: what every tier runs on.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Nanos {
+        // A clock before 1970 is a broken host; count from the epoch rather than panic.
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(Nanos::from)
+            .unwrap_or(Nanos::ZERO)
+    }
 }
 
 /// A clock that moves only when told to. Clones share one time, like governor's

@@ -1,7 +1,7 @@
 //! The vocabulary every tier of the rate limiter agrees on, with no I/O.
 //!
-//! This crate holds no sockets, no tasks, no files and no clock that reads the wall: every
-//! function takes its input, including the time, as arguments and returns its answer, like
+//! This crate holds no sockets, no tasks and no files: every function takes its input,
+//! including the time, as arguments and returns its answer, like
 //! `quinn-proto` beside `quinn`. That is what lets the edge, the regional and the coordinator
 //! share one definition of a rule, a window and a grant, and what lets the simulator and the
 //! property tests drive all of it deterministically. Do not add I/O here: it belongs to the tiers.
@@ -10,7 +10,9 @@
 //!
 //! # Layout
 //!
-//! - [`clock`]: [`Nanos`], the [`Clock`] trait and the [`ManualClock`] tests use.
+//! - [`clock`]: [`Nanos`], the [`Clock`] trait, the [`SystemClock`] the tiers run on (the one
+//!   reader of the wall, and only when a tier hands it in) and the [`ManualClock`] tests use.
+//! - [`config`]: the tiers' YAML configuration files, loaded with located errors.
 //! - [`rules`]: the operators' YAML, parsed once into a [`RuleSet`] that cannot hold an invalid
 //!   rule, and matching a request to the limits that apply (DESIGN §2).
 //! - [`algorithm`]: the five limiters as pure state machines (DESIGN §3).
@@ -25,6 +27,7 @@
 
 pub mod algorithm;
 pub mod clock;
+pub mod config;
 pub mod quota;
 pub mod rules;
 pub mod wire;
@@ -35,7 +38,7 @@ pub mod net;
 pub mod sim;
 
 pub use crate::{
-    clock::{Clock, ManualClock, Nanos},
+    clock::{Clock, ManualClock, Nanos, SystemClock},
     rules::{
         ConfigError, FailureMode, Key, KeyKind, Limit, LimitId, Match, Request, Rule, RuleSet,
         Selector, Strictness,

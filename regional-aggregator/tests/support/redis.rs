@@ -31,7 +31,8 @@ fn free_port(bus: bool) -> u16 {
     }
 }
 
-fn scratch_dir(tag: &str) -> PathBuf {
+/// A fresh directory under the system temp dir, named for the test.
+pub fn scratch_dir(tag: &str) -> PathBuf {
     static N: AtomicU32 = AtomicU32::new(0);
     let dir = std::env::temp_dir().join(format!(
         "rl-test-{tag}-{}-{}",

@@ -94,6 +94,14 @@ pub enum PkiError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A file could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
     /// A file could not be written.
     #[error("{}: {source}", path.display())]
     Write {

@@ -33,6 +33,7 @@ use super::{
 use crate::{
     algorithm::{FixedWindow, Gcra, LeakyBucket, LeakyMode, Limiter, SlidingLog, SlidingWindow},
     clock::Nanos,
+    config::{parse_duration, shape, unit_nanos, yaml_error},
 };
 
 /// `RuleSet::from_yaml`.
@@ -71,44 +72,6 @@ fn load(file: &str, yaml: &str) -> Result<Value, ConfigError> {
         Ok(value) => Ok(value),
         Err(err) => Err(yaml_error(file, &err)),
     }
-}
-
-/// A loader error as a `ConfigError`. The loader's message ends in ` at line L column C`; we
-/// move the position to the front, in our format, and drop it from the message.
-fn yaml_error(file: &str, err: &serde_yaml_ng::Error) -> ConfigError {
-    let message = err.to_string();
-    match err.location() {
-        Some(at) => {
-            let suffix = format!(" at line {} column {}", at.line(), at.column());
-            ConfigError::Syntax {
-                file: file.to_owned(),
-                line: at.line(),
-                column: at.column(),
-                reason: message.replacen(&suffix, "", 1),
-            }
-        }
-        None => ConfigError::Document {
-            file: file.to_owned(),
-            reason: message,
-        },
-    }
-}
-
-/// Step 2: the value into the raw mirror, with serde's errors located by field path.
-fn shape(file: &str, value: Value) -> Result<RawFile, ConfigError> {
-    serde_path_to_error::deserialize(value).map_err(|err| {
-        let path = err.path().to_string();
-        let field = if path == "." {
-            "(top level)".to_owned()
-        } else {
-            path
-        };
-        ConfigError::Invalid {
-            file: file.to_owned(),
-            field,
-            reason: err.into_inner().to_string(),
-        }
-    })
 }
 
 /// Step 3's result: the rules in `RuleSet` order, where each came from, and the tier names.
@@ -660,53 +623,6 @@ fn parse_key(text: &str) -> Result<KeyKind, String> {
         return Err(format!("{name:?} is not a header name"));
     }
     Ok(KeyKind::Header(name.to_ascii_lowercase()))
-}
-
-/// A duration, `<n>ms`, `<n>s`, `<n>m`, `<n>h` or `<n>d`, greater than zero.
-fn parse_duration(text: &str) -> Result<Nanos, String> {
-    let trimmed = text.trim();
-    let digits = trimmed
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(trimmed.len());
-    let (number, unit) = trimmed.split_at(digits);
-    if number.is_empty() {
-        return Err(not_a_duration(text));
-    }
-    if unit.is_empty() {
-        return Err(format!(
-            "{text:?} has no unit; expected <n>ms, <n>s, <n>m, <n>h or <n>d, as in {number}s"
-        ));
-    }
-    let Some(unit) = unit_nanos(unit) else {
-        return Err(not_a_duration(text));
-    };
-    // Only ASCII digits reach here, so the parse fails only on overflow.
-    let count: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is too long"))?;
-    if count == 0 {
-        return Err(format!("{text:?} must be greater than zero"));
-    }
-    count
-        .checked_mul(unit)
-        .map(Nanos)
-        .ok_or_else(|| format!("{text:?} is too long"))
-}
-
-fn not_a_duration(text: &str) -> String {
-    format!("{text:?} is not a duration; expected <n>ms, <n>s, <n>m, <n>h or <n>d, as in 1m")
-}
-
-/// Nanoseconds in one `unit`.
-fn unit_nanos(unit: &str) -> Option<u64> {
-    Some(match unit {
-        "ms" => 1_000_000,
-        "s" => 1_000_000_000,
-        "m" => 60 * 1_000_000_000,
-        "h" => 3_600 * 1_000_000_000,
-        "d" => 86_400 * 1_000_000_000,
-        _ => return None,
-    })
 }
 
 /// `count` requests per `period`.

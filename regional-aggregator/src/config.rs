@@ -1,0 +1,366 @@
+//! The regional's configuration file: what it is called, where it listens, which rules it
+//! enforces, its TLS identity, and where its counts live.
+//!
+//! ```yaml
+//! node: regional-eu-1            # this node's name: a DNS name its certificate carries
+//! region: eu                     # edges of other regions are refused
+//! listen: 127.0.0.1:7401         # QUIC, for edges
+//! rules: rules.yaml              # relative paths are read from this file's directory
+//! tls:
+//!   ca: pki/ca.pem
+//!   cert: pki/regional-eu-1.pem
+//!   key: pki/regional-eu-1.key
+//! redis:                         # absent: the in-memory store, for one regional alone
+//!   url: redis://127.0.0.1:6379  # or `cluster: [redis://10.0.0.1:7000, ...]`
+//!   timeout: 25ms                # one store call; past it the breaker counts a failure
+//!   failures: 5                  # failures in a row that open the breaker
+//!   cooldown: 60s                # open this long before a probe
+//! threshold: 0.8                 # θ: grants stop at θ·P
+//! hold: 100ms                    # how long an edge caches a denial caused by others' grants
+//! ```
+//!
+//! [`Config::load`] reads and checks the file; every refusal is a [`ConfigError`] naming the
+//! file and the field (or line and column), as rules files are refused. Only the fields above
+//! exist: an unknown one is an error, so a typo cannot silently fall back to a default.
+
+use std::{
+    fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+use shared::{ConfigError, config::duration, quota::Threshold};
+
+use crate::{RegionalConfig, breaker::BreakerConfig, store::RedisTopology};
+
+/// A checked configuration, paths resolved against the file's directory.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file it came from, as given.
+    pub file: PathBuf,
+    /// This node's name, unique among the region's replicas.
+    pub node: String,
+    /// The region it serves.
+    pub region: String,
+    /// The QUIC address edges connect to.
+    pub listen: SocketAddr,
+    /// The rules file.
+    pub rules: PathBuf,
+    /// The deployment CA's certificate.
+    pub tls_ca: PathBuf,
+    /// This node's certificate.
+    pub tls_cert: PathBuf,
+    /// This node's private key.
+    pub tls_key: PathBuf,
+    /// Redis, or `None` for the in-memory store.
+    pub redis: Option<RedisConfig>,
+    /// How decisions are made.
+    pub regional: RegionalConfig,
+}
+
+/// Where the counts live when they live in Redis, and how the breaker guards it.
+#[derive(Clone, Debug)]
+pub struct RedisConfig {
+    /// One Redis or a cluster's seeds.
+    pub topology: RedisTopology,
+    /// The breaker: failures, cooldown, and the per-call timeout (also Redis's connect and
+    /// response timeout).
+    pub breaker: BreakerConfig,
+}
+
+/// The file as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    node: String,
+    region: String,
+    listen: SocketAddr,
+    rules: PathBuf,
+    tls: RawTls,
+    #[serde(default)]
+    redis: Option<RawRedis>,
+    #[serde(default)]
+    threshold: Option<f64>,
+    #[serde(default, deserialize_with = "some_duration")]
+    hold: Option<Duration>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRedis {
+    #[serde(default)]
+    url: Option<String>,
+    #[serde(default)]
+    cluster: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "some_duration")]
+    timeout: Option<Duration>,
+    #[serde(default)]
+    failures: Option<u32>,
+    #[serde(default, deserialize_with = "some_duration")]
+    cooldown: Option<Duration>,
+}
+
+fn some_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
+impl Config {
+    /// Reads and checks `path`. Relative paths inside it are taken from its directory, so a
+    /// deployment directory can be moved whole.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming the file and the field (or the line and column).
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = fs::read_to_string(path).map_err(|e| ConfigError::Document {
+            file: file.clone(),
+            reason: format!("cannot read it: {e}"),
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// [`load`](Config::load) from text already read; `path` names it and anchors relative
+    /// paths.
+    ///
+    /// # Errors
+    ///
+    /// As [`load`](Config::load).
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let raw: RawConfig = shared::config::from_yaml(&file, text)?;
+        let invalid = |field: &str, reason: String| ConfigError::Invalid {
+            file: file.clone(),
+            field: field.to_owned(),
+            reason,
+        };
+        if !is_dns_name(&raw.node) {
+            return Err(invalid(
+                "node",
+                format!(
+                    "{:?} is not a DNS name (letters, digits, '-' and '.'); edges check it \
+                     against the certificate",
+                    raw.node
+                ),
+            ));
+        }
+        if raw.region.is_empty() {
+            return Err(invalid("region", "must not be empty".to_owned()));
+        }
+        let mut regional = RegionalConfig::default();
+        if let Some(theta) = raw.threshold {
+            let ppm = (theta * 1e6).round();
+            let threshold = (theta.is_finite() && (1.0..=1e6).contains(&ppm))
+                // In range, so the cast is exact.
+                .then(|| Threshold::from_ppm(ppm as u32))
+                .flatten();
+            regional.threshold = threshold.ok_or_else(|| {
+                invalid(
+                    "threshold",
+                    format!("{theta} is not in (0, 1]; θ is the share of P handed out as grants"),
+                )
+            })?;
+        }
+        if let Some(hold) = raw.hold {
+            regional.hold = hold.into();
+        }
+        let redis = raw.redis.map(|r| redis_config(r, &invalid)).transpose()?;
+        let dir = path.parent().unwrap_or(Path::new(""));
+        Ok(Config {
+            file: path.to_owned(),
+            node: raw.node,
+            region: raw.region,
+            listen: raw.listen,
+            rules: dir.join(raw.rules),
+            tls_ca: dir.join(raw.tls.ca),
+            tls_cert: dir.join(raw.tls.cert),
+            tls_key: dir.join(raw.tls.key),
+            redis,
+            regional,
+        })
+    }
+}
+
+impl Config {
+    /// Keeps the counts in the Redis at `url` instead of what the file says (the breaker's
+    /// settings stay the file's, or the defaults): the `--redis` flag.
+    ///
+    /// # Errors
+    ///
+    /// When `url` is not a Redis URL, saying why.
+    pub fn use_redis(&mut self, url: &str) -> Result<(), String> {
+        check_redis_url(url)?;
+        let breaker = self.redis.take().map(|r| r.breaker).unwrap_or_default();
+        self.redis = Some(RedisConfig {
+            topology: RedisTopology::Single(url.to_owned()),
+            breaker,
+        });
+        Ok(())
+    }
+}
+
+fn redis_config(
+    raw: RawRedis,
+    invalid: &impl Fn(&str, String) -> ConfigError,
+) -> Result<RedisConfig, ConfigError> {
+    let topology = match (raw.url, raw.cluster) {
+        (Some(url), None) => {
+            check_redis_url(&url).map_err(|r| invalid("redis.url", r))?;
+            RedisTopology::Single(url)
+        }
+        (None, Some(seeds)) => {
+            if seeds.is_empty() {
+                return Err(invalid(
+                    "redis.cluster",
+                    "names no node; give at least one seed URL".to_owned(),
+                ));
+            }
+            for (i, seed) in seeds.iter().enumerate() {
+                check_redis_url(seed).map_err(|r| invalid(&format!("redis.cluster[{i}]"), r))?;
+            }
+            RedisTopology::Cluster(seeds)
+        }
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "redis",
+                "has both `url` and `cluster`; a regional uses one Redis or one cluster".to_owned(),
+            ));
+        }
+        (None, None) => {
+            return Err(invalid(
+                "redis",
+                "needs `url` (one Redis) or `cluster` (seed URLs); leave `redis` out for the \
+                 in-memory store"
+                    .to_owned(),
+            ));
+        }
+    };
+    let mut breaker = BreakerConfig::default();
+    if let Some(timeout) = raw.timeout {
+        breaker.timeout = timeout;
+    }
+    if let Some(failures) = raw.failures {
+        if failures == 0 {
+            return Err(invalid("redis.failures", "must be at least 1".to_owned()));
+        }
+        breaker.failures = failures;
+    }
+    if let Some(cooldown) = raw.cooldown {
+        breaker.cooldown = cooldown;
+    }
+    Ok(RedisConfig { topology, breaker })
+}
+
+/// Redis's own parser accepts only what it can connect to; ask it now rather than at the first
+/// decision.
+fn check_redis_url(url: &str) -> Result<(), String> {
+    redis::Client::open(url)
+        .map(drop)
+        .map_err(|e| format!("{url:?} is not a Redis URL: {e}"))
+}
+
+/// Letters, digits, `-` and `.`, not empty, as certificates carry node names.
+fn is_dns_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = "\
+node: regional-eu-1
+region: eu
+listen: 127.0.0.1:7401
+rules: rules.yaml
+tls: {ca: pki/ca.pem, cert: pki/r.pem, key: pki/r.key}
+redis:
+  url: redis://127.0.0.1:6379
+  timeout: 40ms
+  failures: 3
+  cooldown: 5s
+threshold: 0.5
+hold: 200ms
+";
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/rl/regional.yaml"), text)
+    }
+
+    #[test]
+    fn reads_every_field_and_resolves_paths_from_the_file() {
+        let c = parse(FULL).unwrap();
+        assert_eq!(c.node, "regional-eu-1");
+        assert_eq!(c.region, "eu");
+        assert_eq!(c.listen, "127.0.0.1:7401".parse().unwrap());
+        assert_eq!(c.rules, Path::new("/etc/rl/rules.yaml"));
+        assert_eq!(c.tls_key, Path::new("/etc/rl/pki/r.key"));
+        let redis = c.redis.unwrap();
+        assert!(
+            matches!(redis.topology, RedisTopology::Single(ref u) if u == "redis://127.0.0.1:6379")
+        );
+        assert_eq!(redis.breaker.timeout, Duration::from_millis(40));
+        assert_eq!(redis.breaker.failures, 3);
+        assert_eq!(redis.breaker.cooldown, Duration::from_secs(5));
+        assert_eq!(c.regional.threshold.ppm(), 500_000);
+        assert_eq!(c.regional.hold, shared::Nanos::from_millis(200));
+    }
+
+    #[test]
+    fn without_redis_the_defaults_apply() {
+        let text = FULL.split("redis:").next().unwrap();
+        let c = parse(text).unwrap();
+        assert!(c.redis.is_none());
+        let defaults = RegionalConfig::default();
+        assert_eq!(c.regional.threshold, defaults.threshold);
+        assert_eq!(c.regional.hold, defaults.hold);
+    }
+
+    #[test]
+    fn refusals_name_the_field() {
+        let cases = [
+            ("threshold: 0.5", "threshold: 1.5", "threshold"),
+            ("cooldown: 5s", "cooldown: 5", "redis.cooldown"),
+            ("failures: 3", "failures: 0", "redis.failures"),
+            ("url: redis://127.0.0.1:6379", "url: http://x", "redis.url"),
+            (
+                "url: redis://127.0.0.1:6379",
+                "url: redis://a\n  cluster: [redis://b]",
+                "redis",
+            ),
+            ("node: regional-eu-1", "node: regional eu", "node"),
+            ("listen: 127.0.0.1:7401", "listen: here", "listen"),
+            ("hold: 200ms", "hold: 200ms\nport: 1", "port"),
+        ];
+        for (from, to, field) in cases {
+            let err = parse(&FULL.replace(from, to)).unwrap_err();
+            assert_eq!(err.field(), Some(field), "{to}: {err}");
+            assert!(
+                err.to_string().starts_with("/etc/rl/regional.yaml: "),
+                "{err}"
+            );
+        }
+        let err = parse("node: [").unwrap_err();
+        assert!(err.position().is_some(), "{err}");
+    }
+}

@@ -1,0 +1,358 @@
+//! The `regional-aggregator` binary as an operator runs it: its help, `--validate`, the `pki`
+//! subcommand, and a real process serving a real edge agent over QUIC, on memory and on a
+//! real Redis, stopped by SIGTERM.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{Arc, mpsc},
+    time::{Duration, Instant},
+};
+
+use edge_agent::{Agent, AgentConfig, DecisionPath, QuicConfig, QuicUpstream, Request};
+use regional_aggregator::store::{LedgerKey, RedisStore, RedisTopology, Store};
+use shared::{Clock, Nanos, RuleSet, SystemClock, net::Identity};
+
+use crate::support::redis::{RedisServer, scratch_dir};
+
+const BIN: &str = env!("CARGO_BIN_EXE_regional-aggregator");
+
+const RULES: &str = "\
+version: 3
+rate_limits:
+  endpoints:
+    - { id: login, path: /login, method: POST, limit: 3, window: 1d, key: user_id, strictness: hard }
+";
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("the binary was built by cargo for this test")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A deployment directory: certificates made by the binary's own `pki` subcommand, a rules
+/// file and a config listening on a port the OS picks.
+fn deployment(tag: &str, extra: &str) -> PathBuf {
+    let dir = scratch_dir(tag);
+    let pki = dir.join("pki");
+    let pki_arg = pki.to_str().expect("temp paths are UTF-8");
+    let out = run(&[
+        "pki",
+        "--dir",
+        pki_arg,
+        "--node",
+        "regional-eu-1",
+        "--node",
+        "edge-eu-1",
+        "--san",
+        "localhost",
+    ]);
+    assert!(out.status.success(), "pki: {}", text(&out.stderr));
+    let written = text(&out.stdout);
+    for file in ["ca.pem", "ca.key", "regional-eu-1.pem", "edge-eu-1.key"] {
+        assert!(written.contains(file), "pki lists {file}: {written}");
+        assert!(pki.join(file).exists(), "{file} written");
+    }
+    fs::write(dir.join("rules.yaml"), RULES).expect("scratch dir is writable");
+    fs::write(
+        dir.join("regional.yaml"),
+        format!(
+            "node: regional-eu-1\nregion: eu\nlisten: 127.0.0.1:0\nrules: rules.yaml\n\
+             tls: {{ca: pki/ca.pem, cert: pki/regional-eu-1.pem, key: pki/regional-eu-1.key}}\n\
+             {extra}"
+        ),
+    )
+    .expect("scratch dir is writable");
+    dir
+}
+
+#[test]
+fn help_explains_every_flag() {
+    let out = run(&["--help"]);
+    assert!(out.status.success());
+    let help = text(&out.stdout);
+    for flag in [
+        "--config",
+        "--redis",
+        "--validate",
+        "--log",
+        "--log-format",
+        "pki",
+    ] {
+        assert!(help.contains(flag), "--help mentions {flag}:\n{help}");
+    }
+    assert!(
+        help.contains("REGIONAL_CONFIG"),
+        "the env var is documented"
+    );
+    let out = run(&["pki", "--help"]);
+    let help = text(&out.stdout);
+    for flag in ["--dir", "--node", "--san"] {
+        assert!(help.contains(flag), "pki --help mentions {flag}:\n{help}");
+    }
+    // No config: clap refuses, exit 2, and says what is missing.
+    let out = run(&[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("--config"));
+}
+
+#[test]
+fn validate_accepts_a_good_deployment_and_locates_what_is_wrong() {
+    let dir = deployment("validate", "threshold: 0.75\n");
+    let config = dir.join("regional.yaml");
+    let config_arg = config.to_str().expect("UTF-8");
+    let out = run(&["--config", config_arg, "--validate"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    assert!(said.contains("ok"), "{said}");
+    assert!(said.contains("1 rules (version 3)"), "{said}");
+    assert!(said.contains("store: memory"), "{said}");
+
+    // --redis replaces the store, and its password is not printed.
+    let out = run(&[
+        "--config",
+        config_arg,
+        "--validate",
+        "--redis",
+        "redis://:hunter2@127.0.0.1:1/0",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    assert!(
+        said.contains("store: redis redis://***@127.0.0.1:1/0"),
+        "{said}"
+    );
+    assert!(!said.contains("hunter2"));
+
+    let refused = |what: &str, file: &Path, contents: &str, expect: &str| {
+        let before = fs::read_to_string(file).expect("exists");
+        fs::write(file, contents).expect("writable");
+        let out = run(&["--config", config_arg, "--validate"]);
+        fs::write(file, before).expect("writable");
+        assert_eq!(out.status.code(), Some(2), "{what}: exit 2");
+        let err = text(&out.stderr);
+        assert!(
+            err.contains(expect),
+            "{what}: expected {expect:?} in {err:?}"
+        );
+        assert!(out.stdout.is_empty(), "{what}: nothing on stdout");
+    };
+    let good = fs::read_to_string(&config).expect("exists");
+    refused(
+        "threshold out of range",
+        &config,
+        &good.replace("0.75", "1.5"),
+        "regional.yaml: threshold: 1.5 is not in (0, 1]",
+    );
+    refused(
+        "unknown field",
+        &config,
+        &format!("{good}prot: 1\n"),
+        "regional.yaml: prot: unknown field `prot`",
+    );
+    refused(
+        "bad rules",
+        &dir.join("rules.yaml"),
+        &RULES.replace("window: 1d", "window: 1"),
+        "rules.yaml: rate_limits.endpoints[0].window: \"1\" has no unit",
+    );
+    refused(
+        "missing key file",
+        &config,
+        &good.replace("regional-eu-1.key", "nope.key"),
+        "nope.key",
+    );
+    refused(
+        "a key that is not the certificate's",
+        &config,
+        &good.replace("key: pki/regional-eu-1.key", "key: pki/edge-eu-1.key"),
+        "invalid TLS configuration",
+    );
+    let out = run(&["--config", config_arg, "--validate", "--redis", "http://x"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("--redis: \"http://x\" is not a Redis URL"));
+}
+
+/// The binary running: killed on drop if a test failed before stopping it.
+struct Regional {
+    child: Child,
+    addr: SocketAddr,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Regional {
+    fn start(dir: &Path, extra_args: &[&str]) -> Regional {
+        let mut child = Command::new(BIN)
+            .arg("--config")
+            .arg(dir.join("regional.yaml"))
+            .args(extra_args)
+            .args(["--log", "info"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the binary starts");
+        let stderr = child.stderr.take().expect("piped");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        // The start-up line carries the bound address (the config asks for port 0).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let addr = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = lines
+                .recv_timeout(left)
+                .expect("the regional logs its address within 10 s");
+            if let Some(at) = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("listen="))
+            {
+                break at.parse().expect("listen= is an address");
+            }
+        };
+        Regional { child, addr, lines }
+    }
+
+    /// SIGTERM, then the exit status within `within`, and what it logged meanwhile.
+    fn terminate(mut self, within: Duration) -> (std::process::ExitStatus, String) {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status();
+        assert!(sent.is_ok_and(|s| s.success()), "kill -TERM {pid}");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waitable") {
+                let log: Vec<String> = self.lines.try_iter().collect();
+                return (status, log.join("\n"));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still running {within:?} after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Regional {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An edge agent of region `eu` connected to `addr` with the deployment's certificates.
+async fn edge(dir: &Path, addr: SocketAddr) -> Arc<Agent> {
+    let pki = dir.join("pki");
+    let identity = Identity::from_files(
+        pki.join("ca.pem"),
+        pki.join("edge-eu-1.pem"),
+        pki.join("edge-eu-1.key"),
+    )
+    .expect("pki wrote them");
+    let upstream = QuicUpstream::connect(QuicConfig::new(
+        vec![addr],
+        "regional-eu-1",
+        identity,
+        "edge-eu-1",
+        "eu",
+    ))
+    .expect("inside a runtime");
+    tokio::time::timeout(Duration::from_secs(5), upstream.connected())
+        .await
+        .expect("the edge connects to the process over loopback");
+    let rules = RuleSet::from_yaml("rules.yaml", RULES).expect("test rules parse");
+    Arc::new(
+        Agent::builder(AgentConfig::default(), rules, upstream)
+            .build()
+            .expect("inside a runtime"),
+    )
+}
+
+/// Five logins for one user through the process: the hard limit of 3 admits exactly three,
+/// decided by the regional (no fallback).
+async fn five_logins(agent: &Arc<Agent>) -> Vec<(bool, DecisionPath)> {
+    let agent = agent.clone();
+    tokio::task::spawn_blocking(move || {
+        (0..5)
+            .map(|_| {
+                let d = agent.check(&Request {
+                    user_id: Some("alice"),
+                    ..Request::new("POST", "/login")
+                });
+                (d.allowed, d.path)
+            })
+            .collect()
+    })
+    .await
+    .expect("no check panics")
+}
+
+fn assert_exactly_three(decisions: &[(bool, DecisionPath)]) {
+    let allowed: Vec<bool> = decisions.iter().map(|d| d.0).collect();
+    assert_eq!(allowed, [true, true, true, false, false], "{decisions:?}");
+    assert!(
+        decisions
+            .iter()
+            .all(|d| !matches!(d.1, DecisionPath::Fallback(_))),
+        "the regional answered every exact request: {decisions:?}"
+    );
+    assert_eq!(
+        decisions[0].1,
+        DecisionPath::Exact,
+        "a cold hard key asks the regional"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_process_serves_an_edge_from_memory_and_stops_on_sigterm() {
+    let dir = deployment("serve-memory", "");
+    let regional = Regional::start(&dir, &[]);
+    let agent = edge(&dir, regional.addr).await;
+    assert_exactly_three(&five_logins(&agent).await);
+    let (status, log) = regional.terminate(Duration::from_secs(5));
+    assert!(status.success(), "exit status {status}; log:\n{log}");
+    assert!(log.contains("shutting down"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_process_keeps_its_counts_in_the_redis_it_is_given() {
+    let server = RedisServer::start();
+    let dir = deployment("serve-redis", "");
+    let regional = Regional::start(&dir, &["--redis", &server.url()]);
+    let agent = edge(&dir, regional.addr).await;
+    assert_exactly_three(&five_logins(&agent).await);
+    agent
+        .flush()
+        .await
+        .expect("the regional answers the last sync");
+
+    let store = RedisStore::connect(&RedisTopology::Single(server.url()), Duration::from_secs(2))
+        .await
+        .expect("the test Redis is up");
+    let rules = RuleSet::from_yaml("rules.yaml", RULES).expect("parses");
+    let at = LedgerKey {
+        limit: rules.rule("login").expect("rule").limits()[0].id(),
+        key: "u:alice".into(),
+        window: SystemClock.now().as_u64() / Nanos::from_secs(86_400).as_u64(),
+    };
+    let view = store
+        .ledger(&at)
+        .await
+        .expect("Redis answers")
+        .expect("the process wrote the ledger to Redis");
+    assert_eq!(view.total(), 3, "Redis holds exactly the admitted logins");
+    let (status, _) = regional.terminate(Duration::from_secs(5));
+    assert!(status.success());
+}
