@@ -14,7 +14,7 @@ use std::{
 
 use edge_agent::{Agent, AgentConfig, DecisionPath, QuicConfig, QuicUpstream, Request};
 use regional_aggregator::store::{LedgerKey, RedisStore, RedisTopology, Store};
-use shared::{Clock, Nanos, RuleSet, SystemClock, net::Identity};
+use shared::{Clock, FailureMode, Nanos, RuleSet, SystemClock, net::Identity};
 
 use crate::support::redis::{RedisServer, scratch_dir};
 
@@ -52,6 +52,8 @@ fn deployment(tag: &str, extra: &str) -> PathBuf {
         "regional-eu-1",
         "--node",
         "edge-eu-1",
+        "--node",
+        "edge-eu-2",
         "--san",
         "localhost",
     ]);
@@ -355,4 +357,193 @@ async fn the_process_keeps_its_counts_in_the_redis_it_is_given() {
     assert_eq!(view.total(), 3, "Redis holds exactly the admitted logins");
     let (status, _) = regional.terminate(Duration::from_secs(5));
     assert!(status.success());
+}
+
+// ---------------------------------------------------------------------------------------------
+// A regional killed mid-load (DESIGN §7): edges follow each rule's failure mode, no decision
+// waits past its timeout, and what they admitted meanwhile reaches Redis once they reconnect.
+
+const OUTAGE_RULES: &str = "\
+rate_limits:
+  endpoints:
+    - { id: api, path: /api, limit: 1000, window: 1d, key: user_id, on_failure: local }
+    - { id: login, path: /login, limit: 1000, window: 1d, key: user_id, strictness: hard, on_failure: closed }
+    - { id: feed, path: /feed, limit: 1000, window: 1d, key: user_id, strictness: hard, on_failure: open }
+";
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("loopback has free ports")
+        .port()
+}
+
+/// `n` checks of `path` for `user` on a blocking thread: each decision and how long it took.
+async fn checks(
+    agent: &Arc<Agent>,
+    path: &'static str,
+    user: &'static str,
+    n: usize,
+) -> Vec<(bool, DecisionPath, Duration)> {
+    let agent = agent.clone();
+    tokio::task::spawn_blocking(move || {
+        (0..n)
+            .map(|_| {
+                let started = Instant::now();
+                let d = agent.check(&Request {
+                    user_id: Some(user),
+                    ..Request::new("GET", path)
+                });
+                (d.allowed, d.path, started.elapsed())
+            })
+            .collect()
+    })
+    .await
+    .expect("no check panics")
+}
+
+fn admitted(decisions: &[(bool, DecisionPath, Duration)]) -> u64 {
+    decisions.iter().filter(|d| d.0).count() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_regional_leaves_edges_to_their_failure_modes_and_they_replay_on_return() {
+    let server = RedisServer::start();
+    let dir = deployment("killed", "");
+    fs::write(dir.join("rules.yaml"), OUTAGE_RULES).expect("writable");
+    let port = free_udp_port();
+    let config = dir.join("regional.yaml");
+    let text = fs::read_to_string(&config).expect("written");
+    fs::write(
+        &config,
+        text.replace("127.0.0.1:0", &format!("127.0.0.1:{port}")),
+    )
+    .expect("writable");
+    let redis = ["--redis", &server.url()];
+    let regional = Regional::start(&dir, &redis);
+
+    let rules = RuleSet::from_yaml("rules.yaml", OUTAGE_RULES).expect("parses");
+    let edges = [
+        edge_with(&dir, regional.addr, "edge-eu-1", &rules).await,
+        edge_with(&dir, regional.addr, "edge-eu-2", &rules).await,
+    ];
+    let mut api_admitted = 0;
+    for (agent, _) in &edges {
+        api_admitted += admitted(&checks(agent, "/api", "bob", 50).await);
+        assert_eq!(admitted(&checks(agent, "/login", "alice", 3).await), 3);
+        agent.flush().await.expect("the regional answers");
+    }
+    assert_eq!(api_admitted, 100);
+
+    // SIGKILL: no goodbye; the edges find out by timeouts, then by QUIC's idle timeout.
+    drop(regional);
+    let timeout = AgentConfig::default().upstream_timeout;
+    for (agent, _) in &edges {
+        let api = checks(agent, "/api", "bob", 30).await;
+        let login = checks(agent, "/login", "carol", 3).await;
+        let feed = checks(agent, "/feed", "dave", 3).await;
+        // Bob's soft key decides on what the edge holds, then on its share P/n: all 30 fit.
+        assert_eq!(admitted(&api), 30, "{api:?}");
+        api_admitted += 30;
+        // A cold hard key needs the regional: `closed` denies, `open` admits.
+        assert!(
+            login
+                .iter()
+                .all(|d| !d.0 && d.1 == DecisionPath::Fallback(FailureMode::Closed)),
+            "{login:?}"
+        );
+        assert!(
+            feed.iter()
+                .all(|d| d.0 && d.1 == DecisionPath::Fallback(FailureMode::Open)),
+            "{feed:?}"
+        );
+        for (_, _, took) in api.iter().chain(&login).chain(&feed) {
+            // The bound is the timeout; the slack is for a loaded two-core test machine.
+            assert!(
+                *took < timeout + Duration::from_millis(200),
+                "a decision waited {took:?}"
+            );
+        }
+    }
+
+    let regional = Regional::start(&dir, &redis);
+    for (agent, upstream) in &edges {
+        // QUIC notices the dead connection by its idle timeout (10 s), then redials.
+        let back = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let at = upstream.connected().await;
+                if agent.flush().await.is_ok() {
+                    break at;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .expect("the edge reconnects to the restarted regional and syncs");
+        assert_eq!(back, regional.addr);
+    }
+
+    let store = RedisStore::connect(&RedisTopology::Single(server.url()), Duration::from_secs(2))
+        .await
+        .expect("the test Redis is up");
+    let day = SystemClock.now().as_u64() / Nanos::from_secs(86_400).as_u64();
+    let total = |rule: &'static str, user: &'static str| {
+        let at = LedgerKey {
+            limit: rules.rule(rule).expect("rule").limits()[0].id(),
+            key: format!("u:{user}"),
+            window: day,
+        };
+        let store = &store;
+        async move {
+            store
+                .ledger(&at)
+                .await
+                .expect("Redis answers")
+                .map_or(0, |view| view.total())
+        }
+    };
+    assert_eq!(
+        total("api", "bob").await,
+        api_admitted,
+        "every admission counted once"
+    );
+    assert_eq!(total("login", "alice").await, 6);
+    assert_eq!(total("login", "carol").await, 0, "nothing was admitted");
+    assert_eq!(
+        total("feed", "dave").await,
+        6,
+        "what `open` let through is counted too"
+    );
+    let (status, _) = regional.terminate(Duration::from_secs(5));
+    assert!(status.success());
+}
+
+async fn edge_with(
+    dir: &Path,
+    addr: SocketAddr,
+    node: &str,
+    rules: &RuleSet,
+) -> (Arc<Agent>, Arc<QuicUpstream>) {
+    let pki = dir.join("pki");
+    let identity = Identity::from_files(
+        pki.join("ca.pem"),
+        pki.join(format!("{node}.pem")),
+        pki.join(format!("{node}.key")),
+    )
+    .expect("pki wrote them");
+    let upstream = QuicUpstream::connect(QuicConfig::new(
+        vec![addr],
+        "regional-eu-1",
+        identity,
+        node,
+        "eu",
+    ))
+    .expect("inside a runtime");
+    tokio::time::timeout(Duration::from_secs(5), upstream.connected())
+        .await
+        .expect("the edge connects over loopback");
+    let agent = Agent::builder(AgentConfig::default(), rules.clone(), upstream.clone())
+        .build()
+        .expect("inside a runtime");
+    (Arc::new(agent), upstream)
 }

@@ -213,3 +213,141 @@ async fn a_zipf_workload_is_decided_locally_at_least_95_percent() {
     assert!(total >= 600, "the heaviest key reached its limit ({total})");
     assert!(total <= 660, "soft overshoot beyond P + n·c0: {total}");
 }
+
+/// A regional replica of region `eu` named `node` on `server`'s Redis, serving QUIC on a free
+/// port: `(regional, endpoint, address)`.
+async fn replica(
+    server: &RedisServer,
+    ca: &Ca,
+    node: &str,
+    rules: &RuleSet,
+    clock: &ManualClock,
+) -> (Arc<Regional>, quinn::Endpoint, SocketAddr) {
+    let store = RedisStore::connect(&RedisTopology::Single(server.url()), Duration::from_secs(2))
+        .await
+        .expect("the test Redis is up");
+    let regional = Arc::new(Regional::new(
+        RegionalConfig::default(),
+        rules.clone(),
+        Arc::new(store),
+        Arc::new(clock.clone()),
+    ));
+    // Every replica's certificate carries the name edges dial the region by.
+    let identity = Identity::new(ca, &ca.issue(node, &[REGIONAL]).expect("DNS names"));
+    let endpoint = net::server_endpoint("127.0.0.1:0".parse().expect("an address"), &identity)
+        .expect("a free loopback port");
+    let addr = endpoint.local_addr().expect("bound");
+    let service = Arc::new(EdgeService::new(regional.clone(), node, REGION));
+    tokio::spawn(net::serve(
+        endpoint.clone(),
+        service,
+        Arc::new(NetStats::default()),
+    ));
+    (regional, endpoint, addr)
+}
+
+/// DESIGN §1: several replicas serve one region from one Redis. Four edges, two on each
+/// replica (each edge lists both, its own first), race for one hard key of 400; before it is
+/// spent, replica B shuts down and its edges fail over to A mid-window. The limit holds
+/// exactly throughout: the ledger is in Redis, and an edge's counters are filed under the same
+/// id by either replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_one_redis_hold_a_hard_limit_across_a_failover() {
+    let server = RedisServer::start();
+    let rules = RuleSet::from_yaml(
+        "rules.yaml",
+        "rate_limits:\n  endpoints:\n    \
+         - { id: login, path: /login, limit: 400, window: 1m, key: user_id, strictness: hard }\n",
+    )
+    .expect("test rules parse");
+    let clock = ManualClock::new(T0);
+    let ca = Ca::generate("test deployment CA").expect("ring generates keys");
+    let (a, _a_endpoint, a_addr) = replica(&server, &ca, "regional-eu-a", &rules, &clock).await;
+    let (b, b_endpoint, b_addr) = replica(&server, &ca, "regional-eu-b", &rules, &clock).await;
+    let mut agents = Vec::new();
+    for e in 0..4 {
+        let node = format!("edge-eu-{e}");
+        let identity = Identity::new(&ca, &ca.issue(&node, &[]).expect("a DNS name"));
+        let addresses = if e < 2 {
+            vec![a_addr, b_addr]
+        } else {
+            vec![b_addr, a_addr]
+        };
+        let upstream =
+            QuicUpstream::connect(QuicConfig::new(addresses, REGIONAL, identity, node, REGION))
+                .expect("inside a runtime");
+        tokio::time::timeout(Duration::from_secs(5), upstream.connected())
+            .await
+            .expect("the edge connects over loopback");
+        agents.push(Arc::new(
+            Agent::builder(AgentConfig::default(), rules.clone(), upstream)
+                .clock(Arc::new(clock.clone()))
+                .build()
+                .expect("inside a runtime"),
+        ));
+    }
+    assert_eq!((a.edges(), b.edges()), (2, 2), "two edges on each replica");
+
+    let mut rng = Rng::new(23);
+    let mut admitted = 0;
+    for round in 0..40 {
+        if round == 20 {
+            assert!(
+                admitted < 400,
+                "the failover comes before the limit is spent ({admitted})"
+            );
+            b_endpoint.close(
+                quinn::VarInt::from_u32(shared::wire::CloseCode::ShuttingDown.as_u32()),
+                b"replica going away",
+            );
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while a.edges() < 4 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "B's edges fail over to A"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let handles: Vec<_> = agents
+            .iter()
+            .map(|agent| {
+                let agent = agent.clone();
+                let n = 1 + rng.below(6) as usize;
+                std::thread::spawn(move || {
+                    (0..n)
+                        .filter(|_| agent.check(&user("alice", "/login")).allowed)
+                        .count()
+                })
+            })
+            .collect();
+        for h in handles {
+            admitted += h.join().expect("no check panics");
+        }
+        for agent in &agents {
+            let _ = agent.flush().await;
+        }
+        clock.advance(Nanos::from_millis(100));
+    }
+    for agent in &agents {
+        agent.flush().await.expect("replica A answers everyone");
+    }
+    assert_eq!(admitted, 400, "never beyond the limit, none short");
+    let at = LedgerKey {
+        limit: rules.rule("login").expect("rule").limits()[0].id(),
+        key: "u:alice".into(),
+        window: clock.now().as_u64() / 60_000_000_000,
+    };
+    let view = a
+        .store()
+        .ledger(&at)
+        .await
+        .expect("Redis answers")
+        .expect("the ledger exists");
+    assert_eq!(view.total(), 400, "Redis counts exactly what was admitted");
+    assert_eq!(
+        view.edges.len(),
+        4,
+        "one set of counters per edge, whichever replica"
+    );
+}
