@@ -8,8 +8,9 @@
 //!
 //! Then end to end, an edge's exact path as it really runs: `QuicUpstream::acquire` over
 //! loopback QUIC with mutual TLS to a `Regional` on memory and on Redis (criterion medians,
-//! then p50/p99/p99.9 of 20,000 sequential calls, which criterion does not report), and Redis
-//! commands per decision for a Zipf workload through three edge agents.
+//! then p50/p99/p99.9 of 20,000 sequential calls, which criterion does not report), a whole
+//! sync batch through a `Regional` (keys per second), and Redis commands per decision for a
+//! Zipf workload through three edge agents.
 
 use std::{
     hint::black_box,
@@ -30,7 +31,7 @@ use shared::{
     net::{self, Ca, Identity, NetStats},
     quota::{DEFAULT_THRESHOLD, EdgeId},
     sim::{Rng, Zipf},
-    wire::{Acquire, Check},
+    wire::{Acquire, Check, SyncBatch, SyncEntry},
 };
 
 #[path = "../tests/support/redis.rs"]
@@ -251,6 +252,43 @@ fn end_to_end(c: &mut Criterion) {
     };
     let list: [(&str, Arc<dyn Store>); 2] =
         [("memory", Arc::new(MemoryStore::new())), ("redis", redis)];
+
+    // A whole sync batch through a regional (rules, bounds, the store, the ack), no network:
+    // keys per second one regional merges.
+    let mut group = c.benchmark_group("regional_sync");
+    group.throughput(Throughput::Elements(1024));
+    let clock = Arc::new(SystemClock);
+    for (name, store) in &list {
+        let regional = Regional::new(
+            RegionalConfig::default(),
+            rules.clone(),
+            store.clone(),
+            clock.clone(),
+        );
+        let mut used = 0;
+        group.bench_function(BenchmarkId::new(*name, 1024), |b| {
+            b.iter(|| {
+                used += 1;
+                let window = SystemClock.now().as_u64() / day;
+                let entries = (0..1024)
+                    .map(|i| SyncEntry {
+                        limit,
+                        key: format!("u:user-{i}"),
+                        window,
+                        used,
+                        released: 0,
+                        want: 10,
+                    })
+                    .collect();
+                black_box(
+                    rt.block_on(regional.sync(EdgeId(1), SyncBatch { entries }))
+                        .expect("sync"),
+                )
+            })
+        });
+    }
+    group.finish();
+
     let mut upstreams = Vec::new();
     let mut group = c.benchmark_group("exact_over_quic");
     for (name, store) in list {
