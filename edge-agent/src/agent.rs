@@ -561,17 +561,23 @@ impl Inner {
         let n = u64::from(self.edges.load(Ordering::Relaxed).max(1));
         let now = exact.now;
         let mut denied_by: Option<(&Part, FailureMode)> = None;
+        // What the `local` parts leave of their shares after this request: the only
+        // `remaining` this edge can vouch for alone (`open` knows none, so 0).
+        let mut remaining: Option<u64> = None;
         for part in &exact.parts {
             let ok = match part.failure {
                 FailureMode::Closed => false,
                 FailureMode::Open => true,
                 FailureMode::Local => {
                     let share = part.value / n;
-                    self.with_state(&part.slot, |s| {
+                    let after = self.with_state(&part.slot, |s| {
                         let (used, lost) = s.used_in(part.window);
                         self.stats.lost(lost);
-                        used.saturating_add(exact.cost) <= share
-                    })
+                        used.saturating_add(exact.cost)
+                    });
+                    let left = share.saturating_sub(after);
+                    remaining = Some(remaining.map_or(left, |r| r.min(left)));
+                    after <= share
                 }
             };
             if !ok {
@@ -606,7 +612,7 @@ impl Inner {
         Decision {
             allowed: true,
             limit: part.value,
-            remaining: 0,
+            remaining: remaining.unwrap_or(0),
             reset_at: part.window_end,
             retry_after: Nanos::ZERO,
             rule: Some(part.limit),

@@ -59,11 +59,14 @@
 #![warn(missing_docs)]
 
 mod agent;
+pub mod app;
 mod config;
 mod decision;
+pub mod http;
 mod identity;
 mod local;
 mod quic;
+pub mod settings;
 mod upstream;
 
 pub use shared::SystemClock;

@@ -4,6 +4,7 @@
 
 mod support;
 
+mod binary;
 mod concurrency;
 mod decisions;
 mod failure_modes;

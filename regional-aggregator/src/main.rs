@@ -4,7 +4,8 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use regional_aggregator::app::{self, LogFormat};
+use regional_aggregator::app;
+use shared::process::{self, LogFormat};
 
 /// The regional aggregator of a hierarchical rate limiter: one per datacenter. It holds the
 /// region's authoritative counts (in Redis, or in memory without it), hands the region's edge
@@ -102,7 +103,7 @@ fn main() -> ExitCode {
         println!("{}: ok: {}", config.display(), checked.summary());
         return ExitCode::SUCCESS;
     }
-    if let Err(e) = app::init_logging(&cli.log, cli.log_format) {
+    if let Err(e) = process::init_logging(&cli.log, cli.log_format) {
         return fail(2, &e);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -112,7 +113,7 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(e) => return fail(1, &format!("cannot start the runtime: {e}")),
     };
-    match runtime.block_on(app::run(checked, app::shutdown_signal())) {
+    match runtime.block_on(app::run(checked, process::shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(1, &e.to_string()),
     }

@@ -21,6 +21,8 @@
 //! - [`wire`]: every protocol message and the length-prefixed postcard codec (DESIGN §5).
 //! - `net` (the `net` feature): QUIC with mutual TLS, the accept loop, the deployment CA
 //!   (DESIGN §5, §7).
+//! - `process` (the `process` feature): what every tier's binary does alike: logs to stderr,
+//!   human or JSON, and stopping on Ctrl-C or SIGTERM.
 //! - `sim` (tests, or the `sim` feature): a deterministic simulator of N edges and a regional.
 
 #![warn(missing_docs)]
@@ -34,6 +36,8 @@ pub mod wire;
 
 #[cfg(feature = "net")]
 pub mod net;
+#[cfg(feature = "process")]
+pub mod process;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
 

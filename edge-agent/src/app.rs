@@ -1,0 +1,133 @@
+//! The `edge-agent` binary's work, kept out of `main.rs`: check a configuration and everything
+//! it names; run the agent behind the HTTP API until told to stop.
+//!
+//! Start-up reads the rules and the TLS files before binding anything, so a bad deployment
+//! fails at once with the file and field at fault. The regional need not be up: the QUIC
+//! client dials in the background, and until it answers each rule's failure mode decides.
+
+use std::{fmt, fs, future::Future, net::SocketAddr, path::Path, sync::Arc};
+
+use shared::{
+    ConfigError, RuleSet,
+    net::{self, Identity, TlsError},
+};
+
+use crate::{
+    Agent, BuildError, QuicConfig, QuicError, QuicUpstream,
+    http::{self, Api},
+    settings::Settings,
+};
+
+/// Why the edge could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration or the rules file was refused.
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    /// A TLS file is missing or does not hold what it should.
+    #[error("{0}")]
+    Tls(#[from] TlsError),
+    /// The QUIC client could not be set up.
+    #[error("{0}")]
+    Quic(#[from] QuicError),
+    /// The agent could not be built.
+    #[error("{0}")]
+    Agent(#[from] BuildError),
+    /// The HTTP address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A configuration with everything it names read and checked.
+pub struct Checked {
+    /// The configuration.
+    pub settings: Settings,
+    /// Its rules.
+    pub rules: RuleSet,
+    /// Its TLS identity, usable.
+    pub identity: Identity,
+}
+
+impl fmt::Display for Checked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.settings;
+        let regional: Vec<String> = s.regional_addresses.iter().map(|a| a.to_string()).collect();
+        write!(
+            f,
+            "node {} of region {}, HTTP on {}, regional {} at {}, {} rules (version {})",
+            s.node,
+            s.region,
+            s.listen,
+            s.regional_name,
+            regional.join(","),
+            self.rules.rules().len(),
+            self.rules.version()
+        )
+    }
+}
+
+/// Reads the configuration at `path` and everything it names, binding and dialing nothing.
+///
+/// # Errors
+///
+/// The first problem found, naming its file (and field, where there is one).
+pub fn check(path: &Path) -> Result<Checked, StartError> {
+    let settings = Settings::load(path)?;
+    let rules_file = settings.rules.display().to_string();
+    let text = fs::read_to_string(&settings.rules).map_err(|e| ConfigError::Document {
+        file: rules_file.clone(),
+        reason: format!("cannot read it: {e}"),
+    })?;
+    let rules = RuleSet::from_yaml(&rules_file, &text)?;
+    let identity = Identity::from_files(&settings.tls_ca, &settings.tls_cert, &settings.tls_key)?;
+    net::client_config(&identity)?;
+    Ok(Checked {
+        settings,
+        rules,
+        identity,
+    })
+}
+
+/// Runs the agent and its HTTP API as `checked` says until `shutdown` completes.
+///
+/// # Errors
+///
+/// When the HTTP address cannot be bound or the QUIC client cannot be set up.
+pub async fn run(checked: Checked, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    let summary = checked.to_string();
+    let Checked {
+        settings,
+        rules,
+        identity,
+    } = checked;
+    let upstream = QuicUpstream::connect(QuicConfig::new(
+        settings.regional_addresses.clone(),
+        settings.regional_name.clone(),
+        identity,
+        settings.node.clone(),
+        settings.region.clone(),
+    ))?;
+    let agent = Arc::new(Agent::builder(settings.agent.clone(), rules, upstream).build()?);
+    let sync = agent.spawn_sync_loop();
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: settings.listen,
+            source,
+        })?;
+    let listen = listener.local_addr().unwrap_or(settings.listen);
+    tracing::info!(%listen, "{summary}");
+    let api = Arc::new(Api::new(agent.clone(), settings.identity.clone()));
+    http::serve(listener, api, shutdown).await;
+    tracing::info!("shutting down: sending the last counts to the regional");
+    sync.abort();
+    if let Err(e) = agent.flush().await {
+        tracing::warn!(error = %e, "the last counts could not be sent");
+    }
+    Ok(())
+}

@@ -1,0 +1,308 @@
+//! The edge's HTTP API (DESIGN §8): `POST /v1/check` decides one request described in JSON,
+//! `GET /healthz` says the process is up.
+//!
+//! A check flows like this: the body is read up to [`MAX_BODY`] (more is `413`), parsed as
+//! [`CheckBody`] (anything malformed is `400` naming the field or the position), turned into a
+//! [`shared::Request`] (the client's address from the body, else from the socket, believing
+//! `X-Forwarded-For` only from trusted proxies), and decided by [`Agent::check_async`], which
+//! waits for the regional at most its timeout. The answer is `200` or `429` with the decision
+//! as JSON and the `X-RateLimit-*` headers (`Retry-After` too on `429`).
+//!
+//! Nothing a client sends can panic the server or touch another connection: every failure is
+//! an ordinary response.
+
+use std::{
+    collections::BTreeMap, convert::Infallible, future::Future, net::IpAddr, net::SocketAddr,
+    num::NonZeroU32, sync::Arc, time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{
+    Method, Request as HttpRequest, Response, StatusCode,
+    body::Incoming,
+    header::{self, HeaderValue},
+    service::service_fn,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+
+use crate::{Agent, Decision, IdentityConfig, client_ip};
+
+/// The largest `POST /v1/check` body read: a check is a few hundred bytes.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// How long a client may take to send its request headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the HTTP API answers with: the agent, and how to read a client's identity.
+pub struct Api {
+    agent: Arc<Agent>,
+    identity: IdentityConfig,
+}
+
+impl Api {
+    /// Answers for `agent`, reading identities as `identity` says.
+    pub fn new(agent: Arc<Agent>, identity: IdentityConfig) -> Api {
+        Api { agent, identity }
+    }
+}
+
+/// The `POST /v1/check` body (DESIGN §8). Only `path` is required; `method` defaults to
+/// `GET`, `cost` to 1, `ip` to the caller's address.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckBody {
+    /// The request's path.
+    pub path: String,
+    /// Its method.
+    #[serde(default)]
+    pub method: Option<String>,
+    /// The client's address.
+    #[serde(default)]
+    pub ip: Option<IpAddr>,
+    /// The authenticated user.
+    #[serde(default)]
+    pub user_id: Option<String>,
+    /// The API key presented.
+    #[serde(default)]
+    pub api_key: Option<String>,
+    /// The client's tier.
+    #[serde(default)]
+    pub tier: Option<String>,
+    /// Headers the rules may key on.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// What the request costs, at least 1.
+    #[serde(default)]
+    pub cost: Option<NonZeroU32>,
+}
+
+/// The answer to a check, `200` or `429`.
+#[derive(Debug, Serialize)]
+struct CheckAnswer<'a> {
+    allowed: bool,
+    limit: u64,
+    remaining: u64,
+    reset_at: u64,
+    retry_after: u64,
+    rule: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct ErrorAnswer<'a> {
+    error: &'a str,
+    message: String,
+}
+
+/// Serves `api` on `listener` until `shutdown` completes; connections then finish the request
+/// in flight, and are dropped after 5 s at most.
+pub async fn serve(listener: TcpListener, api: Arc<Api>, shutdown: impl Future<Output = ()>) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors and the like: say so, and keep serving.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let api = api.clone();
+        let service = service_fn(move |request| {
+            let api = api.clone();
+            async move { Ok::<_, Infallible>(handle(&api, peer, request).await) }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_TIMEOUT)
+            .serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+            }
+        });
+    }
+    if tokio::time::timeout(Duration::from_secs(5), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::info!("connections still open after 5 s; dropping them");
+    }
+}
+
+/// One HTTP request, whatever it is.
+pub async fn handle(
+    api: &Api,
+    peer: SocketAddr,
+    request: HttpRequest<Incoming>,
+) -> Response<Full<Bytes>> {
+    match (request.method(), request.uri().path()) {
+        (&Method::POST, "/v1/check") => check(api, peer, request).await,
+        (_, "/v1/check") => {
+            let mut r = error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{} /v1/check: use POST", request.method()),
+            );
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("POST"));
+            r
+        }
+        (&Method::GET, "/healthz") => Response::new(Full::new(Bytes::from_static(b"ok\n"))),
+        (_, path) => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no such endpoint: {path}; this edge answers POST /v1/check"),
+        ),
+    }
+}
+
+async fn check(
+    api: &Api,
+    peer: SocketAddr,
+    request: HttpRequest<Incoming>,
+) -> Response<Full<Bytes>> {
+    let (parts, body) = request.into_parts();
+    let bytes = match Limited::new(body, MAX_BODY).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("the body is over {MAX_BODY} bytes"),
+            );
+        }
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("reading the body: {e}"),
+            );
+        }
+    };
+    let body = match parse(&bytes) {
+        Ok(body) => body,
+        Err(message) => return error(StatusCode::BAD_REQUEST, "bad_request", message),
+    };
+    let ip = body.ip.unwrap_or_else(|| {
+        // The caller is the client, or a proxy in front of it: the socket, or a trusted
+        // proxy's X-Forwarded-For.
+        let headers: Vec<(&str, &str)> = parts
+            .headers
+            .iter()
+            .filter_map(|(name, value)| Some((name.as_str(), value.to_str().ok()?)))
+            .collect();
+        client_ip(&api.identity, peer.ip(), &headers)
+    });
+    let ip_text = ip.to_string();
+    let headers: Vec<(&str, &str)> = body
+        .headers
+        .iter()
+        .map(|(name, value)| (name.as_str(), value.as_str()))
+        .collect();
+    let request = shared::Request {
+        path: &body.path,
+        method: body.method.as_deref().unwrap_or("GET"),
+        ip: Some(&ip_text),
+        user_id: body.user_id.as_deref(),
+        api_key: body.api_key.as_deref(),
+        tier: body.tier.as_deref(),
+        headers: &headers,
+    };
+    let decision = api
+        .agent
+        .check_async(&request, body.cost.unwrap_or(NonZeroU32::MIN))
+        .await;
+    answer(api, &decision)
+}
+
+/// The body as a [`CheckBody`], or why not: the field (`cost`, `headers.x-tenant`) or the
+/// position in the text, and what is wrong.
+fn parse(bytes: &[u8]) -> Result<CheckBody, String> {
+    let mut json = serde_json::Deserializer::from_slice(bytes);
+    let body: CheckBody = serde_path_to_error::deserialize(&mut json).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            inner.to_string()
+        } else {
+            format!("{path}: {inner}")
+        }
+    })?;
+    json.end()
+        .map_err(|e| format!("after the JSON object: {e}"))?;
+    if !body.path.starts_with('/') {
+        return Err(format!("path: {:?} does not start with '/'", body.path));
+    }
+    Ok(body)
+}
+
+fn answer(api: &Api, d: &Decision) -> Response<Full<Bytes>> {
+    let rule = d
+        .rule
+        .and_then(|id| api.agent.rules().limit(id))
+        .map(|(rule, _)| rule.id());
+    let denied = !d.allowed;
+    let body = CheckAnswer {
+        allowed: d.allowed,
+        limit: d.limit,
+        remaining: d.remaining,
+        reset_at: d.reset_at_secs(),
+        retry_after: d.retry_after_secs(),
+        rule,
+        error: denied.then_some("rate_limit_exceeded"),
+        message: denied.then(|| {
+            format!(
+                "rate limit of {} exceeded{}; retry in {} s",
+                d.limit,
+                rule.map(|r| format!(" for {r}")).unwrap_or_default(),
+                d.retry_after_secs()
+            )
+        }),
+    };
+    let status = if d.allowed {
+        StatusCode::OK
+    } else {
+        StatusCode::TOO_MANY_REQUESTS
+    };
+    let mut response = json(status, &body);
+    let headers = response.headers_mut();
+    if d.rule.is_some() {
+        headers.insert("x-ratelimit-limit", HeaderValue::from(d.limit));
+        headers.insert("x-ratelimit-remaining", HeaderValue::from(d.remaining));
+        headers.insert("x-ratelimit-reset", HeaderValue::from(d.reset_at_secs()));
+    }
+    if denied {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(d.retry_after_secs()));
+    }
+    response
+}
+
+fn error(status: StatusCode, error: &str, message: String) -> Response<Full<Bytes>> {
+    json(status, &ErrorAnswer { error, message })
+}
+
+fn json(status: StatusCode, body: &impl Serialize) -> Response<Full<Bytes>> {
+    // Our own structs of strings and numbers: serializing them cannot fail.
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let mut response = Response::new(Full::new(Bytes::from(bytes)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}

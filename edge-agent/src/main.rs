@@ -1,0 +1,67 @@
+//! `edge-agent`: the edge tier as a process beside a CDN node. Flags and exit codes live
+//! here; the work is in the library's `app` module.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::Parser;
+use edge_agent::app;
+use shared::process::{self, LogFormat};
+
+/// The edge agent of a hierarchical rate limiter, run beside a CDN or PoP node: it answers
+/// `POST /v1/check` over HTTP, deciding locally while it holds quota granted by its region's
+/// regional aggregator (QUIC with mutual TLS), and asking the regional near a limit.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// The configuration file (YAML): node name, region, HTTP address, rules file, the
+    /// regional's addresses, TLS files, identity headers. Relative paths in it are read from
+    /// its directory.
+    #[arg(short, long, value_name = "FILE", env = "EDGE_CONFIG")]
+    config: PathBuf,
+
+    /// Check the configuration, the rules file and the TLS files, print what they describe,
+    /// and exit: 0 when everything is usable, 2 with the file and field at fault otherwise.
+    /// Nothing is bound and the regional is not dialed.
+    #[arg(long)]
+    validate: bool,
+
+    /// Which events to log: a level (error, warn, info, debug, trace) or per-module filters
+    /// such as `info,edge_agent::quic=debug`.
+    #[arg(long, value_name = "FILTER", env = "EDGE_LOG", default_value = "info")]
+    log: String,
+
+    /// How logs are written to stderr.
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let checked = match app::check(&cli.config) {
+        Ok(checked) => checked,
+        Err(e) => return fail(2, &e.to_string()),
+    };
+    if cli.validate {
+        println!("{}: ok: {checked}", cli.config.display());
+        return ExitCode::SUCCESS;
+    }
+    if let Err(e) = process::init_logging(&cli.log, cli.log_format) {
+        return fail(2, &e);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(1, &format!("cannot start the runtime: {e}")),
+    };
+    match runtime.block_on(app::run(checked, process::shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(1, &e.to_string()),
+    }
+}
+
+fn fail(code: u8, message: &str) -> ExitCode {
+    eprintln!("edge-agent: {message}");
+    ExitCode::from(code)
+}

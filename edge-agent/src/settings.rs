@@ -1,0 +1,285 @@
+//! The `edge-agent` binary's configuration file: who this edge is, where it answers HTTP, which
+//! rules it enforces, how it reaches its regional, and how it reads a client's identity.
+//!
+//! ```yaml
+//! node: edge-eu-1                # this node's name: a DNS name its certificate carries
+//! region: eu                     # the regional refuses edges of other regions
+//! listen: 127.0.0.1:8080         # HTTP: POST /v1/check, GET /healthz
+//! rules: rules.yaml              # relative paths are read from this file's directory
+//! regional:
+//!   addresses: [127.0.0.1:7401]  # the region's regional replicas, tried in order
+//!   name: regional-eu-1          # the name their certificates carry
+//! tls:
+//!   ca: pki/ca.pem
+//!   cert: pki/edge-eu-1.pem
+//!   key: pki/edge-eu-1.key
+//! identity:                      # all optional; the defaults shown
+//!   user_id_header: x-user-id
+//!   api_key_header: x-api-key
+//!   tier_header: x-tier
+//!   trusted_proxies: []          # addresses or CIDR blocks whose X-Forwarded-For is believed
+//! flush_interval: 100ms          # counts go to the regional this often
+//! timeout: 50ms                  # the longest a decision waits for the regional
+//! threshold: 0.8                 # θ: above θ·P a key takes the exact path
+//! ```
+//!
+//! [`Settings::load`] reads and checks the file; every refusal is a [`ConfigError`] naming the
+//! file and the field, as rules files are refused. Unknown fields are errors.
+
+use std::{
+    fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+use shared::{ConfigError, config::duration, quota::Threshold};
+
+use crate::{AgentConfig, IdentityConfig};
+
+/// A checked configuration, paths resolved against the file's directory.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The file it came from.
+    pub file: PathBuf,
+    /// This node's name.
+    pub node: String,
+    /// Its region.
+    pub region: String,
+    /// The HTTP address.
+    pub listen: SocketAddr,
+    /// The rules file.
+    pub rules: PathBuf,
+    /// The regional's replicas.
+    pub regional_addresses: Vec<SocketAddr>,
+    /// The name the regional's certificates carry.
+    pub regional_name: String,
+    /// The deployment CA's certificate.
+    pub tls_ca: PathBuf,
+    /// This node's certificate.
+    pub tls_cert: PathBuf,
+    /// This node's private key.
+    pub tls_key: PathBuf,
+    /// How a client's identity is read.
+    pub identity: IdentityConfig,
+    /// The agent's knobs.
+    pub agent: AgentConfig,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSettings {
+    node: String,
+    region: String,
+    listen: SocketAddr,
+    rules: PathBuf,
+    regional: RawRegional,
+    tls: RawTls,
+    #[serde(default)]
+    identity: Option<RawIdentity>,
+    #[serde(default, deserialize_with = "some_duration")]
+    flush_interval: Option<Duration>,
+    #[serde(default, deserialize_with = "some_duration")]
+    timeout: Option<Duration>,
+    #[serde(default)]
+    threshold: Option<f64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegional {
+    addresses: Vec<SocketAddr>,
+    name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    #[serde(default)]
+    user_id_header: Option<String>,
+    #[serde(default)]
+    api_key_header: Option<String>,
+    #[serde(default)]
+    tier_header: Option<String>,
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
+}
+
+fn some_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
+impl Settings {
+    /// Reads and checks `path`.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming the file and the field (or the line and column).
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        let text = fs::read_to_string(path).map_err(|e| ConfigError::Document {
+            file: path.display().to_string(),
+            reason: format!("cannot read it: {e}"),
+        })?;
+        Settings::parse(path, &text)
+    }
+
+    /// [`load`](Settings::load) from text already read; `path` names it and anchors relative
+    /// paths.
+    ///
+    /// # Errors
+    ///
+    /// As [`load`](Settings::load).
+    pub fn parse(path: &Path, text: &str) -> Result<Settings, ConfigError> {
+        let file = path.display().to_string();
+        let raw: RawSettings = shared::config::from_yaml(&file, text)?;
+        let invalid = |field: &str, reason: String| ConfigError::Invalid {
+            file: file.clone(),
+            field: field.to_owned(),
+            reason,
+        };
+        if raw.regional.addresses.is_empty() {
+            return Err(invalid(
+                "regional.addresses",
+                "names no address; give at least one regional replica".to_owned(),
+            ));
+        }
+        let mut agent = AgentConfig::default();
+        if let Some(every) = raw.flush_interval {
+            agent.flush_interval = every;
+        }
+        if let Some(timeout) = raw.timeout {
+            agent.upstream_timeout = timeout;
+        }
+        if let Some(theta) = raw.threshold {
+            agent.near_limit_threshold = threshold(theta).ok_or_else(|| {
+                invalid(
+                    "threshold",
+                    format!("{theta} is not in (0, 1]; θ is the share of P handed out as grants"),
+                )
+            })?;
+        }
+        let mut identity = IdentityConfig::default();
+        if let Some(raw) = raw.identity {
+            if let Some(h) = raw.user_id_header {
+                identity.user_id_header = h;
+            }
+            if let Some(h) = raw.api_key_header {
+                identity.api_key_header = h;
+            }
+            if let Some(h) = raw.tier_header {
+                identity.tier_header = h;
+            }
+            identity.trusted_proxies = IdentityConfig::parse_trusted_proxies(&raw.trusted_proxies)
+                .map_err(|e| {
+                    invalid(
+                        &format!("identity.trusted_proxies[{}]", e.index()),
+                        e.to_string(),
+                    )
+                })?;
+        }
+        let dir = path.parent().unwrap_or(Path::new(""));
+        Ok(Settings {
+            file: path.to_owned(),
+            node: raw.node,
+            region: raw.region,
+            listen: raw.listen,
+            rules: dir.join(raw.rules),
+            regional_addresses: raw.regional.addresses,
+            regional_name: raw.regional.name,
+            tls_ca: dir.join(raw.tls.ca),
+            tls_cert: dir.join(raw.tls.cert),
+            tls_key: dir.join(raw.tls.key),
+            identity,
+            agent,
+        })
+    }
+}
+
+/// θ written as a fraction, in `(0, 1]`.
+fn threshold(theta: f64) -> Option<Threshold> {
+    let ppm = (theta * 1e6).round();
+    // In range, so the cast is exact.
+    (theta.is_finite() && (1.0..=1e6).contains(&ppm))
+        .then(|| Threshold::from_ppm(ppm as u32))
+        .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = "\
+node: edge-eu-1
+region: eu
+listen: 127.0.0.1:8080
+rules: rules.yaml
+regional: {addresses: [127.0.0.1:7401, 127.0.0.1:7402], name: regional-eu-1}
+tls: {ca: pki/ca.pem, cert: pki/e.pem, key: pki/e.key}
+identity: {user_id_header: x-user, trusted_proxies: [10.0.0.0/8]}
+flush_interval: 250ms
+timeout: 20ms
+threshold: 0.9
+";
+
+    fn parse(text: &str) -> Result<Settings, ConfigError> {
+        Settings::parse(Path::new("/etc/rl/edge.yaml"), text)
+    }
+
+    #[test]
+    fn reads_every_field() {
+        let s = parse(FULL).unwrap();
+        assert_eq!(s.node, "edge-eu-1");
+        assert_eq!(s.regional_addresses.len(), 2);
+        assert_eq!(s.regional_name, "regional-eu-1");
+        assert_eq!(s.rules, Path::new("/etc/rl/rules.yaml"));
+        assert_eq!(s.tls_cert, Path::new("/etc/rl/pki/e.pem"));
+        assert_eq!(s.identity.user_id_header, "x-user");
+        assert_eq!(s.identity.api_key_header, "x-api-key", "default kept");
+        assert!(s.identity.is_trusted_proxy("10.1.2.3".parse().unwrap()));
+        assert_eq!(s.agent.flush_interval, Duration::from_millis(250));
+        assert_eq!(s.agent.upstream_timeout, Duration::from_millis(20));
+        assert_eq!(s.agent.near_limit_threshold.ppm(), 900_000);
+    }
+
+    #[test]
+    fn refusals_name_the_field() {
+        let cases = [
+            ("threshold: 0.9", "threshold: 0", "threshold"),
+            ("timeout: 20ms", "timeout: 20", "timeout"),
+            (
+                "[10.0.0.0/8]",
+                "[10.0.0.1/8]",
+                "identity.trusted_proxies[0]",
+            ),
+            (
+                "[127.0.0.1:7401, 127.0.0.1:7402]",
+                "[]",
+                "regional.addresses",
+            ),
+            (
+                "[127.0.0.1:7401, 127.0.0.1:7402]",
+                "[here]",
+                "regional.addresses[0]",
+            ),
+            (
+                "threshold: 0.9",
+                "threshold: 0.9\nthreshhold: 1",
+                "threshhold",
+            ),
+        ];
+        for (from, to, field) in cases {
+            let err = parse(&FULL.replace(from, to)).unwrap_err();
+            assert_eq!(err.field(), Some(field), "{to}: {err}");
+            assert!(err.to_string().starts_with("/etc/rl/edge.yaml: "), "{err}");
+        }
+    }
+}
