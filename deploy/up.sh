@@ -1,13 +1,145 @@
 #!/usr/bin/env bash
-# Starts a whole local topology on loopback (DESIGN §10): a coordinator, two regions of one
-# aggregator each, two edge agents per region; Redis when redis-server is installed, the
-# in-memory store otherwise.
+# Starts a local topology on loopback (DESIGN §10): two regions, each one regional aggregator
+# and two edge agents; one Redis per region when redis-server is installed, the regionals'
+# in-memory store otherwise. Ctrl-C stops everything it started.
 #
-# Not yet: the tiers' binaries are still empty crates (see README.md, "What runs today").
-# This script refuses rather than pretend; it will start them once they exist.
+#   deploy/up.sh                 # build (release) and run
+#   UP_PROFILE=debug deploy/up.sh    # use the debug build (faster to build; what the tests use)
+#   UP_DIR=/tmp/rl deploy/up.sh      # where certificates, configs, data and logs go
+#                                    # (default: a fresh temporary directory)
+#   UP_NO_BUILD=1 deploy/up.sh       # use what is built (tests/run.sh builds it first)
+#
+# Ports: edges' HTTP on 127.0.0.1:8080-8083 (eu-1, eu-2, us-1, us-2), regionals' QUIC on
+# 127.0.0.1:7401 (eu) and 7402 (us), Redis on 127.0.0.1:6391 (eu) and 6392 (us). They are set
+# in deploy/config/*.yaml; edit the copies there to move them.
+#
+# Not yet: the global coordinator (its admin API on 127.0.0.1:9000 and `ctl status`) is not
+# built, so the regions run on the rules file alone, each with the whole limit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-echo "deploy/up.sh: nothing to start yet." >&2
-echo "  The edge agent, regional aggregator and global coordinator are not built;" >&2
-echo "  see README.md, 'What runs today'. tests/run.sh runs what exists." >&2
-exit 1
+
+profile="${UP_PROFILE:-release}"
+case "$profile" in
+  release) cargo_flags=(--release) ;;
+  debug) cargo_flags=() ;;
+  *) echo "deploy/up.sh: UP_PROFILE must be release or debug, not $profile" >&2; exit 2 ;;
+esac
+
+bin="target/$profile"
+if [ -z "${UP_NO_BUILD:-}" ]; then
+  echo "==> building the edge agent and the regional aggregator ($profile)"
+  # The whole workspace, as tests/run.sh builds it, so both share one build.
+  cargo build "${cargo_flags[@]}" --locked --workspace --bins
+fi
+for b in edge-agent regional-aggregator; do
+  if [ ! -x "$bin/$b" ]; then
+    echo "deploy/up.sh: $bin/$b is not built; run without UP_NO_BUILD" >&2
+    exit 1
+  fi
+done
+
+dir="${UP_DIR:-$(mktemp -d -t rate-limiter-XXXXXX)}"
+mkdir -p "$dir/logs"
+rm -rf "$dir/config"
+cp -r deploy/config "$dir/config"
+
+pids=()
+stop() {
+  trap - INT TERM EXIT
+  if [ "${#pids[@]}" -gt 0 ]; then
+    echo
+    echo "==> stopping ${#pids[@]} processes"
+    kill -TERM "${pids[@]}" 2>/dev/null || true
+    wait "${pids[@]}" 2>/dev/null || true
+  fi
+  echo "==> stopped; logs in $dir/logs"
+  exit 0
+}
+trap stop INT TERM EXIT
+
+# A throwaway CA and a certificate per node, valid for loopback.
+echo "==> certificates in $dir/pki"
+"$bin/regional-aggregator" pki --dir "$dir/pki" \
+  --node regional-eu-1 --node regional-us-1 \
+  --node edge-eu-1 --node edge-eu-2 --node edge-us-1 --node edge-us-2 \
+  --san localhost --san 127.0.0.1 >/dev/null
+
+start() { # name, command...
+  local name="$1"
+  shift
+  "$@" >"$dir/logs/$name.log" 2>&1 &
+  pids+=("$!")
+}
+
+# Waits until something accepts TCP on 127.0.0.1:$1 (bash's /dev/tcp: no curl needed).
+wait_tcp() {
+  local port="$1" name="$2"
+  for _ in $(seq 1 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  echo "deploy/up.sh: $name did not start; its log:" >&2
+  cat "$dir/logs/$name.log" >&2
+  exit 1
+}
+
+declare -A redis_port=([eu]=6391 [us]=6392)
+store="in-memory store (redis-server is not installed)"
+if command -v redis-server >/dev/null 2>&1; then
+  store="Redis"
+  for region in eu us; do
+    mkdir -p "$dir/redis-$region"
+    start "redis-$region" redis-server --port "${redis_port[$region]}" --bind 127.0.0.1 \
+      --dir "$dir/redis-$region" --save "" --appendonly no
+    wait_tcp "${redis_port[$region]}" "redis-$region"
+  done
+fi
+
+for region in eu us; do
+  args=(--config "$dir/config/regional-$region.yaml")
+  if [ "$store" = Redis ]; then args+=(--redis "redis://127.0.0.1:${redis_port[$region]}"); fi
+  start "regional-$region" "$bin/regional-aggregator" "${args[@]}"
+done
+
+declare -A edge_port=([eu-1]=8080 [eu-2]=8081 [us-1]=8082 [us-2]=8083)
+for edge in eu-1 eu-2 us-1 us-2; do
+  start "edge-$edge" "$bin/edge-agent" --config "$dir/config/edge-$edge.yaml"
+done
+for edge in eu-1 eu-2 us-1 us-2; do
+  wait_tcp "${edge_port[$edge]}" "edge-$edge"
+done
+
+redis_eu="" redis_us=""
+if [ "$store" = Redis ]; then
+  redis_eu="   redis://127.0.0.1:6391" redis_us="   redis://127.0.0.1:6392"
+fi
+cat <<EOF
+
+==> up: two regions on loopback, counts in the $store
+  edge-eu-1  http://127.0.0.1:8080   (POST /v1/check, GET /healthz)
+  edge-eu-2  http://127.0.0.1:8081
+  edge-us-1  http://127.0.0.1:8082
+  edge-us-2  http://127.0.0.1:8083
+  regional-eu-1  quic://127.0.0.1:7401$redis_eu
+  regional-us-1  quic://127.0.0.1:7402$redis_us
+  coordinator: not built yet; each region enforces the rules file with the whole limit
+  rules: $dir/config/rules.yaml    logs: $dir/logs/
+
+Try it (the login rule allows 5 per minute per IP; the sixth is 429):
+
+  curl -i -X POST http://127.0.0.1:8080/v1/check \\
+    -d '{"path": "/api/login", "method": "POST", "ip": "203.0.113.7"}'
+
+Ctrl-C stops everything.
+EOF
+
+# Until Ctrl-C, or until one of them dies (then say which, and stop the rest).
+while true; do
+  for pid in "${pids[@]}"; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "deploy/up.sh: process $pid exited; see $dir/logs/" >&2
+      exit 1
+    fi
+  done
+  sleep 1
+done

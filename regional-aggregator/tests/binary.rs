@@ -230,7 +230,10 @@ impl Regional {
     /// SIGTERM, then the exit status within `within`, and what it logged meanwhile.
     fn terminate(mut self, within: Duration) -> (std::process::ExitStatus, String) {
         let pid = self.child.id().to_string();
-        let sent = Command::new("kill").args(["-TERM", &pid]).status();
+        // bash's own `kill`: a minimal Debian may not have /bin/kill.
+        let sent = Command::new("bash")
+            .args(["-c", &format!("kill -TERM {pid}")])
+            .status();
         assert!(sent.is_ok_and(|s| s.success()), "kill -TERM {pid}");
         let deadline = Instant::now() + within;
         loop {

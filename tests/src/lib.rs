@@ -1,7 +1,8 @@
 //! The cross-tier test harness: real processes or in-process servers on loopback, a real
 //! `redis-server`, throwaway PKI, and the load generator.
 //!
-//! **Not built yet.** The harness and its scenarios arrive with the tiers they exercise
-//! (DESIGN §1, §7, §10). Until then the per-crate suites in `shared` are the tests.
+//! Today: `tests/up.rs` runs `deploy/up.sh` (DESIGN §10) and checks the README's `curl`
+//! against it. The load generator and the cross-region scenarios arrive with the coordinator
+//! (DESIGN §1, §7); each tier's own suite tests it against real Redis and real QUIC.
 
 #![warn(missing_docs)]
