@@ -25,7 +25,7 @@ case "$profile" in
   *) echo "deploy/up.sh: UP_PROFILE must be release or debug, not $profile" >&2; exit 2 ;;
 esac
 
-bin="target/$profile"
+bin="${CARGO_TARGET_DIR:-target}/$profile"
 if [ -z "${UP_NO_BUILD:-}" ]; then
   echo "==> building the edge agent and the regional aggregator ($profile)"
   # The whole workspace, as tests/run.sh builds it, so both share one build.
