@@ -4,5 +4,6 @@
 mod breaker;
 mod quic;
 mod regional;
+mod state;
 mod store;
 mod support;
