@@ -129,7 +129,11 @@ async fn exact_used(regional: &Regional, id: &str, key: &str) -> u64 {
         key: key.into(),
         window: T0.as_u64() / 60_000_000_000,
     };
-    let view = regional.store().ledger(&at).await.expect("the store answers");
+    let view = regional
+        .store()
+        .ledger(&at)
+        .await
+        .expect("the store answers");
     view.unwrap_or_default().exact
 }
 

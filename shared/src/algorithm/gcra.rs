@@ -30,10 +30,15 @@
 //! (`max(tat, now)`, which is its outcome's `reset_at − c·T`) and never forward. With nothing
 //! consumed in between, the state is then equivalent to never having admitted it (every check
 //! from that `now` on answers the same), and refunding it again changes nothing. When other
-//! requests consumed in between, they keep what they took; the refund may then give back up to
-//! the tokens that came back between the acquire and the refund (an intervening request that
-//! found some of them already back did not queue behind them), which for a refund in the same
-//! round trip as its acquire is a round trip's worth of rate.
+//! requests consumed in between, they keep what they took, and the refund is off by a bounded
+//! amount either way:
+//!
+//! - it may give back up to the tokens that came back between the acquire and the refund (an
+//!   intervening request that found some of them already back did not queue behind them): for
+//!   a refund in the same round trip as its acquire, a round trip's worth of rate;
+//! - two requests refunded in the order they were admitted leave up to the smaller cost taken
+//!   (the second one's floor still holds the first one's cost): a false denial later, never an
+//!   overshoot. In the opposite order both come back exactly.
 
 use std::num::{NonZeroU32, NonZeroU64};
 
@@ -261,6 +266,18 @@ mod tests {
         assert_eq!(s.tat, Nanos(5_300));
         g.refund(&mut s, &mine, cost(2));
         assert_eq!(s.tat, Nanos(5_100), "the other request's token stays taken");
+        // Two refunds in the order of their acquires: the smaller cost stays taken (the
+        // second's floor holds the first's cost); in the opposite order, nothing does.
+        let (mut s, now) = (GcraState::default(), Nanos(5_000));
+        let first = g.acquire(&mut s, now, cost(2));
+        let second = g.acquire(&mut s, now, cost(1));
+        let mut fifo = s;
+        g.refund(&mut fifo, &first, cost(2));
+        g.refund(&mut fifo, &second, cost(1));
+        assert_eq!(fifo.tat, Nanos(5_100));
+        g.refund(&mut s, &second, cost(1));
+        g.refund(&mut s, &first, cost(2));
+        assert_eq!(s.tat, now);
         // A state that was reset meanwhile (a store forgot it) is left alone.
         let mut fresh = GcraState::default();
         g.refund(&mut fresh, &mine, cost(2));

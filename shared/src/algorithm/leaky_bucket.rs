@@ -33,7 +33,7 @@
 //! the level drops by `c·T`, but never below the level that request's consume started from
 //! (its outcome's `reset_at − c·T` is when the bucket would have been empty without it) and
 //! never rises. With nothing consumed in between, the state is then equivalent to never having
-//! admitted it, and a second refund changes nothing; otherwise the same bound as GCRA's holds.
+//! admitted it, and a second refund changes nothing; otherwise the same bounds as GCRA's hold.
 
 use std::num::{NonZeroU32, NonZeroU64};
 
