@@ -347,8 +347,37 @@ impl Regional {
             Ok(plan) => plan,
             Err(denied) => return Ok(denied),
         };
-        // Ledgers and limiter states are separate store calls (separate scripts); they run at
-        // once, so a mixed request waits for one round trip, not two.
+        let (exact, state) = self.decide(edge, now, &plan).await?;
+        let allowed =
+            exact.iter().all(|r| r.allowed) && state.iter().all(|r| r.outcome.is_allowed());
+        if !allowed {
+            self.refund(now, &plan, &exact, &state).await;
+            self.stats.denied.fetch_add(1, Ordering::Relaxed);
+        }
+        self.stats.exact.fetch_add(1, Ordering::Relaxed);
+        let outcomes = plan
+            .order
+            .iter()
+            .map(|&op| match op {
+                Op::Ledger(i) => self.ledger_outcome(&exact[i], plan.windows[i], now),
+                Op::State(i) => state_outcome(&state[i].outcome, now),
+            })
+            .collect();
+        let reply = AcquireReply::from_checks(request.request_id, now, outcomes);
+        self.remember(edge, now, &reply);
+        Ok(reply)
+    }
+
+    /// Runs `plan`'s ops: its ledger ops and its limiter-state ops are separate store calls
+    /// (separate scripts), made at once so a mixed request waits for one round trip, not two.
+    /// When either call fails the request fails whole, and what the other admitted is taken
+    /// back.
+    async fn decide(
+        &self,
+        edge: EdgeId,
+        now: Nanos,
+        plan: &Plan,
+    ) -> Result<(Vec<ExactReply>, Vec<StateReply>), StoreError> {
         let (exact, state) = futures_util::future::join(
             async {
                 if plan.exact.is_empty() {
@@ -366,52 +395,41 @@ impl Regional {
             },
         )
         .await;
-        let (exact, state) = match (exact, state) {
-            (Ok(exact), Ok(state)) => (exact, state),
-            // The request fails as a whole; what the other call admitted is taken back.
+        match (exact, state) {
+            (Ok(exact), Ok(state)) => Ok((exact, state)),
             (Err(e), state) => {
                 self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
-                self.refund(now, &plan, &[], state.as_deref().unwrap_or_default())
+                self.refund(now, plan, &[], state.as_deref().unwrap_or_default())
                     .await;
-                return Err(e);
+                Err(e)
             }
             (Ok(exact), Err(e)) => {
                 self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
-                self.refund(now, &plan, &exact, &[]).await;
-                return Err(e);
+                self.refund(now, plan, &exact, &[]).await;
+                Err(e)
             }
-        };
-        let allowed =
-            exact.iter().all(|r| r.allowed) && state.iter().all(|r| r.outcome.is_allowed());
-        if !allowed {
-            self.refund(now, &plan, &exact, &state).await;
-            self.stats.denied.fetch_add(1, Ordering::Relaxed);
         }
-        self.stats.exact.fetch_add(1, Ordering::Relaxed);
-        let outcomes = plan
-            .order
-            .iter()
-            .map(|&op| match op {
-                Op::Ledger(i) => {
-                    let (r, (end, same)) = (&exact[i], plan.windows[i]);
-                    CheckOutcome {
-                        allowed: r.allowed,
-                        remaining: r.remaining,
-                        reset_at: if r.allowed || !r.held {
-                            end
-                        } else {
-                            (now + self.config.hold).min(end)
-                        },
-                        // 0 never lowers the edge's ceiling (it keeps the larger).
-                        granted: if same { r.granted } else { 0 },
-                    }
-                }
-                Op::State(i) => state_outcome(&state[i].outcome, now),
-            })
-            .collect();
-        let reply = AcquireReply::from_checks(request.request_id, now, outcomes);
-        self.remember(edge, now, &reply);
-        Ok(reply)
+    }
+
+    /// A ledger's answer as the edge reads it: a denial that only grants held elsewhere caused
+    /// reopens after [`RegionalConfig::hold`], any other at the window's end.
+    fn ledger_outcome(
+        &self,
+        r: &ExactReply,
+        (end, same): (Nanos, bool),
+        now: Nanos,
+    ) -> CheckOutcome {
+        CheckOutcome {
+            allowed: r.allowed,
+            remaining: r.remaining,
+            reset_at: if r.allowed || !r.held {
+                end
+            } else {
+                (now + self.config.hold).min(end)
+            },
+            // 0 never lowers the edge's ceiling (it keeps the larger).
+            granted: if same { r.granted } else { 0 },
+        }
     }
 
     /// The store operations for `request`'s checks, decided at `now`; or, when a check names
