@@ -7,9 +7,9 @@
 //! nothing more. Each key's operation runs under its map entry's lock, so it is atomic.
 //!
 //! Ledgers are dropped once their window has passed; limiter states once they are back to a
-//! fresh state's equivalent plus [`STATE_GRACE`]. Until then an expired entry is still read (a
-//! passed window starts over; a fresh-equivalent state answers as a fresh one), so the sweep,
-//! every [`SWEEP_EVERY`] operations, only bounds memory and never changes an answer.
+//! fresh state's equivalent plus [`STATE_GRACE`]. The sweep, every [`SWEEP_EVERY`] operations,
+//! only bounds memory: an expired ledger found before it starts over (as Redis would have
+//! deleted it), and a fresh-equivalent limiter state answers as a fresh one would.
 
 use std::{
     num::NonZeroU32,
@@ -374,7 +374,8 @@ fn merge(a: &StateAbsorb, held: &LimiterState) -> Option<(Nanos, LimiterState)> 
         (StateLimiter::LeakyBucket(_), LimiterState::LeakyBucket(s), held) => {
             let empty_at = |s: &LeakyBucketState| s.last + s.level;
             let fuller = match held {
-                LimiterState::LeakyBucket(h) if empty_at(h) > empty_at(s) => *h,
+                // A tie keeps what is held, as `leaky.lua` does.
+                LimiterState::LeakyBucket(h) if empty_at(h) >= empty_at(s) => *h,
                 _ => *s,
             };
             Some((empty_at(&fuller), LimiterState::LeakyBucket(fuller)))

@@ -29,7 +29,7 @@
 //! the epoch and nanoseconds within the second, two exact integers (a sorted-set entry keeps
 //! the seconds as its score and the nanoseconds, zero-padded, at the front of its member, so the
 //! set's order is time order). The scripts compute only with times relative to `now` and with
-//! spans, which [`MAX_SPAN`](super::MAX_SPAN) keeps below 2^52, and add spans to stored pairs
+//! spans, which [`MAX_SPAN`](super::MAX_SPAN) keeps within 2^52, and add spans to stored pairs
 //! with an exact carry; `time.lua` has the details. Every answer is therefore exact to the
 //! nanosecond, which the store tests check with 2026 timestamps against `shared`.
 //!
