@@ -5,16 +5,21 @@
 //! fresh [`MemoryStore`], on Redis (one server, or a three-master cluster), and on a plain map
 //! of `shared` states driven by `shared::algorithm` itself, which never forgets a state. Every
 //! reply is compared with the other two, outcome for outcome. Times are 2026 Unix times in
-//! nanoseconds (about 1.8·10^18, far past the 2^53 where Lua's doubles stop being exact), going
-//! forward by gaps of zero, under a microsecond, about one emission interval or window, longer
-//! than a window or a whole refill, and now and then by two months (further than any span a
-//! store keeps), with an occasional step back of up to a microsecond (regional replicas'
-//! clocks disagree). Costs go past the capacity. Keys carry `{`, `}` and `:`, and several ops
+//! nanoseconds (about 1.8·10^18, far past the 2^53 where Lua's doubles stop being exact; the
+//! runs of one test go on into the early 2030s), going forward by gaps of zero, under a
+//! microsecond, about one emission interval or window, longer than a window or a whole
+//! refill, and now and then by two months (further than any span a store keeps), with an
+//! occasional step back of up to a microsecond (regional replicas' clocks disagree). Costs go past the capacity. Keys carry `{`, `}` and `:`, and several ops
 //! travel in one batch (one pipeline, split by slot on a cluster); a bucket's refund is now and
 //! then repeated, where only its floor keeps it from giving back more. A hand mutation of the
 //! scripts (`<=` to `<` in `gcra.lua`'s fit test, for one) fails these tests.
 
-use std::{collections::HashMap, num::NonZeroU32, num::NonZeroU64, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    num::{NonZeroU32, NonZeroU64},
+    sync::Arc,
+    time::Duration,
+};
 
 use regional_aggregator::store::{
     MAX_SPAN, MemoryStore, RedisStore, RedisTopology, STATE_GRACE, StateAbsorb, StateKey,
@@ -184,7 +189,10 @@ fn step(rng: &mut Rng, now: Nanos, scale: u64) -> Nanos {
         26..=29 => now + Nanos(scale - 1 + rng.below(3)),
         30..=33 => now + Nanos(scale * (1 + rng.below(3)) + rng.below(scale)),
         34..=36 => now + Nanos(rng.below(1_000_000)),
-        37 => now + Nanos(60 * DAY + rng.below(DAY)),
+        37 if rng.below(4) == 0 => now + Nanos(60 * DAY + rng.below(DAY)),
+        37 => now + Nanos(rng.below(1_000)),
+        // Back: by up to a microsecond, often by the least there is.
+        _ if rng.chance(300_000) => now - Nanos(1),
         _ => now - Nanos(rng.below(1_000)),
     }
 }
@@ -197,10 +205,36 @@ struct Admitted {
     redis: StateReply,
 }
 
-/// One random run of `ops` steps on limiters of `kind`: memory, `redis` and the spec agree on
-/// every outcome.
-async fn lua_matches_shared(redis: &dyn Store, kind: Kind, seed: u64, ops: usize) {
-    let memory = MemoryStore::new();
+/// Runs sharing a memory store (limit names are each seed's own), in one stretch of time, so
+/// that the store's sweeps of forgotten states happen in the middle of one.
+struct Runs {
+    memory: MemoryStore,
+    now: Nanos,
+    touched: HashSet<StateKey>,
+    /// The longest step forward so far: past [`MAX_SPAN`], the scripts' clamp was used.
+    longest_gap: Nanos,
+}
+
+impl Runs {
+    fn new() -> Runs {
+        Runs {
+            memory: MemoryStore::new(),
+            now: T0,
+            touched: HashSet::new(),
+            longest_gap: Nanos::ZERO,
+        }
+    }
+
+    /// The memory store has dropped some of the states the runs touched.
+    fn swept(&self) -> bool {
+        self.memory.state_count() < self.touched.len()
+    }
+}
+
+/// One random run of `ops` steps on limiters of `kind`, going on from `runs.now`: the memory
+/// store, `redis` and the spec agree on every outcome.
+async fn lua_matches_shared(runs: &mut Runs, redis: &dyn Store, kind: Kind, seed: u64, ops: usize) {
+    let memory = &runs.memory;
     let mut spec = Spec::default();
     let mut rng = Rng::new(seed);
     // Limit names of this seed's own, so runs share a Redis without sharing states.
@@ -211,12 +245,18 @@ async fn lua_matches_shared(redis: &dyn Store, kind: Kind, seed: u64, ops: usize
         })
         .collect();
     let mut admitted: Vec<Admitted> = Vec::new();
-    let mut now = T0 + Nanos(rng.below(1_000_000_000));
+    let mut now = runs.now + Nanos(rng.below(1_000_000_000));
     let mut refunds = 0;
     for step_no in 0..ops {
         let (_, scale_of) = &limiters[rng.below(3) as usize];
-        let scale = scales(scale_of)[rng.below(2) as usize].max(1);
+        let mut scale = scales(scale_of)[rng.below(2) as usize].max(1);
+        // A 30-day span sets the pace only now and then, or the run leaves the 2020s.
+        if scale > DAY && !rng.chance(100_000) {
+            scale = scale % DAY + 1;
+        }
+        let before = now;
         now = step(&mut rng, now, scale);
+        runs.longest_gap = runs.longest_gap.max(now - before);
         let context =
             |what: &str| format!("seed {seed} step {step_no} at {}: {what}", now.as_u64());
 
@@ -224,7 +264,7 @@ async fn lua_matches_shared(redis: &dyn Store, kind: Kind, seed: u64, ops: usize
             // Take back an earlier admission, maybe long after and with others in between.
             let a = admitted.swap_remove(rng.below(admitted.len() as u64) as usize);
             spec.refund(now, &a.op, &a.spec);
-            refund(&memory, now, &a.op, &a.memory).await;
+            refund(memory, now, &a.op, &a.memory).await;
             refund(redis, now, &a.op, &a.redis).await;
             refunds += 1;
             // A bucket's refund may come again (a retried call): it never gives back more
@@ -254,6 +294,7 @@ async fn lua_matches_shared(redis: &dyn Store, kind: Kind, seed: u64, ops: usize
                 } else {
                     1 + rng.below(cap)
                 };
+                runs.touched.insert(at.clone());
                 op(&at, *limiter, u32::try_from(c).expect("small costs"))
             })
             .collect();
@@ -309,7 +350,7 @@ async fn lua_matches_shared(redis: &dyn Store, kind: Kind, seed: u64, ops: usize
             };
             for _ in 0..times {
                 spec.refund(now, &a.op, &a.spec);
-                refund(&memory, now, &a.op, &a.memory).await;
+                refund(memory, now, &a.op, &a.memory).await;
                 refund(redis, now, &a.op, &a.redis).await;
                 refunds += 1;
             }
@@ -319,10 +360,7 @@ async fn lua_matches_shared(redis: &dyn Store, kind: Kind, seed: u64, ops: usize
         refunds > ops / 20,
         "seed {seed}: the run refunded ({refunds})"
     );
-    assert!(
-        now > T0 + Nanos(60 * DAY),
-        "seed {seed}: the run jumped past the clamp"
-    );
+    runs.now = now;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -509,6 +547,48 @@ async fn absorbed_states_keep_both_sides(store: Arc<dyn Store>) {
     }
 }
 
+/// The memory store drops a state once it is back to a fresh one's equivalent plus the grace,
+/// at its next sweep, and only then; a dropped state answers as it would have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_forgets_states_back_to_fresh() {
+    let memory = MemoryStore::new();
+    // Full again 2 s after its acquire; a log entry leaves after an hour.
+    let bucket = token_bucket(1, Nanos::from_secs(1), 2);
+    let log = sliding_log(2, Nanos::from_secs(3_600));
+    for i in 0..100 {
+        let at = state_key("forget", &format!("user-{i}"));
+        let limiter = if i % 2 == 0 { bucket } else { log };
+        assert!(
+            acquire(&memory, T0, &op(&at, limiter, 1))
+                .await
+                .outcome
+                .is_allowed()
+        );
+    }
+    assert_eq!(memory.state_count(), 100);
+    // A sweep (every 4,096 operations) just before the buckets' grace ends keeps them all;
+    // one just after drops the 50 buckets and keeps the 50 logs (and the one busy key).
+    let busy = op(&state_key("forget", "busy"), sliding_log(1, Nanos(1)), 1);
+    let until = T0 + Nanos::from_secs(2) + STATE_GRACE;
+    for now in [until - Nanos(1), until] {
+        for i in 0..4_096u64 {
+            acquire(&memory, now + Nanos(i), &busy).await;
+        }
+    }
+    assert_eq!(memory.state_count(), 51);
+    let o = acquire(
+        &memory,
+        until,
+        &op(&state_key("forget", "user-0"), bucket, 2),
+    )
+    .await;
+    assert_eq!(
+        (o.outcome.verdict, o.outcome.remaining),
+        (Verdict::Allow, 0),
+        "a full bucket"
+    );
+}
+
 async fn run_scenarios(store: Arc<dyn Store>) {
     concurrent_acquires_admit_exactly_the_burst(store.clone()).await;
     a_log_reopens_exactly_when_its_oldest_entry_leaves(store.clone()).await;
@@ -589,12 +669,18 @@ async fn a_state_key_lives_until_fresh_plus_the_grace() {
 async fn spec_on_redis(kind: Kind) {
     let server = RedisServer::start();
     let store = connect(RedisTopology::Single(server.url())).await;
+    let mut runs = Runs::new();
     for seed in 0..3 {
-        lua_matches_shared(&store, kind, seed, 1500).await;
+        lua_matches_shared(&mut runs, &store, kind, seed, 1500).await;
     }
     // Scripts flushed (a restart, a failover): the next call loads them again by itself.
     server.cli(&["SCRIPT", "FLUSH"]);
-    lua_matches_shared(&store, kind, 99, 300).await;
+    lua_matches_shared(&mut runs, &store, kind, 99, 300).await;
+    assert!(runs.swept(), "the memory store swept during the runs");
+    assert!(
+        runs.longest_gap > MAX_SPAN,
+        "a step went past the scripts' clamp"
+    );
     let kinds = every_state_key_has_a_ttl(&server);
     let want: &[&str] = match kind {
         Kind::TokenBucket => &[":gcra"],
@@ -609,11 +695,16 @@ async fn spec_on_redis(kind: Kind) {
 async fn spec_on_a_cluster(kind: Kind) {
     let cluster = RedisCluster::start();
     let store = connect(RedisTopology::Cluster(cluster.urls())).await;
-    lua_matches_shared(&store, kind, 100, 1000).await;
+    let mut runs = Runs::new();
+    lua_matches_shared(&mut runs, &store, kind, 100, 1000).await;
     for node in cluster.nodes() {
         node.cli(&["SCRIPT", "FLUSH"]);
     }
-    lua_matches_shared(&store, kind, 101, 300).await;
+    lua_matches_shared(&mut runs, &store, kind, 101, 300).await;
+    assert!(
+        runs.longest_gap > MAX_SPAN,
+        "a step went past the scripts' clamp"
+    );
     for node in cluster.nodes() {
         every_state_key_has_a_ttl(node);
     }

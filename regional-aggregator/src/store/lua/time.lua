@@ -14,7 +14,9 @@
 -- ns: the regional refuses longer ones (store::MAX_SPAN). A relative time is clamped to
 -- +-2^52, which is further from now than any span reaches, so every comparison with a span
 -- comes out as it would unclamped; and a relative time plus one span stays within 2^53, where
--- doubles are still exact. Nothing here is ever a sum of more than that.
+-- doubles are still exact. Nothing here is ever a sum of more than that. (A difference of two
+-- times more than 104 days apart is not exact as a double, but it is far beyond 2^52, so it
+-- clamps to exactly +-2^52 all the same.)
 --
 -- Numbers are written to Redis with int(), never as Lua numbers: Redis formats those with at
 -- most 17 significant digits in some versions and 14 in others.
@@ -25,19 +27,12 @@
 
 local NS = 1000000000
 local SPAN = 4503599627370496 -- 2^52
-local SPAN_S = 4503600 -- whole seconds past which a difference is clamped
 local action = ARGV[1]
 local now_s, now_ns = tonumber(ARGV[2]), tonumber(ARGV[3])
 
 -- (s, ns) - now, in nanoseconds, clamped to [-2^52, 2^52].
 local function rel(s, ns)
-  local ds = s - now_s
-  if ds > SPAN_S then
-    return SPAN
-  elseif ds < -SPAN_S then
-    return -SPAN
-  end
-  return math.max(-SPAN, math.min(SPAN, ds * NS + (ns - now_ns)))
+  return math.max(-SPAN, math.min(SPAN, (s - now_s) * NS + (ns - now_ns)))
 end
 
 -- (s, ns) + d as a pair with 0 <= ns < 10^9; exact for |d| <= 2^53 - 10^9.
