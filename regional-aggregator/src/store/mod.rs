@@ -25,7 +25,8 @@
 //!   denied, as `shared`'s `refund` of each algorithm defines it: exact for the log (that
 //!   request's entry goes), and for the buckets the level moves back by `cost·T`, never below
 //!   where that acquire started, so that with nothing in between it is as if the request had
-//!   never come (see `shared::algorithm`'s module docs for the bound otherwise).
+//!   never come (the module docs of `shared`'s `gcra.rs` and `leaky_bucket.rs` bound what it is
+//!   off by otherwise).
 //! - [`StateAbsorb`]: write a state decided elsewhere (in memory, while Redis was away) into
 //!   the store, merged so that whatever either side admitted still counts: a token bucket's
 //!   TAT by `max`, a leaky bucket's later emptying time, the union of two logs. Idempotent.
@@ -50,8 +51,9 @@
 //!
 //! Limiter states hold nanosecond times. A store accepts a limiter whose span (a bucket's
 //! `B·T` or `C·T`, a log's window) is at most [`MAX_SPAN`], 2^52 ns (52 days), so that every
-//! difference of two times the scripts compute stays exactly representable; see the Redis
-//! store's module doc for how times cross into Lua. [`StateLimiter::new`] refuses the rest.
+//! value the scripts compute from times stays an exact double; see the Redis store's module
+//! doc for how times cross into Lua. [`StateLimiter::new`] refuses the rest, and the regional
+//! denies checks on such a limiter and counts them.
 
 use std::{future::Future, num::NonZeroU32, pin::Pin};
 
