@@ -17,11 +17,16 @@
 //! cumulative, and each edge's next sync carries them), but the grants made in memory and the
 //! exact path's admissions exist nowhere else.
 //!
+//! Limiter states (token and leaky buckets, sliding logs) are written back the same way, with
+//! [`Store::absorb_state`]: a token bucket's TAT by `max`, a leaky bucket's later emptying
+//! time, a log's entries added under this outage's tag. Each merge keeps everything either
+//! side admitted and is idempotent, so both passes are safe.
+//!
 //! What the memory store cannot know is what Redis had counted before the outage, except
 //! what edges report again: during an outage a key may admit up to its partition on top of
-//! what the regional itself admitted exactly before it. That is the price of deciding at all
-//! without the store; the failure mode `closed` at the edge is the choice for rules that
-//! cannot pay it.
+//! what the regional itself admitted exactly before it (a bucket or log: its whole capacity,
+//! starting fresh in memory). That is the price of deciding at all without the store; the
+//! failure mode `closed` at the edge is the choice for rules that cannot pay it.
 
 use std::{
     sync::{
@@ -34,8 +39,8 @@ use std::{
 use shared::{Clock, Nanos, quota::EdgeId};
 
 use crate::store::{
-    Absorb, ExactOp, ExactReply, LedgerKey, LedgerView, MemoryStore, Refund, Store, StoreError,
-    StoreFuture, SyncOp, SyncReply,
+    Absorb, ExactOp, ExactReply, LedgerKey, LedgerView, MemoryStore, Refund, StateAbsorb, StateOp,
+    StateRefund, StateReply, Store, StoreError, StoreFuture, SyncOp, SyncReply,
 };
 
 /// When the breaker opens and how long it stays open.
@@ -171,7 +176,7 @@ pub struct BreakerStats {
     pub opened: AtomicU64,
     /// Calls served from memory.
     pub fallback_calls: AtomicU64,
-    /// Ledgers written back to the primary on recovery.
+    /// Ledgers and limiter states written back to the primary on recovery.
     pub written_back: AtomicU64,
 }
 
@@ -338,15 +343,22 @@ impl Inner {
 
     async fn write_back(&self, tag: &str, memory: &MemoryStore) -> Result<(), StoreError> {
         let now = self.clock.now();
+        let timed_out = |_| StoreError::Transient("write-back timed out".into());
         let ledgers = memory.snapshot(now);
         for chunk in ledgers.chunks(shared::wire::MAX_KEYS_PER_BATCH) {
             tokio::time::timeout(self.timeout * 4, self.primary.absorb(tag, now, chunk))
                 .await
-                .map_err(|_| StoreError::Transient("write-back timed out".into()))??;
+                .map_err(timed_out)??;
+        }
+        let states = memory.state_snapshot(now);
+        for chunk in states.chunks(shared::wire::MAX_KEYS_PER_BATCH) {
+            tokio::time::timeout(self.timeout * 4, self.primary.absorb_state(tag, now, chunk))
+                .await
+                .map_err(timed_out)??;
         }
         self.stats
             .written_back
-            .fetch_add(ledgers.len() as u64, Ordering::Relaxed);
+            .fetch_add((ledgers.len() + states.len()) as u64, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -389,6 +401,29 @@ impl Store for GuardedStore {
 
     fn ledger<'a>(&'a self, at: &'a LedgerKey) -> StoreFuture<'a, Option<LedgerView>> {
         Box::pin(self.guarded(move |s| Box::pin(async move { s.ledger(at).await })))
+    }
+
+    fn acquire_state<'a>(
+        &'a self,
+        now: Nanos,
+        ops: &'a [StateOp],
+    ) -> StoreFuture<'a, Vec<StateReply>> {
+        Box::pin(self.guarded(move |s| Box::pin(async move { s.acquire_state(now, ops).await })))
+    }
+
+    fn refund_state<'a>(&'a self, now: Nanos, refunds: &'a [StateRefund]) -> StoreFuture<'a, ()> {
+        Box::pin(self.guarded(move |s| Box::pin(async move { s.refund_state(now, refunds).await })))
+    }
+
+    fn absorb_state<'a>(
+        &'a self,
+        tag: &'a str,
+        now: Nanos,
+        states: &'a [StateAbsorb],
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(
+            self.guarded(move |s| Box::pin(async move { s.absorb_state(tag, now, states).await })),
+        )
     }
 }
 

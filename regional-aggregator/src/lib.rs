@@ -1,13 +1,14 @@
 //! The regional aggregator: one service per datacenter (DESIGN §1, §4–§7).
 //!
 //! It holds the authoritative per-region counts, hands edges their grants, and answers exact
-//! checks near the limit.
+//! checks near the limit, and every check on a token bucket, leaky bucket or sliding log.
 //!
 //! # Layout
 //!
-//! - [`store`]: where the counts live. The [`Store`](store::Store) trait, the in-memory store
-//!   (the default without Redis, and the specification) and the Redis store (Lua scripts,
-//!   pipelined per batch, single Redis or Redis Cluster).
+//! - [`store`]: where the counts and limiter states live. The [`Store`](store::Store) trait,
+//!   the in-memory store (the default without Redis, and the specification, running `shared`'s
+//!   own ledger and algorithms) and the Redis store (Lua scripts, pipelined per batch, single
+//!   Redis or Redis Cluster).
 //!
 //! - [`regional`]: the decisions. [`Regional`] turns an edge's sync batch or exact request
 //!   into store operations under the rules, and the store's answers into the reply.

@@ -5,18 +5,33 @@
 //! checked against the regional's own clock (the current or the previous window only,
 //! DESIGN §9; anything else is counted as clock skew and left unanswered), grants are minted
 //! only for the current window, and a sliding window's ops carry the weight of the previous
-//! window. An [`Acquire`] becomes one [`ExactOp`] per check, decided in the window that is
-//! current here; when any check denies, what the others consumed is refunded, so a request
-//! consumes from all of its limits or from none. The answer is remembered per (edge,
-//! request id) for a while, so a resent request is answered again without consuming twice.
+//! window. An [`Acquire`] becomes one store op per check (below). The answer is remembered
+//! per (edge, request id) for a while, so a resent request is answered again without
+//! consuming twice.
 //!
-//! The bounds of every op come from the rules: `P` is the limit (this region's whole share
+//! The bounds of every ledger op come from the rules: `P` is the limit (this region's whole share
 //! until the coordinator hands out partitions), θ from the configuration, `n` the edges
 //! connected now.
 //!
-//! Only window algorithms (fixed and sliding window) are kept in ledgers. A check on a token
-//! bucket, leaky bucket or sliding log limit is denied and counted in
-//! [`RegionalStats::unsupported`] until their store scripts exist.
+//! An [`Acquire`] may mix algorithms. Its window checks (fixed and sliding window) become
+//! [`ExactOp`]s on ledgers, decided in the window that is current here; its token bucket,
+//! leaky bucket and sliding log checks become [`StateOp`]s, each running the `shared`
+//! algorithm on that key's state in the store (edges always send those keys down this path).
+//! The two kinds go to the store at once; when any check of either kind denies, what the
+//! others consumed is refunded, ledgers and limiter states alike, so a request consumes from
+//! all of its limits or from none. A limiter whose span no store keeps exactly
+//! ([`MAX_SPAN`](crate::store::MAX_SPAN)) is denied and counted in
+//! [`RegionalStats::unsupported`].
+//!
+//! What the edge learns of a limiter's check (a [`CheckOutcome`], `granted` always 0: there
+//! are no grants for these keys): `allowed`, where a leaky shaper's "go after X" counts as
+//! allowed (its cost is in the bucket) but X is not on the wire, so the edge sends the request
+//! on at once: through the regional a shaper admits exactly what a meter would, without the
+//! spacing; `remaining`, the limiter's own; and `reset_at`, when allowed the time the limiter
+//! is back to full capacity (bucket full or empty, the log's newest entry out of the window),
+//! when denied the time the same cost fits again, until which the edge caches the denial. A
+//! cost that can never fit (above the capacity) reopens at once: no wait helps it, and a
+//! smaller one must not be refused meanwhile.
 
 use std::{
     collections::HashMap,
@@ -28,7 +43,7 @@ use std::{
 
 use shared::{
     Clock, LimitId, Nanos, RuleSet,
-    algorithm::Limiter,
+    algorithm::{Limiter, Outcome, Verdict},
     quota::{DEFAULT_THRESHOLD, EdgeId, Threshold, carry_weight_ppm},
     wire::{
         AckEntry, Acquire, AcquireReply, CheckOutcome, HotKey, MAX_KEYS_PER_BATCH, SyncAck,
@@ -36,7 +51,10 @@ use shared::{
     },
 };
 
-use crate::store::{Bounds, ExactOp, LedgerKey, Refund, Store, StoreError, SyncOp};
+use crate::store::{
+    Bounds, ExactOp, ExactReply, LedgerKey, Refund, StateKey, StateLimiter, StateOp, StateRefund,
+    StateReply, Store, StoreError, SyncOp,
+};
 
 /// How the regional decides, apart from its rules.
 #[derive(Clone, Debug)]
@@ -78,7 +96,9 @@ pub struct RegionalStats {
     pub skewed: AtomicU64,
     /// Entries or checks naming a limit the rules do not have.
     pub unknown_limit: AtomicU64,
-    /// Checks on an algorithm the store does not keep yet (denied).
+    /// Sync entries for an algorithm without ledgers (the edge sends those keys down the
+    /// exact path), and checks on a limiter whose span is beyond
+    /// [`MAX_SPAN`](crate::store::MAX_SPAN) (denied).
     pub unsupported: AtomicU64,
     /// Store calls that failed.
     pub store_errors: AtomicU64,
@@ -100,6 +120,54 @@ pub struct Regional {
 struct Replies {
     by_request: HashMap<(EdgeId, u64), (Nanos, AcquireReply)>,
     oldest: Nanos,
+}
+
+/// An exact request's checks as store operations.
+struct Plan {
+    /// The window checks, on ledgers.
+    exact: Vec<ExactOp>,
+    /// Per ledger op: the end of the window it is decided in, and whether that is the window
+    /// the edge named.
+    windows: Vec<(Nanos, bool)>,
+    /// The token bucket, leaky bucket and sliding log checks, on limiter states.
+    state: Vec<StateOp>,
+    /// Per check of the request, in order: the op that answers it.
+    order: Vec<Op>,
+}
+
+/// Which op of a [`Plan`] answers a check.
+#[derive(Clone, Copy)]
+enum Op {
+    /// `Plan::exact[i]`.
+    Ledger(usize),
+    /// `Plan::state[i]`.
+    State(usize),
+}
+
+/// A store's replies, checked to be one per op (the outcomes are matched by position).
+fn answers_every_op<T>(what: &str, replies: Vec<T>, ops: usize) -> Result<Vec<T>, StoreError> {
+    if replies.len() == ops {
+        return Ok(replies);
+    }
+    Err(StoreError::Permanent(format!(
+        "{what}: {ops} ops answered with {} replies",
+        replies.len()
+    )))
+}
+
+/// A limiter's answer as the edge reads it (the module doc says what it learns).
+fn state_outcome(o: &Outcome, now: Nanos) -> CheckOutcome {
+    let reset_at = match o.verdict {
+        Verdict::Allow | Verdict::Delay { .. } => o.reset_at,
+        Verdict::Deny => now + o.retry_after,
+        Verdict::InsufficientCapacity => now,
+    };
+    CheckOutcome {
+        allowed: o.is_allowed(),
+        remaining: o.remaining,
+        reset_at,
+        granted: 0,
+    }
 }
 
 /// A window limit as the ledgers see it.
@@ -275,19 +343,127 @@ impl Regional {
             self.stats.replayed.fetch_add(1, Ordering::Relaxed);
             return Ok(reply);
         }
+        let plan = match self.plan(request, now) {
+            Ok(plan) => plan,
+            Err(denied) => return Ok(denied),
+        };
+        let (exact, state) = self.decide(edge, now, &plan).await?;
+        let allowed =
+            exact.iter().all(|r| r.allowed) && state.iter().all(|r| r.outcome.is_allowed());
+        if !allowed {
+            self.refund(now, &plan, &exact, &state).await;
+            self.stats.denied.fetch_add(1, Ordering::Relaxed);
+        }
+        self.stats.exact.fetch_add(1, Ordering::Relaxed);
+        let outcomes = plan
+            .order
+            .iter()
+            .map(|&op| match op {
+                Op::Ledger(i) => self.ledger_outcome(&exact[i], plan.windows[i], now),
+                Op::State(i) => state_outcome(&state[i].outcome, now),
+            })
+            .collect();
+        let reply = AcquireReply::from_checks(request.request_id, now, outcomes);
+        self.remember(edge, now, &reply);
+        Ok(reply)
+    }
+
+    /// Runs `plan`'s ops: its ledger ops and its limiter-state ops are separate store calls
+    /// (separate scripts), made at once so a mixed request waits for one round trip, not two.
+    /// When either call fails the request fails whole, and what the other admitted is taken
+    /// back.
+    async fn decide(
+        &self,
+        edge: EdgeId,
+        now: Nanos,
+        plan: &Plan,
+    ) -> Result<(Vec<ExactReply>, Vec<StateReply>), StoreError> {
+        let (exact, state) = futures_util::future::join(
+            async {
+                if plan.exact.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let replies = self.store.exact(edge, now, &plan.exact).await?;
+                answers_every_op("exact", replies, plan.exact.len())
+            },
+            async {
+                if plan.state.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let replies = self.store.acquire_state(now, &plan.state).await?;
+                answers_every_op("limiter state", replies, plan.state.len())
+            },
+        )
+        .await;
+        match (exact, state) {
+            (Ok(exact), Ok(state)) => Ok((exact, state)),
+            (Err(e), state) => {
+                self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                self.refund(now, plan, &[], state.as_deref().unwrap_or_default())
+                    .await;
+                Err(e)
+            }
+            (Ok(exact), Err(e)) => {
+                self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                self.refund(now, plan, &exact, &[]).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// A ledger's answer as the edge reads it: a denial that only grants held elsewhere caused
+    /// reopens after [`RegionalConfig::hold`], any other at the window's end.
+    fn ledger_outcome(
+        &self,
+        r: &ExactReply,
+        (end, same): (Nanos, bool),
+        now: Nanos,
+    ) -> CheckOutcome {
+        CheckOutcome {
+            allowed: r.allowed,
+            remaining: r.remaining,
+            reset_at: if r.allowed || !r.held {
+                end
+            } else {
+                (now + self.config.hold).min(end)
+            },
+            // 0 never lowers the edge's ceiling (it keeps the larger).
+            granted: if same { r.granted } else { 0 },
+        }
+    }
+
+    /// The store operations for `request`'s checks, decided at `now`; or, when a check names
+    /// a limit the rules do not have or one no store can keep, the denial of all of it.
+    fn plan(&self, request: &Acquire, now: Nanos) -> Result<Plan, AcquireReply> {
         let rules = self.rules();
         let n = self.edges();
-        let mut ops = Vec::with_capacity(request.checks.len());
-        let mut ends = Vec::with_capacity(request.checks.len());
-        let mut same_window = Vec::with_capacity(request.checks.len());
+        let mut plan = Plan {
+            exact: Vec::with_capacity(request.checks.len()),
+            windows: Vec::with_capacity(request.checks.len()),
+            state: Vec::new(),
+            order: Vec::with_capacity(request.checks.len()),
+        };
         for c in &request.checks {
             let Some((_, limit)) = rules.limit(c.limit) else {
                 self.stats.unknown_limit.fetch_add(1, Ordering::Relaxed);
-                return Ok(AcquireReply::deny_all(request.request_id, now));
+                return Err(AcquireReply::deny_all(request.request_id, now));
             };
+            if let Some(state) = StateLimiter::new(limit.limiter()) {
+                plan.order.push(Op::State(plan.state.len()));
+                plan.state.push(StateOp {
+                    at: StateKey {
+                        limit: c.limit,
+                        key: c.key.clone(),
+                    },
+                    limiter: state,
+                    cost: c.cost,
+                });
+                continue;
+            }
             let Some(w) = window_of(limit.limiter()) else {
+                // A bucket or log whose span is beyond what a store keeps exactly.
                 self.stats.unsupported.fetch_add(1, Ordering::Relaxed);
-                return Ok(AcquireReply::deny_all(request.request_id, now));
+                return Err(AcquireReply::deny_all(request.request_id, now));
             };
             let current = now.as_u64() / w.length.as_u64();
             if c.window.abs_diff(current) > 1 {
@@ -299,12 +475,13 @@ impl Regional {
             } else {
                 0
             };
-            ends.push(Nanos((current + 1).saturating_mul(w.length.as_u64())));
             // The edge applies the answer's ceiling to the window it named; a grant minted in
             // another window (clocks a boundary apart) would be spent against a ledger that
-            // does not reserve it. So none is minted, and none reported (see below).
-            same_window.push(c.window == current);
-            ops.push(ExactOp {
+            // does not reserve it. So none is minted, and none reported.
+            let end = Nanos((current + 1).saturating_mul(w.length.as_u64()));
+            plan.windows.push((end, c.window == current));
+            plan.order.push(Op::Ledger(plan.exact.len()));
+            plan.exact.push(ExactOp {
                 at: LedgerKey {
                     limit: c.limit,
                     key: c.key.clone(),
@@ -316,50 +493,49 @@ impl Regional {
                 expire_at: expiry(current, w.length),
             });
         }
-        let replies = self.store.exact(edge, now, &ops).await.inspect_err(|_| {
-            self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
-        })?;
-        let allowed = replies.iter().all(|r| r.allowed);
-        if !allowed {
-            let refunds: Vec<Refund> = ops
-                .iter()
-                .zip(&replies)
-                .filter(|(_, r)| r.allowed)
-                .map(|(op, _)| Refund {
-                    at: op.at.clone(),
-                    cost: op.cost,
-                })
-                .collect();
-            if !refunds.is_empty() {
-                // A failed refund leaves the request's other limits charged for a request
-                // that was denied: a false denial later, never an overshoot.
-                if let Err(e) = self.store.refund(&refunds).await {
-                    self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error = %e, "refund after a denied exact request failed");
-                }
-            }
-            self.stats.denied.fetch_add(1, Ordering::Relaxed);
-        }
-        self.stats.exact.fetch_add(1, Ordering::Relaxed);
-        let outcomes = replies
+        Ok(plan)
+    }
+
+    /// Takes back what `plan`'s ops consumed where their replies allowed: a request another
+    /// of its limits denied consumes from none.
+    async fn refund(&self, now: Nanos, plan: &Plan, exact: &[ExactReply], state: &[StateReply]) {
+        let ledgers: Vec<Refund> = plan
+            .exact
             .iter()
-            .zip(ends)
-            .zip(same_window)
-            .map(|((r, end), same)| CheckOutcome {
-                allowed: r.allowed,
-                remaining: r.remaining,
-                reset_at: if r.allowed || !r.held {
-                    end
-                } else {
-                    (now + self.config.hold).min(end)
-                },
-                // 0 never lowers the edge's ceiling (it keeps the larger).
-                granted: if same { r.granted } else { 0 },
+            .zip(exact)
+            .filter(|(_, r)| r.allowed)
+            .map(|(op, _)| Refund {
+                at: op.at.clone(),
+                cost: op.cost,
             })
             .collect();
-        let reply = AcquireReply::from_checks(request.request_id, now, outcomes);
-        self.remember(edge, now, &reply);
-        Ok(reply)
+        let states: Vec<StateRefund> = plan
+            .state
+            .iter()
+            .zip(state)
+            .filter_map(|(op, r)| op.refund(r))
+            .collect();
+        let (ledgers, states) = futures_util::future::join(
+            async {
+                if ledgers.is_empty() {
+                    return Ok(());
+                }
+                self.store.refund(&ledgers).await
+            },
+            async {
+                if states.is_empty() {
+                    return Ok(());
+                }
+                self.store.refund_state(now, &states).await
+            },
+        )
+        .await;
+        // A failed refund leaves the request's other limits charged for a request that was
+        // denied: a false denial later, never an overshoot.
+        for e in [ledgers.err(), states.err()].into_iter().flatten() {
+            self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %e, "refund after a denied exact request failed");
+        }
     }
 
     fn replayed(&self, edge: EdgeId, request_id: u64, now: Nanos) -> Option<AcquireReply> {

@@ -204,3 +204,114 @@ async fn redis_killed_mid_load_then_back_counts_everything_once() {
     );
     assert_eq!(after.edges, before.edges);
 }
+
+/// A token bucket and a sliding log used in Redis, then more in memory while Redis is down:
+/// after recovery Redis holds the bucket's fuller side (memory's) and the union of the two
+/// logs, so neither key admits what it would have without the write-back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limiter_states_decided_in_memory_are_written_back() {
+    const STATE_RULES: &str = "\
+rate_limits:
+  endpoints:
+    - { id: tb, path: /t, algorithm: token_bucket, rate: 10/h, burst: 10, key: user_id }
+    - { id: log, path: /l, algorithm: sliding_log, limit: 10, window: 1h, key: user_id }
+";
+    let mut server = RedisServer::start_durable();
+    let clock = ManualClock::new(T0);
+    let redis = RedisStore::connect(
+        &RedisTopology::Single(server.url()),
+        Duration::from_millis(200),
+    )
+    .await
+    .unwrap();
+    let config = BreakerConfig {
+        failures: 1,
+        cooldown: Duration::from_secs(60),
+        timeout: Duration::from_millis(200),
+    };
+    let guarded = Arc::new(GuardedStore::new(
+        Arc::new(redis.clone()),
+        config,
+        Arc::new(clock.clone()),
+        "regional-test",
+    ));
+    let rules = RuleSet::from_yaml("rules.yaml", STATE_RULES).unwrap();
+    let [tb, log] = ["tb", "log"].map(|id| rules.rule(id).unwrap().limits()[0].id());
+    let regional = Regional::new(
+        RegionalConfig::default(),
+        rules,
+        guarded.clone(),
+        Arc::new(clock.clone()),
+    );
+    let request_id = std::sync::atomic::AtomicU64::new(0);
+    // `times` requests of cost 2 on `limit` for `key`: how many were admitted.
+    let admit = async |limit, key: &str, times| {
+        let mut admitted = 0;
+        for _ in 0..times {
+            let request = Acquire {
+                request_id: request_id.fetch_add(1, Ordering::Relaxed),
+                checks: vec![Check {
+                    limit,
+                    key: key.into(),
+                    window: 0,
+                    cost: NonZeroU32::new(2).unwrap(),
+                    want: 0,
+                }],
+            };
+            if let Ok(reply) = regional.acquire(EdgeId(9), &request).await {
+                admitted += u32::from(reply.allowed);
+            }
+        }
+        admitted
+    };
+
+    // 2 of 10 used on each key in Redis.
+    assert_eq!(
+        (
+            admit(tb, "u:alice", 1).await,
+            admit(log, "u:alice", 1).await
+        ),
+        (1, 1)
+    );
+    // Redis dies: the next call fails and opens the breaker; 6 more of each in memory (which
+    // starts from fresh: it cannot know Redis's 2).
+    server.kill();
+    assert_eq!(admit(tb, "u:alice", 1).await, 0);
+    assert_eq!(guarded.state(), BreakerState::Open);
+    assert_eq!(
+        (
+            admit(tb, "u:alice", 3).await,
+            admit(log, "u:alice", 3).await
+        ),
+        (3, 3)
+    );
+
+    // Back, a minute or so later (nothing here refills by a unit in less than 6 minutes): a
+    // call on another key starts the probe, which writes memory back.
+    server.restart();
+    'probing: for _ in 0..5 {
+        clock.advance(Nanos::from_secs(61));
+        admit(tb, "u:probe", 1).await;
+        for _ in 0..100 {
+            match guarded.state() {
+                BreakerState::Closed => break 'probing,
+                BreakerState::Open => break,
+                BreakerState::HalfOpen => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+    assert_eq!(guarded.state(), BreakerState::Closed);
+    // The bucket: the fuller side, 6 used, so 4 left: two requests of 2. The log: both
+    // sides' entries, 8 used, so 2 left: one request. (Without the write-back, Redis's 2 used
+    // on each would let all three through.)
+    assert_eq!(
+        admit(tb, "u:alice", 3).await,
+        2,
+        "token bucket after the write-back"
+    );
+    assert_eq!(
+        admit(log, "u:alice", 3).await,
+        1,
+        "sliding log after the write-back"
+    );
+}

@@ -5,5 +5,6 @@ mod binary;
 mod breaker;
 mod quic;
 mod regional;
+mod state;
 mod store;
 mod support;

@@ -7,7 +7,7 @@ use std::{num::NonZeroU32, sync::Arc, time::Duration};
 use edge_agent::{Agent, AgentConfig, Request, Upstream, UpstreamError, UpstreamFuture};
 use regional_aggregator::{
     Regional, RegionalConfig,
-    store::{LedgerKey, RedisStore, RedisTopology},
+    store::{LedgerKey, MemoryStore, RedisStore, RedisTopology, Store},
 };
 use shared::{
     Clock, ManualClock, Nanos, RuleSet,
@@ -28,6 +28,10 @@ rate_limits:
     - { id: a, path: /a, limit: 10, window: 1m, key: user_id }
     - { id: b, path: /b, limit: 2, window: 1m, key: user_id }
     - { id: c, path: /c, limit: 10, window: 1m, key: user_id, algorithm: fixed_window }
+    - { id: tb, path: /t, algorithm: token_bucket, rate: 2/m, burst: 2, key: user_id }
+    - { id: shaper, path: /s, algorithm: leaky_bucket, mode: shaper, rate: 1/s, burst: 2 }
+    - { id: log, path: /l, algorithm: sliding_log, limit: 2, window: 1m, key: user_id }
+    - { id: slow, path: /slow, algorithm: token_bucket, rate: 1/60d, burst: 1, key: user_id }
 ";
 
 fn rules() -> RuleSet {
@@ -44,6 +48,15 @@ async fn redis_regional(server: &RedisServer, clock: &ManualClock) -> Arc<Region
         Arc::new(store),
         Arc::new(clock.clone()),
     ))
+}
+
+fn regional_on(store: Arc<dyn Store>, clock: &ManualClock) -> Regional {
+    Regional::new(
+        RegionalConfig::default(),
+        rules(),
+        store,
+        Arc::new(clock.clone()),
+    )
 }
 
 fn limit(rules: &RuleSet, id: &str) -> shared::LimitId {
@@ -107,6 +120,213 @@ async fn a_request_consumes_from_all_its_limits_or_none() {
         .unwrap()
         .unwrap_or_default();
     assert_eq!(view.exact, 2);
+}
+
+/// What limit `id` consumed from `key`'s ledger in the current window.
+async fn exact_used(regional: &Regional, id: &str, key: &str) -> u64 {
+    let at = LedgerKey {
+        limit: limit(&regional.rules(), id),
+        key: key.into(),
+        window: T0.as_u64() / 60_000_000_000,
+    };
+    let view = regional
+        .store()
+        .ledger(&at)
+        .await
+        .expect("the store answers");
+    view.unwrap_or_default().exact
+}
+
+fn acquire(request_id: u64, checks: Vec<Check>) -> Acquire {
+    Acquire { request_id, checks }
+}
+
+fn for_key(mut check: Check, key: &str) -> Check {
+    check.key = key.into();
+    check
+}
+
+/// A request on a window limit and a token bucket: when the bucket denies, the window's
+/// ledger keeps nothing of it; when the window denies, the bucket keeps nothing of it. On
+/// memory and on Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_and_a_token_bucket_consume_together_or_not_at_all() {
+    let server = RedisServer::start();
+    let redis = RedisStore::connect(&RedisTopology::Single(server.url()), Duration::from_secs(2))
+        .await
+        .unwrap();
+    let stores: [Arc<dyn Store>; 2] = [Arc::new(MemoryStore::new()), Arc::new(redis)];
+    for store in stores {
+        let clock = ManualClock::new(T0);
+        let regional = regional_on(store, &clock);
+        let rules = regional.rules();
+        let (a, b, tb) = (
+            check(&rules, "a", 3),
+            check(&rules, "b", 3),
+            check(&rules, "tb", 2),
+        );
+
+        // The bucket denies (emptied first): limit a keeps nothing of the request.
+        assert!(
+            regional
+                .acquire(EdgeId(1), &acquire(1, vec![tb.clone()]))
+                .await
+                .unwrap()
+                .allowed
+        );
+        let one = Check {
+            cost: NonZeroU32::MIN,
+            ..tb.clone()
+        };
+        let reply = regional
+            .acquire(EdgeId(1), &acquire(2, vec![a.clone(), one]))
+            .await
+            .unwrap();
+        assert!(!reply.allowed);
+        assert!(reply.checks[0].allowed && !reply.checks[1].allowed);
+        // 2 per minute: the next token is back in 30 s, and that is when the edge may retry.
+        assert_eq!(reply.checks[1].reset_at, T0 + Nanos::from_secs(30));
+        assert_eq!(reply.retry_after, Nanos::from_secs(30));
+        assert_eq!(
+            exact_used(&regional, "a", "u:alice").await,
+            0,
+            "a was given back"
+        );
+
+        // The window denies (b is 2 per minute): bob's bucket keeps nothing of the request,
+        // so his whole burst is still there, and no more.
+        let reply = regional
+            .acquire(
+                EdgeId(1),
+                &acquire(
+                    3,
+                    vec![for_key(b.clone(), "u:bob"), for_key(tb.clone(), "u:bob")],
+                ),
+            )
+            .await
+            .unwrap();
+        assert!(!reply.allowed);
+        assert!(!reply.checks[0].allowed && reply.checks[1].allowed);
+        let reply = regional
+            .acquire(EdgeId(1), &acquire(4, vec![for_key(tb.clone(), "u:bob")]))
+            .await
+            .unwrap();
+        assert!(reply.allowed, "bob's burst of 2 is whole");
+        assert_eq!(reply.checks[0].remaining, 0);
+        assert_eq!(reply.checks[0].granted, 0, "no grants for bucket keys");
+        assert_eq!(
+            reply.reset_at,
+            T0 + Nanos::from_secs(60),
+            "full again in a minute"
+        );
+        let one_more = for_key(
+            Check {
+                cost: NonZeroU32::MIN,
+                ..tb.clone()
+            },
+            "u:bob",
+        );
+        assert!(
+            !regional
+                .acquire(EdgeId(1), &acquire(5, vec![one_more]))
+                .await
+                .unwrap()
+                .allowed
+        );
+
+        // Both allow: both consume.
+        let carol = |c: &Check, cost| {
+            for_key(
+                Check {
+                    cost: NonZeroU32::new(cost).unwrap(),
+                    ..c.clone()
+                },
+                "u:carol",
+            )
+        };
+        let reply = regional
+            .acquire(EdgeId(1), &acquire(6, vec![carol(&a, 4), carol(&tb, 1)]))
+            .await
+            .unwrap();
+        assert!(reply.allowed);
+        assert_eq!(exact_used(&regional, "a", "u:carol").await, 4);
+        assert_eq!(reply.checks[1].remaining, 1);
+    }
+}
+
+/// What the edge learns from a limiter's check: a shaper's delay is allowed; a denial says
+/// when the cost fits again; a cost above the capacity reopens at once; a log denies the third
+/// of two per minute; a bucket whose refill takes longer than a store keeps exactly is denied
+/// and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limiter_checks_tell_the_edge_what_it_may_do() {
+    let clock = ManualClock::new(T0);
+    let regional = regional_on(Arc::new(MemoryStore::new()), &clock);
+    let rules = regional.rules();
+    let shaper = |id| acquire(id, vec![check(&rules, "shaper", 1)]);
+    let first = regional.acquire(EdgeId(1), &shaper(1)).await.unwrap();
+    let queued = regional.acquire(EdgeId(1), &shaper(2)).await.unwrap();
+    assert!(
+        first.allowed && queued.allowed,
+        "the second goes after 1 s: allowed"
+    );
+    assert_eq!(queued.checks[0].remaining, 0);
+    assert_eq!(
+        queued.reset_at,
+        T0 + Nanos::from_secs(2),
+        "the bucket is empty then"
+    );
+    let full = regional.acquire(EdgeId(1), &shaper(3)).await.unwrap();
+    assert!(!full.allowed);
+    assert_eq!(full.retry_after, Nanos::from_secs(1));
+
+    let too_big = acquire(4, vec![check(&rules, "tb", 3)]);
+    let reply = regional.acquire(EdgeId(1), &too_big).await.unwrap();
+    assert!(!reply.allowed);
+    assert_eq!(
+        reply.retry_after,
+        Nanos::ZERO,
+        "no wait helps a cost of 3 on a burst of 2"
+    );
+    assert!(
+        regional
+            .acquire(EdgeId(1), &acquire(5, vec![check(&rules, "tb", 2)]))
+            .await
+            .unwrap()
+            .allowed
+    );
+
+    for id in 6..8 {
+        clock.advance(Nanos::from_secs(1));
+        let reply = regional
+            .acquire(EdgeId(1), &acquire(id, vec![check(&rules, "log", 1)]))
+            .await
+            .unwrap();
+        assert!(reply.allowed);
+    }
+    let third = regional
+        .acquire(EdgeId(1), &acquire(8, vec![check(&rules, "log", 1)]))
+        .await
+        .unwrap();
+    assert!(!third.allowed);
+    assert_eq!(
+        third.retry_after,
+        Nanos::from_secs(59),
+        "the first entry leaves at T0 + 61 s"
+    );
+
+    let slow = regional
+        .acquire(EdgeId(1), &acquire(9, vec![check(&rules, "slow", 1)]))
+        .await
+        .unwrap();
+    assert!(!slow.allowed);
+    assert_eq!(
+        regional
+            .stats()
+            .unsupported
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

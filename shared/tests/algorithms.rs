@@ -13,6 +13,9 @@
 //! - at `reset_at` the limiter reports its whole limit as remaining;
 //! - a cost above the limit is [`Verdict::InsufficientCapacity`], and only that.
 //!
+//! A refund (token bucket, leaky bucket, sliding log) right after the acquire it takes back
+//! leaves a state that every later check reads exactly as the state before the acquire.
+//!
 //! Runs mix gaps of zero, a few nanoseconds, about one window, several windows and fractions of
 //! a window, so edges, rollovers and refills all happen; costs go up to `limit + 2`.
 
@@ -227,6 +230,45 @@ fn full_again_at_reset<A: Algorithm>(
     Ok(())
 }
 
+/// At every step of `steps`, acquires on a copy of the state and refunds at once when
+/// allowed: from then on, checks at a spread of later times and costs answer the same on that
+/// copy as on the state before the acquire. The run itself goes on with plain acquires.
+fn refund_undoes_the_acquire<A: Algorithm>(
+    algorithm: &A,
+    refund: impl Fn(&mut A::State, Nanos, &Outcome, NonZeroU32),
+    scale: u64,
+    start: u64,
+    steps: &[(Gap, u32)],
+) -> Result<(), TestCaseError> {
+    let mut state = A::State::default();
+    let mut now = start;
+    for &(gap, cost) in steps {
+        now += gap.nanos(scale);
+        let (at, cost) = (Nanos(now), NonZeroU32::new(cost).expect("costs start at 1"));
+        let mut refunded = state.clone();
+        let outcome = algorithm.acquire(&mut refunded, at, cost);
+        if outcome.is_allowed() {
+            refund(&mut refunded, at, &outcome, cost);
+        }
+        for offset in [0, 1, scale / 2, scale - 1, scale, scale + 1, 3 * scale] {
+            for probe in [1, cost.get(), cost.get() + 1] {
+                let (t, c) = (at + Nanos(offset), NonZeroU32::new(probe).expect("≥ 1"));
+                prop_assert_eq!(
+                    algorithm.check(&refunded, t, c),
+                    algorithm.check(&state, t, c),
+                    "refund of {} at {} read differently at {} for {}",
+                    cost,
+                    now,
+                    t.as_u64(),
+                    probe
+                );
+            }
+        }
+        algorithm.acquire(&mut state, at, cost);
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(config())]
 
@@ -277,6 +319,33 @@ proptest! {
         let reference =
             Reference::new(Model::LeakyBucket { interval, capacity, shaper: true });
         run(&algorithm, &Limiter::LeakyBucket(algorithm), reference, start, &steps)?;
+    }
+
+    #[test]
+    fn gcra_refund_undoes_the_acquire((limit, period, burst, start, steps) in bucket()) {
+        let g = Gcra::new(nz(limit), Nanos(period), nz(burst)).unwrap();
+        let refund = |s: &mut _, _, o: &Outcome, c| g.refund(s, o, c);
+        refund_undoes_the_acquire(&g, refund, g.refill_time().as_u64(), start, &steps)?;
+    }
+
+    #[test]
+    fn leaky_refund_undoes_the_acquire(
+        (limit, period, capacity, start, steps) in bucket(),
+        shaper in any::<bool>(),
+    ) {
+        let mode = if shaper { LeakyMode::Shaper } else { LeakyMode::Meter };
+        let b = LeakyBucket::new(nz(limit), Nanos(period), nz(capacity), mode).unwrap();
+        let refund = |s: &mut _, now, o: &Outcome, c| b.refund(s, now, o, c);
+        refund_undoes_the_acquire(&b, refund, b.drain_time().as_u64(), start, &steps)?;
+    }
+
+    #[test]
+    fn sliding_log_refund_undoes_the_acquire((limit, window, start, steps) in windowed()) {
+        let log = SlidingLog::new(nz(limit), Nanos(window)).unwrap();
+        let refund = |s: &mut _, _, o: &Outcome, c| {
+            assert!(log.refund(s, o, c), "the entry just added is there");
+        };
+        refund_undoes_the_acquire(&log, refund, window, start, &steps)?;
     }
 
     /// A clock that jumps about (skewed peers) and consumes without a check (a caller breaking

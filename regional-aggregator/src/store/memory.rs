@@ -1,20 +1,31 @@
-//! The in-memory store: `shared::quota::KeyLedger` in a concurrent map.
+//! The in-memory store: `shared::quota::KeyLedger` and the `shared::algorithm` limiters in
+//! concurrent maps.
 //!
 //! The regional's default when no Redis URL is given (demos, single-node use), the store the
 //! circuit breaker counts in while Redis is away, and the specification the Redis scripts are
-//! tested against: every operation here is the `shared` ledger's own method, nothing more.
+//! tested against: every operation here is the `shared` ledger's or algorithm's own method,
+//! nothing more. Each key's operation runs under its map entry's lock, so it is atomic.
+//!
+//! Ledgers are dropped once their window has passed; limiter states once they are back to a
+//! fresh state's equivalent plus [`STATE_GRACE`]. The sweep, every [`SWEEP_EVERY`] operations,
+//! only bounds memory: an expired ledger found before it starts over (as Redis would have
+//! deleted it), and a fresh-equivalent limiter state answers as a fresh one would.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::{
+    num::NonZeroU32,
+    sync::atomic::{AtomicU64, Ordering},
+};
 
-use dashmap::DashMap;
+use dashmap::{DashMap, mapref::one::RefMut};
 use shared::{
     Nanos,
+    algorithm::{Algorithm, GcraState, LeakyBucketState, LimiterState, SlidingLogState},
     quota::{EdgeCounters, EdgeId, KeyLedger, carried},
 };
 
 use super::{
-    Absorb, ExactOp, ExactReply, LedgerKey, LedgerView, Refund, Store, StoreFuture, SyncOp,
-    SyncReply,
+    Absorb, ExactOp, ExactReply, LedgerKey, LedgerView, Refund, STATE_GRACE, StateAbsorb, StateKey,
+    StateLimiter, StateOp, StateRefund, StateReply, Store, StoreFuture, SyncOp, SyncReply,
 };
 
 /// How many operations pass between two sweeps of expired ledgers.
@@ -24,6 +35,7 @@ const SWEEP_EVERY: u64 = 4096;
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     ledgers: DashMap<LedgerKey, Entry, foldhash::fast::RandomState>,
+    states: DashMap<StateKey, StateEntry, foldhash::fast::RandomState>,
     ops: AtomicU64,
 }
 
@@ -33,6 +45,17 @@ struct Entry {
     expire_at: Nanos,
     /// Exact counts absorbed per tag, so absorbing again adds only what is new.
     absorbed: Vec<(String, u64)>,
+}
+
+/// One limiter state.
+#[derive(Debug)]
+struct StateEntry {
+    /// The limiter it was last run under, for writing it back ([`Store::absorb_state`]).
+    limiter: StateLimiter,
+    state: LimiterState,
+    /// [`STATE_GRACE`] after the latest `reset_at` an admission answered: the state is a
+    /// fresh one's equivalent by then (a refund only brings that time closer).
+    keep_until: Nanos,
 }
 
 impl MemoryStore {
@@ -49,6 +72,25 @@ impl MemoryStore {
     /// Whether no ledger is held.
     pub fn is_empty(&self) -> bool {
         self.ledgers.is_empty()
+    }
+
+    /// How many limiter states are held (expired ones included until the next sweep).
+    pub fn state_count(&self) -> usize {
+        self.states.len()
+    }
+
+    /// Every limiter state not yet back to a fresh one's equivalent, for writing them into
+    /// another store ([`Store::absorb_state`]).
+    pub fn state_snapshot(&self, now: Nanos) -> Vec<StateAbsorb> {
+        self.states
+            .iter()
+            .filter(|e| e.keep_until > now)
+            .map(|e| StateAbsorb {
+                at: e.key().clone(),
+                limiter: e.limiter,
+                state: e.state.clone(),
+            })
+            .collect()
     }
 
     /// Every live ledger, for writing them into another store ([`Store::absorb`]).
@@ -79,11 +121,7 @@ impl MemoryStore {
     }
 
     /// The live entry for `at`: an expired one starts over, as Redis would have deleted it.
-    fn entry(
-        &self,
-        at: &LedgerKey,
-        now: Nanos,
-    ) -> dashmap::mapref::one::RefMut<'_, LedgerKey, Entry> {
+    fn entry(&self, at: &LedgerKey, now: Nanos) -> RefMut<'_, LedgerKey, Entry> {
         // The key is cloned only for a ledger not held yet: most ops find theirs.
         let mut entry = match self.ledgers.get_mut(at) {
             Some(entry) => entry,
@@ -95,10 +133,55 @@ impl MemoryStore {
         entry
     }
 
+    /// `at`'s state entry, a fresh one under `limiter` when there is none.
+    fn state_entry(
+        &self,
+        at: &StateKey,
+        limiter: StateLimiter,
+    ) -> RefMut<'_, StateKey, StateEntry> {
+        // The key is cloned only for a state not held yet: most ops find theirs.
+        match self.states.get_mut(at) {
+            Some(entry) => entry,
+            None => self.states.entry(at.clone()).or_insert_with(|| StateEntry {
+                limiter,
+                state: limiter.limiter().new_state(),
+                keep_until: Nanos::ZERO,
+            }),
+        }
+    }
+
     fn tick(&self, now: Nanos, ops: usize) {
         let before = self.ops.fetch_add(ops as u64, Ordering::Relaxed);
         if before / SWEEP_EVERY != (before + ops as u64) / SWEEP_EVERY {
             self.ledgers.retain(|_, e| e.expire_at > now);
+            self.states.retain(|_, e| e.keep_until > now);
+        }
+    }
+
+    fn acquire_state_one(&self, now: Nanos, op: &StateOp) -> StateReply {
+        let mut entry = self.state_entry(&op.at, op.limiter);
+        entry.limiter = op.limiter;
+        // `shared`'s own acquire; a state of another kind (the rule changed algorithm) is
+        // read as fresh, and replaced when this one consumes.
+        let outcome = op.limiter.limiter().acquire(&mut entry.state, now, op.cost);
+        if outcome.is_allowed() {
+            entry.keep_until = entry.keep_until.max(outcome.reset_at + STATE_GRACE);
+        }
+        StateReply {
+            outcome,
+            receipt: 0,
+        }
+    }
+
+    fn absorb_state_one(&self, now: Nanos, a: &StateAbsorb) {
+        let mut entry = self.state_entry(&a.at, a.limiter);
+        let Some((fresh_at, merged)) = merge(a, &entry.state) else {
+            return;
+        };
+        if fresh_at > now {
+            entry.limiter = a.limiter;
+            entry.state = merged;
+            entry.keep_until = entry.keep_until.max(fresh_at + STATE_GRACE);
         }
     }
 
@@ -230,4 +313,120 @@ impl Store for MemoryStore {
         let view = self.ledgers.get(at).map(|e| view(&e.ledger));
         Box::pin(std::future::ready(Ok(view)))
     }
+
+    fn acquire_state<'a>(
+        &'a self,
+        now: Nanos,
+        ops: &'a [StateOp],
+    ) -> StoreFuture<'a, Vec<StateReply>> {
+        let replies = ops
+            .iter()
+            .map(|op| self.acquire_state_one(now, op))
+            .collect();
+        self.tick(now, ops.len());
+        Box::pin(std::future::ready(Ok(replies)))
+    }
+
+    fn refund_state<'a>(&'a self, now: Nanos, refunds: &'a [StateRefund]) -> StoreFuture<'a, ()> {
+        for r in refunds {
+            // A state that is gone holds nothing of the refunded acquire: as Redis, which
+            // leaves an expired key alone.
+            if let Some(mut entry) = self.states.get_mut(&r.at) {
+                r.limiter.refund(&mut entry.state, now, &r.admitted, r.cost);
+            }
+        }
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn absorb_state<'a>(
+        &'a self,
+        _tag: &'a str,
+        now: Nanos,
+        states: &'a [StateAbsorb],
+    ) -> StoreFuture<'a, ()> {
+        for a in states {
+            self.absorb_state_one(now, a);
+        }
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
+/// `a`'s state merged into `held` (what this store holds for the key), with the time the
+/// result is back to a fresh state's equivalent; `None` when `a`'s state is not of its
+/// limiter's kind. Whatever either side admitted still counts afterwards:
+///
+/// - token bucket: the later TAT;
+/// - leaky bucket: the state that empties later (it holds at least as much at any time after
+///   both were last updated);
+/// - sliding log: the union of the entries. Without Redis's per-entry ids, equal `(time, cost)`
+///   entries are paired off: each appears as often as on the side that has more of it. That
+///   makes a repeated absorb change nothing (and would count two different requests of the
+///   same nanosecond and cost, one on each side, once).
+fn merge(a: &StateAbsorb, held: &LimiterState) -> Option<(Nanos, LimiterState)> {
+    match (a.limiter, &a.state, held) {
+        (StateLimiter::TokenBucket(_), LimiterState::TokenBucket(s), held) => {
+            let tat = match held {
+                LimiterState::TokenBucket(h) => s.tat.max(h.tat),
+                _ => s.tat,
+            };
+            Some((tat, LimiterState::TokenBucket(GcraState { tat })))
+        }
+        (StateLimiter::LeakyBucket(_), LimiterState::LeakyBucket(s), held) => {
+            let empty_at = |s: &LeakyBucketState| s.last + s.level;
+            let fuller = match held {
+                // A tie keeps what is held, as `leaky.lua` does.
+                LimiterState::LeakyBucket(h) if empty_at(h) >= empty_at(s) => *h,
+                _ => *s,
+            };
+            Some((empty_at(&fuller), LimiterState::LeakyBucket(fuller)))
+        }
+        (StateLimiter::SlidingLog(log), LimiterState::SlidingLog(s), held) => {
+            let sorted = |s: &SlidingLogState| {
+                let mut v: Vec<(Nanos, u32)> = s.entries().collect();
+                v.sort_unstable();
+                v
+            };
+            let theirs = sorted(s);
+            let ours = match held {
+                LimiterState::SlidingLog(h) => sorted(h),
+                _ => Vec::new(),
+            };
+            // Rebuilt through `consume`, in time order: the state `shared` would hold.
+            let mut merged = SlidingLogState::default();
+            for (at, cost) in paired_union(&theirs, &ours) {
+                if let Some(cost) = NonZeroU32::new(cost) {
+                    log.consume(&mut merged, at, cost);
+                }
+            }
+            let newest = merged.entries().last().map_or(Nanos::ZERO, |(at, _)| at);
+            Some((newest + log.window(), LimiterState::SlidingLog(merged)))
+        }
+        _ => None,
+    }
+}
+
+/// The union of two sorted lists, an element shared by both kept once per pair.
+fn paired_union<T: Ord + Copy>(a: &[T], b: &[T]) -> Vec<T> {
+    let (mut i, mut j) = (0, 0);
+    let mut out = Vec::with_capacity(a.len().max(b.len()));
+    while i < a.len() && j < b.len() {
+        match a[i].cmp(&b[j]) {
+            std::cmp::Ordering::Less => {
+                out.push(a[i]);
+                i += 1;
+            }
+            std::cmp::Ordering::Greater => {
+                out.push(b[j]);
+                j += 1;
+            }
+            std::cmp::Ordering::Equal => {
+                out.push(a[i]);
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    out.extend_from_slice(&a[i..]);
+    out.extend_from_slice(&b[j..]);
+    out
 }

@@ -1,8 +1,10 @@
-//! Where a region's authoritative counts live: the [`Store`] trait and its two homes.
+//! Where a region's authoritative state lives: the [`Store`] trait and its two homes.
 //!
-//! A store holds one ledger per (limit, key, window): the exact-path count and each edge's
-//! three monotone counters (DESIGN §4). It answers three key operations, each atomic on its
-//! ledger:
+//! A store keeps two kinds of state, each changed only by atomic per-key operations.
+//!
+//! **Ledgers**, for the window algorithms (fixed and sliding window): one per (limit, key,
+//! window), holding the exact-path count and each edge's three monotone counters (DESIGN §4).
+//! Three operations, each atomic on its ledger:
 //!
 //! - [`SyncOp`]: merge an edge's cumulative `used` and `released` by `max`, then mint what the
 //!   edge wants under `T + G ≤ θ·P` ([`shared::quota::KeyLedger::grant`]). Idempotent: a
@@ -11,25 +13,53 @@
 //! - [`Refund`]: give back what an exact op consumed for a request another of its limits
 //!   denied.
 //!
-//! The math is `shared::quota`'s and nothing else: [`MemoryStore`] runs `KeyLedger` itself,
-//! and [`RedisStore`]'s Lua scripts are tested against `MemoryStore` op for op (same inputs,
-//! same answers). A regional builds the ops from a batch (its rules give `P`, θ, `n` and the
-//! sliding window's carry weight) and hands the whole batch to the store at once, so Redis
-//! sees one pipeline per batch (per slot on a cluster).
+//! **Limiter states**, for the algorithms whose state is not a count per window: token bucket
+//! (GCRA's TAT), leaky bucket (level and last leak) and sliding log (the admitted entries). One
+//! per (limit, key), a [`StateKey`]; edges send these keys down the exact path every time (the
+//! log is exact only at one authority, DESIGN §3, and bucket grants are not built), so there
+//! are no edge counters and no grants, only:
 //!
-//! Every ledger carries an expiry, the end of the window after its own (a sliding window
-//! reads the previous window's usage), so memory is bounded by the keys in use.
+//! - [`StateOp`]: `shared::algorithm`'s `acquire` (check, then consume when allowed), answered
+//!   with its [`Outcome`] in a [`StateReply`].
+//! - [`StateRefund`]: take back an allowed [`StateOp`] for a request another of its limits
+//!   denied, as `shared`'s `refund` of each algorithm defines it: exact for the log (that
+//!   request's entry goes), and for the buckets the level moves back by `cost·T`, never below
+//!   where that acquire started, so that with nothing in between it is as if the request had
+//!   never come (the module docs of `shared`'s `gcra.rs` and `leaky_bucket.rs` bound what it is
+//!   off by otherwise).
+//! - [`StateAbsorb`]: write a state decided elsewhere (in memory, while Redis was away) into
+//!   the store, merged so that whatever either side admitted still counts: a token bucket's
+//!   TAT by `max`, a leaky bucket's later emptying time, the union of two logs. Idempotent.
+//!
+//! The math is `shared`'s and nothing else: [`MemoryStore`] runs `KeyLedger` and the
+//! algorithms themselves, and [`RedisStore`]'s Lua scripts are tested against `MemoryStore` and
+//! `shared` op for op (same inputs, same answers). A regional builds the ops from a batch (its
+//! rules give `P`, θ, `n`, the sliding window's carry weight, or the limiter) and hands the
+//! whole batch to the store at once, so Redis sees one pipeline per batch (per slot on a
+//! cluster).
+//!
+//! Everything carries an expiry, so memory is bounded by the keys in use: a ledger lives until
+//! the end of the window after its own (a sliding window reads the previous window's usage),
+//! a limiter state until [`STATE_GRACE`] after the time it is back to a fresh state's
+//! equivalent (bucket full or empty, the log's newest entry out of the window).
 //!
 //! # Numbers
 //!
 //! Counters are exact integers up to [`MAX_COUNT`] (2^40, about 10^12 per window): Lua
 //! computes in doubles, exact below 2^53, and the scripts' products of a count and a weight in
 //! parts per million must stay below that. The regional clamps partitions to it.
+//!
+//! Limiter states hold nanosecond times. A store accepts a limiter whose span (a bucket's
+//! `B·T` or `C·T`, a log's window) is at most [`MAX_SPAN`], 2^52 ns (52 days), so that every
+//! value the scripts compute from times stays an exact double; see the Redis store's module
+//! doc for how times cross into Lua. [`StateLimiter::new`] refuses the rest, and the regional
+//! denies checks on such a limiter and counts them.
 
-use std::{future::Future, pin::Pin};
+use std::{future::Future, num::NonZeroU32, pin::Pin};
 
 use shared::{
     LimitId, Nanos,
+    algorithm::{Gcra, LeakyBucket, Limiter, LimiterState, Outcome, SlidingLog},
     quota::{Budget, EdgeCounters, EdgeId, Threshold},
 };
 use thiserror::Error;
@@ -44,6 +74,21 @@ pub use self::{
 
 /// The largest count a store keeps exactly, and so the largest partition a regional uses.
 pub const MAX_COUNT: u64 = 1 << 40;
+
+/// The longest span of a limiter whose state a store keeps: 2^52 ns, about 52 days.
+///
+/// Redis computes in doubles, exact for integers up to 2^53. The scripts work with times
+/// relative to `now`, and every value they form (a relative time, plus at most one span) stays
+/// within 2^53 when spans are at most 2^52.
+pub const MAX_SPAN: Nanos = Nanos(1 << 52);
+
+/// How long a limiter state is kept after the time it is back to a fresh state's equivalent.
+///
+/// Deleting it exactly then would be enough for one clock. But the regional replicas that
+/// share a Redis each bring their own clock, and a Redis TTL runs on Redis's: a replica whose
+/// clock is behind must still find the state another one wrote. Ten seconds covers any
+/// reasonable skew, for the memory of ten seconds of idle keys.
+pub const STATE_GRACE: Nanos = Nanos::from_secs(10);
 
 /// A store call in flight. Boxed so `Arc<dyn Store>` works: one virtual call per batch.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
@@ -82,6 +127,29 @@ pub trait Store: Send + Sync + 'static {
     /// Reads one ledger as it is now (debugging, tests, recovery); `None` when it does not
     /// exist or has expired.
     fn ledger<'a>(&'a self, at: &'a LedgerKey) -> StoreFuture<'a, Option<LedgerView>>;
+
+    /// Runs each op's limiter on its state (check, then consume when allowed), an answer per
+    /// op in order. Each op decides alone; all-or-nothing across a request's limits is the
+    /// caller's, by [`refund_state`](Store::refund_state)ing what passed when one did not.
+    fn acquire_state<'a>(
+        &'a self,
+        now: Nanos,
+        ops: &'a [StateOp],
+    ) -> StoreFuture<'a, Vec<StateReply>>;
+
+    /// Takes back allowed [`StateOp`]s, at `now` (the leaky bucket leaks up to it first). Each
+    /// refund is applied once; a state that has expired meanwhile is left alone.
+    fn refund_state<'a>(&'a self, now: Nanos, refunds: &'a [StateRefund]) -> StoreFuture<'a, ()>;
+
+    /// Merges limiter states decided elsewhere into this store, idempotently (see the module
+    /// doc); `tag` names where they were decided, so a log's entries are added once however
+    /// often the same states are written. The circuit breaker writes back this way.
+    fn absorb_state<'a>(
+        &'a self,
+        tag: &'a str,
+        now: Nanos,
+        states: &'a [StateAbsorb],
+    ) -> StoreFuture<'a, ()>;
 }
 
 /// Which ledger: one limit, one key, one window.
@@ -255,6 +323,143 @@ impl LedgerView {
             .iter()
             .fold(self.exact, |t, (_, c)| t.saturating_add(c.used))
     }
+}
+
+/// Which limiter state: one limit, one key (no window: the state spans them).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StateKey {
+    /// The limit.
+    pub limit: LimitId,
+    /// The key the limit counts (as the edge put it on the wire).
+    pub key: String,
+}
+
+/// A limiter whose whole state a store keeps (the algorithms that are not window ledgers),
+/// with a span a store can keep exactly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateLimiter {
+    /// Token bucket as GCRA.
+    TokenBucket(Gcra),
+    /// Leaky bucket, meter or shaper.
+    LeakyBucket(LeakyBucket),
+    /// Sliding window log.
+    SlidingLog(SlidingLog),
+}
+
+impl StateLimiter {
+    /// `limiter` as a store keeps it; `None` for a window algorithm (kept in ledgers) and for a
+    /// limiter whose span is beyond [`MAX_SPAN`] (or a log whose limit is beyond
+    /// [`MAX_COUNT`]), which no store can keep exactly.
+    pub fn new(limiter: &Limiter) -> Option<StateLimiter> {
+        let (kept, span) = match *limiter {
+            Limiter::TokenBucket(g) => (StateLimiter::TokenBucket(g), g.refill_time()),
+            Limiter::LeakyBucket(b) => (StateLimiter::LeakyBucket(b), b.drain_time()),
+            Limiter::SlidingLog(l) if l.limit().get() <= MAX_COUNT => {
+                (StateLimiter::SlidingLog(l), l.window())
+            }
+            Limiter::SlidingLog(_) | Limiter::FixedWindow(_) | Limiter::SlidingWindow(_) => {
+                return None;
+            }
+        };
+        (span <= MAX_SPAN).then_some(kept)
+    }
+
+    /// The same limiter as `shared` names it.
+    pub fn limiter(&self) -> Limiter {
+        match *self {
+            StateLimiter::TokenBucket(g) => Limiter::TokenBucket(g),
+            StateLimiter::LeakyBucket(b) => Limiter::LeakyBucket(b),
+            StateLimiter::SlidingLog(l) => Limiter::SlidingLog(l),
+        }
+    }
+
+    /// Takes back what an allowed acquire of `cost`, answered `admitted`, consumed from
+    /// `state`, at `now`: `shared`'s refund of this algorithm. A state of another kind (the
+    /// rule changed algorithm since) holds nothing of that acquire and is left alone.
+    pub fn refund(
+        &self,
+        state: &mut LimiterState,
+        now: Nanos,
+        admitted: &Outcome,
+        cost: NonZeroU32,
+    ) {
+        match (self, state) {
+            (StateLimiter::TokenBucket(g), LimiterState::TokenBucket(s)) => {
+                g.refund(s, admitted, cost);
+            }
+            (StateLimiter::LeakyBucket(b), LimiterState::LeakyBucket(s)) => {
+                b.refund(s, now, admitted, cost);
+            }
+            (StateLimiter::SlidingLog(l), LimiterState::SlidingLog(s)) => {
+                l.refund(s, admitted, cost);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Run a limiter on one key's state: check `cost` at the call's `now`, consume it if allowed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateOp {
+    /// The state.
+    pub at: StateKey,
+    /// The limiter, as the rules say now.
+    pub limiter: StateLimiter,
+    /// What the request costs here.
+    pub cost: NonZeroU32,
+}
+
+impl StateOp {
+    /// What takes this op back, given its reply; `None` when the reply did not admit (nothing
+    /// was consumed).
+    pub fn refund(&self, reply: &StateReply) -> Option<StateRefund> {
+        reply.outcome.is_allowed().then(|| StateRefund {
+            at: self.at.clone(),
+            limiter: self.limiter,
+            cost: self.cost,
+            admitted: reply.outcome,
+            receipt: reply.receipt,
+        })
+    }
+}
+
+/// The answer to a [`StateOp`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateReply {
+    /// The limiter's answer, exactly as `shared::algorithm` gives it. A shaper's
+    /// [`Verdict::Delay`](shared::algorithm::Verdict::Delay) is allowed: its cost is consumed.
+    pub outcome: Outcome,
+    /// What names the consumption for a refund beyond the outcome: on Redis, the id of the
+    /// entry a sliding log added (a log's entries are a sorted set, and the id makes each
+    /// member unique). Zero otherwise; never compare it across stores.
+    pub receipt: u64,
+}
+
+/// Takes back an allowed [`StateOp`]; build it with [`StateOp::refund`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateRefund {
+    /// The state.
+    pub at: StateKey,
+    /// The limiter the op ran.
+    pub limiter: StateLimiter,
+    /// The op's cost.
+    pub cost: NonZeroU32,
+    /// The outcome the op answered: where a bucket's consume started (`reset_at − cost·T`),
+    /// when a log's entry was stamped (`reset_at − W`).
+    pub admitted: Outcome,
+    /// The reply's [`StateReply::receipt`].
+    pub receipt: u64,
+}
+
+/// A limiter state decided elsewhere, for [`Store::absorb_state`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateAbsorb {
+    /// Which state.
+    pub at: StateKey,
+    /// Its limiter.
+    pub limiter: StateLimiter,
+    /// What was decided. A state of another kind than `limiter` is skipped.
+    pub state: LimiterState,
 }
 
 /// Why a store call failed, classified once, here at the boundary: the caller only asks

@@ -1,10 +1,40 @@
-//! The Redis store: each ledger is one Redis hash, changed only by atomic Lua scripts.
+//! The Redis store: each ledger is one Redis hash, each limiter state a hash or (a sliding log)
+//! a sorted set, changed only by atomic Lua scripts.
 //!
 //! A batch becomes one pipeline of `EVALSHA` calls, one per op (DESIGN §6). On a Redis
 //! Cluster the batch is split by hash slot first, since a cluster pipeline must stay on one
-//! slot, and the per-slot pipelines run concurrently. Every ledger key carries a hash tag,
-//! `rl:{<limit>:<key>}:<window>`, so one limiter key's windows share a slot and a script may
-//! read the previous window (a sliding window's carry) in the same atomic call.
+//! slot, and the per-slot pipelines run concurrently. Every key carries a hash tag,
+//! `rl:{<limit>:<key>}:...`, so one limiter key's keys share a slot: a ledger script may read
+//! the previous window (a sliding window's carry), and a log's two keys move together.
+//!
+//! | key | type | script |
+//! |---|---|---|
+//! | `rl:{<limit>:<key>}:<window>` | hash: the ledger | `ledger.lua` + `sync.lua`, `exact.lua`; `refund.lua`, `absorb.lua` |
+//! | `rl:{<limit>:<key>}:gcra` | hash: a token bucket's TAT | `time.lua` + `gcra.lua` |
+//! | `rl:{<limit>:<key>}:leaky` | hash: a leaky bucket's level and last leak | `time.lua` + `leaky.lua` |
+//! | `rl:{<limit>:<key>}:log`, `...:log:meta` | sorted set of entries; their sum and last id | `time.lua` + `log.lua` |
+//!
+//! Each limiter state has one script, which takes the action (`acquire`, `refund`, `absorb`)
+//! as its first argument: the three actions must agree on the state's layout, and keeping them
+//! in one file keeps that layout in one place. The limiter's kind is in the key name, so a rule
+//! that changes algorithm starts from a fresh state (as `shared` reads a state of another
+//! kind); one that changes back within the old state's TTL finds that state again, where the
+//! memory store, keeping one state per key, has forgotten it.
+//!
+//! # Time in the scripts
+//!
+//! Lua numbers are doubles, exact for integers up to 2^53, about 104 days of nanoseconds, and a
+//! 2026 time is about 1.8·10^18 ns since the epoch. So a time never crosses into Lua, or rests
+//! in Redis, as one number: `now` is passed, and every time is stored, as whole seconds since
+//! the epoch and nanoseconds within the second, two exact integers (a sorted-set entry keeps
+//! the seconds as its score and the nanoseconds, zero-padded, at the front of its member, so the
+//! set's order is time order). The scripts compute only with times relative to `now` and with
+//! spans, which [`MAX_SPAN`](super::MAX_SPAN) keeps within 2^52, and add spans to stored pairs
+//! with an exact carry; `time.lua` has the details. Every answer is therefore exact to the
+//! nanosecond, which the store tests check with 2026 timestamps against `shared`.
+//!
+//! Every limiter-state key gets a TTL of [`STATE_GRACE`] past the time its state is back to a
+//! fresh one's equivalent (a bucket full or empty, a log's newest entry out of the window).
 //!
 //! Scripts are sent by SHA. A node that does not have one yet (just started, failed over,
 //! flushed) answers `NOSCRIPT` for that command only; those commands are sent again as `EVAL`
@@ -24,14 +54,20 @@ use redis::{
     cluster_async::ClusterConnection,
     cluster_routing::Slot,
 };
-use shared::{Nanos, quota::EdgeId};
+use shared::{
+    Nanos,
+    algorithm::{LeakyMode, LimiterState, Outcome, Verdict},
+    quota::EdgeId,
+};
 
 use super::{
-    Absorb, Bounds, ExactOp, ExactReply, LedgerKey, LedgerView, Refund, Store, StoreError,
-    StoreFuture, SyncOp, SyncReply,
+    Absorb, Bounds, ExactOp, ExactReply, LedgerKey, LedgerView, Refund, STATE_GRACE, StateAbsorb,
+    StateKey, StateLimiter, StateOp, StateRefund, StateReply, Store, StoreError, StoreFuture,
+    SyncOp, SyncReply,
 };
 
 const LEDGER: &str = include_str!("lua/ledger.lua");
+const TIME: &str = include_str!("lua/time.lua");
 
 /// Where Redis is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,6 +86,9 @@ pub struct RedisStore {
     exact: Arc<Lua>,
     refund: Arc<Lua>,
     absorb: Arc<Lua>,
+    gcra: Arc<Lua>,
+    leaky: Arc<Lua>,
+    log: Arc<Lua>,
 }
 
 /// A script's body and its SHA-1, the name `EVALSHA` calls it by.
@@ -121,6 +160,9 @@ impl RedisStore {
             exact: Lua::new(format!("{LEDGER}\n{}", include_str!("lua/exact.lua"))),
             refund: Lua::new(include_str!("lua/refund.lua").to_owned()),
             absorb: Lua::new(include_str!("lua/absorb.lua").to_owned()),
+            gcra: Lua::new(format!("{TIME}\n{}", include_str!("lua/gcra.lua"))),
+            leaky: Lua::new(format!("{TIME}\n{}", include_str!("lua/leaky.lua"))),
+            log: Lua::new(format!("{TIME}\n{}", include_str!("lua/log.lua"))),
         })
     }
 
@@ -202,16 +244,41 @@ impl RedisStore {
         };
         Call {
             script,
-            keys: [ledger_key(at), previous],
+            keys: vec![ledger_key(at), previous],
             args: Vec::with_capacity(9),
         }
     }
+
+    /// A call of the script for `limiter`'s state at `at`, its action and `now` as the first
+    /// arguments.
+    fn state_call(
+        &self,
+        limiter: &StateLimiter,
+        at: &StateKey,
+        action: &str,
+        now: Nanos,
+    ) -> Call<'_> {
+        let (script, keys) = match limiter {
+            StateLimiter::TokenBucket(_) => (&self.gcra, vec![state_key(at, "gcra")]),
+            StateLimiter::LeakyBucket(_) => (&self.leaky, vec![state_key(at, "leaky")]),
+            StateLimiter::SlidingLog(_) => (
+                &self.log,
+                vec![state_key(at, "log"), state_key(at, "log:meta")],
+            ),
+        };
+        let call = Call {
+            script,
+            keys,
+            args: Vec::with_capacity(10),
+        };
+        call.arg(action).time(now)
+    }
 }
 
-/// One script call: the script, its two keys (the ledger and its previous window), its args.
+/// One script call: the script, its keys (all on one slot; the first decides which), its args.
 struct Call<'s> {
     script: &'s Lua,
-    keys: [String; 2],
+    keys: Vec<String>,
     args: Vec<String>,
 }
 
@@ -228,6 +295,12 @@ impl Call<'_> {
             .arg(bounds.edges)
             .arg(bounds.carry_ppm)
             .arg(ttl_ms(now, expire_at))
+    }
+
+    /// A time as the state scripts take it: whole seconds, then nanoseconds (`time.lua`).
+    fn time(self, t: Nanos) -> Self {
+        let (s, ns) = split(t);
+        self.arg(s).arg(ns)
     }
 
     fn command(&self, with_body: bool) -> Cmd {
@@ -250,6 +323,90 @@ impl Call<'_> {
 /// limiter key lands on one cluster slot.
 fn ledger_key(at: &LedgerKey) -> String {
     format!("rl:{{{:016x}:{}}}:{}", at.limit.0, at.key, at.window)
+}
+
+/// `rl:{<limit>:<key>}:<kind>`: a limiter state, with the same hash tag as the key's ledgers.
+/// No ledger is named like it: a ledger's name ends in a window number.
+fn state_key(at: &StateKey, kind: &str) -> String {
+    format!("rl:{{{:016x}:{}}}:{kind}", at.limit.0, at.key)
+}
+
+/// A time as whole seconds since the epoch and nanoseconds within the second.
+fn split(t: Nanos) -> (u64, u64) {
+    (t.as_u64() / NANOS_PER_SEC, t.as_u64() % NANOS_PER_SEC)
+}
+
+/// The time a script answered as `(seconds, nanoseconds)`.
+fn join(s: i64, ns: i64) -> Option<Nanos> {
+    let (s, ns) = (u64::try_from(s).ok()?, u64::try_from(ns).ok()?);
+    (ns < NANOS_PER_SEC).then(|| Nanos(s.saturating_mul(NANOS_PER_SEC).saturating_add(ns)))
+}
+
+const NANOS_PER_SEC: u64 = 1_000_000_000;
+
+/// The grace every limiter-state TTL adds, in whole milliseconds.
+fn grace_ms() -> u64 {
+    STATE_GRACE.as_u64().div_ceil(1_000_000)
+}
+
+/// A span in nanoseconds as a script takes it; every span a [`StateLimiter`] has is at most
+/// [`MAX_SPAN`](super::MAX_SPAN), far below `u64::MAX`.
+fn span(n: u128) -> u64 {
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
+
+/// A log's entries, each with `k`: how many entries of the same time and cost come before it.
+/// Entries of one time leave the log together, new ones join at the end and a refund removes
+/// the last of its kind, so an entry keeps its `k`, and with it its member, across write-backs.
+fn numbered(entries: impl Iterator<Item = (Nanos, u32)>) -> Vec<(Nanos, u32, u32)> {
+    let mut out = Vec::new();
+    let mut same_time: Vec<(u32, u32)> = Vec::new();
+    let mut time = None;
+    for (at, cost) in entries {
+        if time != Some(at) {
+            same_time.clear();
+            time = Some(at);
+        }
+        let k = match same_time.iter_mut().find(|(c, _)| *c == cost) {
+            Some((_, n)) => {
+                *n += 1;
+                *n
+            }
+            None => {
+                same_time.push((cost, 0));
+                0
+            }
+        };
+        out.push((at, cost, k));
+    }
+    out
+}
+
+/// A state script's answer to `acquire`, `{verdict, remaining, reset_s, reset_ns, wait, id}`,
+/// as the reply `shared` would give for `limiter`.
+fn state_reply(limiter: &StateLimiter, v: &[i64]) -> Result<StateReply, StoreError> {
+    let bad = || reply_error("limiter state", v);
+    let &[verdict, remaining, reset_s, reset_ns, wait, id] = v else {
+        return Err(bad());
+    };
+    let wait = Nanos(u64::try_from(wait).map_err(|_| bad())?);
+    let (verdict, retry_after) = match verdict {
+        0 => (Verdict::Allow, Nanos::ZERO),
+        1 => (Verdict::Delay { after: wait }, Nanos::ZERO),
+        2 => (Verdict::Deny, wait),
+        3 => (Verdict::InsufficientCapacity, Nanos::MAX),
+        _ => return Err(bad()),
+    };
+    Ok(StateReply {
+        outcome: Outcome {
+            verdict,
+            limit: limiter.limiter().limit(),
+            remaining: u64::try_from(remaining).map_err(|_| bad())?,
+            reset_at: join(reset_s, reset_ns).ok_or_else(bad)?,
+            retry_after,
+        },
+        receipt: u64::try_from(id).map_err(|_| bad())?,
+    })
 }
 
 fn edge_field(edge: EdgeId) -> String {
@@ -451,6 +608,112 @@ impl Store for RedisStore {
             }
             view.exact = u64::try_from(exact).unwrap_or(0);
             Ok(Some(view))
+        })
+    }
+
+    fn acquire_state<'a>(
+        &'a self,
+        now: Nanos,
+        ops: &'a [StateOp],
+    ) -> StoreFuture<'a, Vec<StateReply>> {
+        Box::pin(async move {
+            let calls = ops
+                .iter()
+                .map(|op| {
+                    let call = self.state_call(&op.limiter, &op.at, "acquire", now);
+                    let cost = op.cost.get();
+                    match op.limiter {
+                        StateLimiter::TokenBucket(g) => call
+                            .arg(g.emission_interval().as_u64())
+                            .arg(g.burst())
+                            .arg(g.refill_time().as_u64())
+                            .arg(cost)
+                            .arg(grace_ms()),
+                        StateLimiter::LeakyBucket(b) => call
+                            .arg(b.drain_interval().as_u64())
+                            .arg(b.capacity())
+                            .arg(b.drain_time().as_u64())
+                            .arg(cost)
+                            .arg(u8::from(b.mode() == LeakyMode::Shaper))
+                            .arg(grace_ms()),
+                        StateLimiter::SlidingLog(l) => call
+                            .arg(l.window().as_u64())
+                            .arg(l.limit())
+                            .arg(cost)
+                            .arg(grace_ms()),
+                    }
+                })
+                .collect();
+            self.run(calls)
+                .await?
+                .iter()
+                .zip(ops)
+                .map(|(v, op)| state_reply(&op.limiter, v))
+                .collect()
+        })
+    }
+
+    fn refund_state<'a>(&'a self, now: Nanos, refunds: &'a [StateRefund]) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let calls = refunds
+                .iter()
+                .map(|r| {
+                    let call = self.state_call(&r.limiter, &r.at, "refund", now);
+                    let cost = u128::from(r.cost.get());
+                    match r.limiter {
+                        // Where the acquire started: its `reset_at` less what it took (as
+                        // `shared`'s refunds read it).
+                        StateLimiter::TokenBucket(g) => {
+                            let taken = span(cost * u128::from(g.emission_interval().as_u64()));
+                            call.arg(taken).time(r.admitted.reset_at - Nanos(taken))
+                        }
+                        StateLimiter::LeakyBucket(b) => {
+                            let taken = span(cost * u128::from(b.drain_interval().as_u64()));
+                            call.arg(taken).time(r.admitted.reset_at - Nanos(taken))
+                        }
+                        StateLimiter::SlidingLog(l) => {
+                            let (_, stamp_ns) = split(r.admitted.reset_at - l.window());
+                            call.arg(stamp_ns).arg(r.receipt).arg(cost)
+                        }
+                    }
+                })
+                .collect();
+            self.run(calls).await.map(|_| ())
+        })
+    }
+
+    fn absorb_state<'a>(
+        &'a self,
+        tag: &'a str,
+        now: Nanos,
+        states: &'a [StateAbsorb],
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let calls = states
+                .iter()
+                .filter_map(|a| {
+                    let call = self.state_call(&a.limiter, &a.at, "absorb", now);
+                    let call = match (a.limiter, &a.state) {
+                        (StateLimiter::TokenBucket(_), LimiterState::TokenBucket(s)) => {
+                            call.time(s.tat)
+                        }
+                        (StateLimiter::LeakyBucket(_), LimiterState::LeakyBucket(s)) => {
+                            call.arg(s.level.as_u64()).time(s.last)
+                        }
+                        (StateLimiter::SlidingLog(l), LimiterState::SlidingLog(s)) => {
+                            let mut call = call.arg(l.window().as_u64()).arg(tag).arg(grace_ms());
+                            for (at, cost, k) in numbered(s.entries()) {
+                                call = call.time(at).arg(cost).arg(k);
+                            }
+                            return Some(call);
+                        }
+                        // A state of another kind than its limiter: nothing to write.
+                        _ => return None,
+                    };
+                    Some(call.arg(grace_ms()))
+                })
+                .collect();
+            self.run(calls).await.map(|_| ())
         })
     }
 }

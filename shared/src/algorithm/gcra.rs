@@ -22,6 +22,23 @@
 //! - `c > B` is [`Verdict::InsufficientCapacity`] with `retry_after = Nanos::MAX`.
 //!
 //! All products are computed in `u128` and clamped back to `u64` nanoseconds (year 2554).
+//!
+//! # Refund
+//!
+//! [`Gcra::refund`] takes back an admitted request that another of its limits denied: the TAT
+//! moves back by `c·T`, but never below the TAT that request's consume started from
+//! (`max(tat, now)`, which is its outcome's `reset_at − c·T`) and never forward. With nothing
+//! consumed in between, the state is then equivalent to never having admitted it (every check
+//! from that `now` on answers the same), and refunding it again changes nothing. When other
+//! requests consumed in between, they keep what they took, and the refund is off by a bounded
+//! amount either way:
+//!
+//! - it may give back up to the tokens that came back between the acquire and the refund (an
+//!   intervening request that found some of them already back did not queue behind them): for
+//!   a refund in the same round trip as its acquire, a round trip's worth of rate;
+//! - two requests refunded in the order they were admitted leave up to the smaller cost taken
+//!   (the second one's floor still holds the first one's cost): a false denial later, never an
+//!   overshoot. In the opposite order both come back exactly.
 
 use std::num::{NonZeroU32, NonZeroU64};
 
@@ -73,6 +90,16 @@ impl Gcra {
     /// [`Nanos::MAX`].
     pub fn refill_time(&self) -> Nanos {
         Nanos::saturating_from(self.tolerance())
+    }
+
+    /// Takes back `cost` that an allowed acquire consumed from `state`; `admitted` is the
+    /// outcome that acquire answered. See the module doc for what is exact.
+    pub fn refund(&self, state: &mut GcraState, admitted: &Outcome, cost: NonZeroU32) {
+        let taken = u128::from(cost.get()) * u128::from(self.emission_interval().as_u64());
+        let tat = u128::from(state.tat.as_u64());
+        // The TAT the consume started from: its outcome's `reset_at` is that plus `c·T`.
+        let floor = u128::from(admitted.reset_at.as_u64()).saturating_sub(taken);
+        state.tat = Nanos::saturating_from(tat.saturating_sub(taken).max(floor).min(tat));
     }
 
     /// `B·T` in `u128`, exact.
@@ -206,6 +233,55 @@ mod tests {
             (o.retry_after, o.remaining, o.reset_at),
             (Nanos::MAX, 2, Nanos(7))
         );
+    }
+
+    #[test]
+    fn a_refund_right_after_its_acquire_is_as_if_it_never_happened() {
+        let g = limiter(10, 1_000, 3);
+        // An old TAT (the bucket is full): the refund goes back to `now`, not to the old TAT,
+        // which answers every check from `now` on the same way.
+        let before = GcraState { tat: Nanos(4_000) };
+        let mut s = before;
+        let o = g.acquire(&mut s, Nanos(5_000), cost(2));
+        assert_eq!(s.tat, Nanos(5_200));
+        g.refund(&mut s, &o, cost(2));
+        assert_eq!(s.tat, Nanos(5_000));
+        for (at, c) in [(5_000, 3), (5_000, 1), (5_090, 2), (9_000, 3)] {
+            assert_eq!(
+                g.check(&s, Nanos(at), cost(c)),
+                g.check(&before, Nanos(at), cost(c))
+            );
+        }
+        // Twice is once: never below where the acquire started.
+        g.refund(&mut s, &o, cost(2));
+        assert_eq!(s.tat, Nanos(5_000));
+    }
+
+    #[test]
+    fn a_refund_keeps_what_others_took_and_never_moves_forward() {
+        let g = limiter(10, 1_000, 5);
+        let mut s = GcraState::default();
+        let mine = g.acquire(&mut s, Nanos(5_000), cost(2));
+        g.acquire(&mut s, Nanos(5_000), cost(1));
+        assert_eq!(s.tat, Nanos(5_300));
+        g.refund(&mut s, &mine, cost(2));
+        assert_eq!(s.tat, Nanos(5_100), "the other request's token stays taken");
+        // Two refunds in the order of their acquires: the smaller cost stays taken (the
+        // second's floor holds the first's cost); in the opposite order, nothing does.
+        let (mut s, now) = (GcraState::default(), Nanos(5_000));
+        let first = g.acquire(&mut s, now, cost(2));
+        let second = g.acquire(&mut s, now, cost(1));
+        let mut fifo = s;
+        g.refund(&mut fifo, &first, cost(2));
+        g.refund(&mut fifo, &second, cost(1));
+        assert_eq!(fifo.tat, Nanos(5_100));
+        g.refund(&mut s, &second, cost(1));
+        g.refund(&mut s, &first, cost(2));
+        assert_eq!(s.tat, now);
+        // A state that was reset meanwhile (a store forgot it) is left alone.
+        let mut fresh = GcraState::default();
+        g.refund(&mut fresh, &mine, cost(2));
+        assert_eq!(fresh, GcraState::default());
     }
 
     #[test]

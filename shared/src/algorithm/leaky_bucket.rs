@@ -25,6 +25,15 @@
 //!
 //! A clock that steps back behind `last` (a skewed peer) is read as standing at `last`: the
 //! bucket never drains backwards, and never drains the same interval twice.
+//!
+//! # Refund
+//!
+//! [`LeakyBucket::refund`] takes back an admitted request that another of its limits denied,
+//! as [`Gcra::refund`](super::Gcra::refund) does, in the same terms: after leaking to `now`,
+//! the level drops by `c·T`, but never below the level that request's consume started from
+//! (its outcome's `reset_at − c·T` is when the bucket would have been empty without it) and
+//! never rises. With nothing consumed in between, the state is then equivalent to never having
+//! admitted it, and a second refund changes nothing; otherwise the same bounds as GCRA's hold.
 
 use std::num::{NonZeroU32, NonZeroU64};
 
@@ -95,6 +104,28 @@ impl LeakyBucket {
     /// `C·T`: the time a full bucket takes to drain completely, saturating at [`Nanos::MAX`].
     pub fn drain_time(&self) -> Nanos {
         Nanos::saturating_from(self.full())
+    }
+
+    /// Takes back `cost` that an allowed acquire consumed from `state`, at `now`; `admitted`
+    /// is the outcome that acquire answered. See the module doc for what is exact.
+    pub fn refund(
+        &self,
+        state: &mut LeakyBucketState,
+        now: Nanos,
+        admitted: &Outcome,
+        cost: NonZeroU32,
+    ) {
+        let taken = u128::from(cost.get()) * u128::from(self.drain_interval().as_u64());
+        let at = now.max(state.last);
+        let level = u128::from(state.level_at(at).as_u64());
+        // When the bucket would have been empty without the request, as a level at `at`.
+        let floor = u128::from(admitted.reset_at.as_u64())
+            .saturating_sub(taken)
+            .saturating_sub(u128::from(at.as_u64()));
+        *state = LeakyBucketState {
+            level: Nanos::saturating_from(level.saturating_sub(taken).max(floor).min(level)),
+            last: at,
+        };
     }
 
     /// `C·T` in `u128`, exact.
@@ -252,6 +283,44 @@ mod tests {
             (o.retry_after, o.remaining, o.reset_at),
             (Nanos::MAX, 2, Nanos(7))
         );
+    }
+
+    #[test]
+    fn a_refund_takes_back_the_level_after_leaking() {
+        // 10 per 1000 ns: T = 100, capacity 4.
+        let b = limiter(10, 1_000, 4, LeakyMode::Meter);
+        let mut s = LeakyBucketState {
+            level: Nanos(150),
+            last: Nanos(900),
+        };
+        let before = s;
+        let mine = b.acquire(&mut s, Nanos(1_000), cost(2));
+        assert_eq!((s.level, mine.reset_at), (Nanos(250), Nanos(1_250)));
+        let other = b.acquire(&mut s, Nanos(1_020), cost(1));
+        assert!(other.is_allowed());
+        b.refund(&mut s, Nanos(1_020), &mine, cost(2));
+        // 330 − 200 at 1_020: the other request's unit stays.
+        assert_eq!(
+            s,
+            LeakyBucketState {
+                level: Nanos(130),
+                last: Nanos(1_020)
+            }
+        );
+
+        // Alone, and twice: back to the level it started from, never below.
+        let mut s = before;
+        let mine = b.acquire(&mut s, Nanos(1_000), cost(2));
+        for _ in 0..2 {
+            b.refund(&mut s, Nanos(1_000), &mine, cost(2));
+            assert_eq!(s.level_at(Nanos(1_000)), before.level_at(Nanos(1_000)));
+        }
+        for (at, c) in [(1_000, 4), (1_000, 3), (1_040, 4), (5_000, 4)] {
+            assert_eq!(
+                b.check(&s, Nanos(at), cost(c)),
+                b.check(&before, Nanos(at), cost(c))
+            );
+        }
     }
 
     #[test]

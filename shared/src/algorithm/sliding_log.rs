@@ -25,6 +25,14 @@
 //! skewed peer) is read as standing at the newest entry: the new entry is stamped with that
 //! time, which keeps the order and only makes its cost count a little longer.
 //!
+//! # Refund
+//!
+//! [`SlidingLog::refund`] takes back an admitted request that another of its limits denied by
+//! removing its entry, stamped at its outcome's `reset_at − W`. That is exact whatever happened
+//! in between: entries of equal time and cost are interchangeable, and an entry that has
+//! already left the log no longer counts. Refunding the same request twice would remove a
+//! second entry of the same time and cost if there is one: callers refund once.
+//!
 //! In the hierarchy this algorithm always takes the exact path (DESIGN §3): a log cannot be
 //! split into grants.
 
@@ -57,6 +65,29 @@ impl SlidingLog {
     /// The window length.
     pub fn window(&self) -> Nanos {
         self.window
+    }
+
+    /// Takes back `cost` that an allowed acquire consumed from `state`; `admitted` is the
+    /// outcome that acquire answered. Returns whether an entry was removed (none is when it
+    /// has expired and been dropped already).
+    pub fn refund(
+        &self,
+        state: &mut SlidingLogState,
+        admitted: &Outcome,
+        cost: NonZeroU32,
+    ) -> bool {
+        // An allowed outcome's `reset_at` is the entry's stamp plus the window.
+        let stamp = admitted.reset_at - self.window;
+        let entry = (stamp, cost.get());
+        // Refunds follow their acquire closely: search from the newest end.
+        match state.entries.iter().rposition(|&e| e == entry) {
+            Some(i) => {
+                state.entries.remove(i);
+                state.total -= u64::from(cost.get());
+                true
+            }
+            None => false,
+        }
     }
 
     /// True when an entry stamped `ts` no longer counts at `now`: `ts + W ≤ now`.
@@ -233,6 +264,34 @@ mod tests {
         assert_eq!(s.entries().collect::<Vec<_>>(), [(Nanos(500), 1); 2]);
         let o = log.check(&s, Nanos(300), cost(1));
         assert_eq!((o.verdict, o.retry_after), (Verdict::Deny, Nanos(300)));
+    }
+
+    #[test]
+    fn a_refund_removes_that_request_s_entry() {
+        let log = limiter(3, 100);
+        let mut s = SlidingLogState::default();
+        assert!(log.acquire(&mut s, Nanos(1_000), cost(1)).is_allowed());
+        let mine = log.acquire(&mut s, Nanos(1_010), cost(2));
+        assert!(log.refund(&mut s, &mine, cost(2)));
+        assert_eq!(s.entries().collect::<Vec<_>>(), [(Nanos(1_000), 1)]);
+        assert_eq!(log.check(&s, Nanos(1_020), cost(2)).remaining, 0);
+        assert!(
+            !log.refund(&mut s, &mine, cost(2)),
+            "nothing left to remove"
+        );
+
+        // Stamped at the newest entry when the clock stepped back: the stamp comes from the
+        // outcome, not from `now`.
+        let back = log.acquire(&mut s, Nanos(990), cost(1));
+        assert_eq!(back.reset_at, Nanos(1_100));
+        assert!(log.refund(&mut s, &back, cost(1)));
+        assert_eq!(s.len(), 1);
+
+        // Expired and dropped by a later consume: nothing to take back, nothing counts.
+        let old = log.acquire(&mut s, Nanos(1_050), cost(1));
+        assert!(log.acquire(&mut s, Nanos(1_150), cost(3)).is_allowed());
+        assert!(!log.refund(&mut s, &old, cost(1)));
+        assert_eq!(s.len(), 1);
     }
 
     #[test]
