@@ -5,7 +5,7 @@
 //! fails at once with the file and field at fault. The regional need not be up: the QUIC
 //! client dials in the background, and until it answers each rule's failure mode decides.
 
-use std::{fmt, fs, future::Future, net::SocketAddr, path::Path, sync::Arc};
+use std::{fmt, future::Future, net::SocketAddr, path::Path, sync::Arc};
 
 use shared::{
     ConfigError, RuleSet,
@@ -78,12 +78,7 @@ impl fmt::Display for Checked {
 /// The first problem found, naming its file (and field, where there is one).
 pub fn check(path: &Path) -> Result<Checked, StartError> {
     let settings = Settings::load(path)?;
-    let rules_file = settings.rules.display().to_string();
-    let text = fs::read_to_string(&settings.rules).map_err(|e| ConfigError::Document {
-        file: rules_file.clone(),
-        reason: format!("cannot read it: {e}"),
-    })?;
-    let rules = RuleSet::from_yaml(&rules_file, &text)?;
+    let rules = shared::process::load_rules(&settings.rules)?;
     let identity = Identity::from_files(&settings.tls_ca, &settings.tls_cert, &settings.tls_key)?;
     net::client_config(&identity)?;
     Ok(Checked {

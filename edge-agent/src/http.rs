@@ -28,7 +28,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
-use crate::{Agent, Decision, IdentityConfig, client_ip};
+use crate::{Agent, Decision, IdentityConfig, IpText, client_ip};
 
 /// The largest `POST /v1/check` body read: a check is a few hundred bytes.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -207,7 +207,7 @@ async fn check(
             .collect();
         client_ip(&api.identity, peer.ip(), &headers)
     });
-    let ip_text = ip.to_string();
+    let ip_text = IpText::new(ip);
     let headers: Vec<(&str, &str)> = body
         .headers
         .iter()
@@ -216,7 +216,7 @@ async fn check(
     let request = shared::Request {
         path: &body.path,
         method: body.method.as_deref().unwrap_or("GET"),
-        ip: Some(&ip_text),
+        ip: Some(ip_text.as_str()),
         user_id: body.user_id.as_deref(),
         api_key: body.api_key.as_deref(),
         tier: body.tier.as_deref(),

@@ -36,32 +36,16 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    const PROGRAM: &str = "edge-agent";
     let cli = Cli::parse();
     let checked = match app::check(&cli.config) {
         Ok(checked) => checked,
-        Err(e) => return fail(2, &e.to_string()),
+        Err(e) => return process::fail(PROGRAM, 2, e),
     };
     if cli.validate {
         println!("{}: ok: {checked}", cli.config.display());
         return ExitCode::SUCCESS;
     }
-    if let Err(e) = process::init_logging(&cli.log, cli.log_format) {
-        return fail(2, &e);
-    }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => return fail(1, &format!("cannot start the runtime: {e}")),
-    };
-    match runtime.block_on(app::run(checked, process::shutdown_signal())) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(1, &e.to_string()),
-    }
-}
-
-fn fail(code: u8, message: &str) -> ExitCode {
-    eprintln!("edge-agent: {message}");
-    ExitCode::from(code)
+    let work = app::run(checked, process::shutdown_signal());
+    process::serve(PROGRAM, &cli.log, cli.log_format, work)
 }

@@ -27,14 +27,13 @@
 //! file and the field, as rules files are refused. Unknown fields are errors.
 
 use std::{
-    fs,
     net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use serde::Deserialize;
-use shared::{ConfigError, config::duration, quota::Threshold};
+use shared::{ConfigError, config::optional_duration, quota::Threshold};
 
 use crate::{AgentConfig, IdentityConfig};
 
@@ -78,9 +77,9 @@ struct RawSettings {
     tls: RawTls,
     #[serde(default)]
     identity: Option<RawIdentity>,
-    #[serde(default, deserialize_with = "some_duration")]
+    #[serde(default, deserialize_with = "optional_duration")]
     flush_interval: Option<Duration>,
-    #[serde(default, deserialize_with = "some_duration")]
+    #[serde(default, deserialize_with = "optional_duration")]
     timeout: Option<Duration>,
     #[serde(default)]
     threshold: Option<f64>,
@@ -114,10 +113,6 @@ struct RawIdentity {
     trusted_proxies: Vec<String>,
 }
 
-fn some_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    duration(d).map(Some)
-}
-
 impl Settings {
     /// Reads and checks `path`.
     ///
@@ -125,11 +120,7 @@ impl Settings {
     ///
     /// A [`ConfigError`] naming the file and the field (or the line and column).
     pub fn load(path: &Path) -> Result<Settings, ConfigError> {
-        let text = fs::read_to_string(path).map_err(|e| ConfigError::Document {
-            file: path.display().to_string(),
-            reason: format!("cannot read it: {e}"),
-        })?;
-        Settings::parse(path, &text)
+        Settings::parse(path, &shared::process::read_file(path)?)
     }
 
     /// [`load`](Settings::load) from text already read; `path` names it and anchors relative
@@ -160,7 +151,7 @@ impl Settings {
             agent.upstream_timeout = timeout;
         }
         if let Some(theta) = raw.threshold {
-            agent.near_limit_threshold = threshold(theta).ok_or_else(|| {
+            agent.near_limit_threshold = Threshold::from_fraction(theta).ok_or_else(|| {
                 invalid(
                     "threshold",
                     format!("{theta} is not in (0, 1]; θ is the share of P handed out as grants"),
@@ -202,15 +193,6 @@ impl Settings {
             agent,
         })
     }
-}
-
-/// θ written as a fraction, in `(0, 1]`.
-fn threshold(theta: f64) -> Option<Threshold> {
-    let ppm = (theta * 1e6).round();
-    // In range, so the cast is exact.
-    (theta.is_finite() && (1.0..=1e6).contains(&ppm))
-        .then(|| Threshold::from_ppm(ppm as u32))
-        .flatten()
 }
 
 #[cfg(test)]

@@ -6,15 +6,17 @@
 
 use std::{
     fs,
-    io::{BufRead, BufReader, Read, Write},
+    io::Write,
     net::{SocketAddr, TcpStream},
     path::PathBuf,
-    process::{Child, Command, Output, Stdio},
-    sync::mpsc,
-    time::{Duration, Instant},
+    process::{Command, Output},
 };
 
 use shared::net::{Ca, write_pki};
+use system_tests::{
+    http::{check, request},
+    process::Spawned,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_edge-agent");
 
@@ -95,121 +97,20 @@ fn help_and_validate() {
     );
 }
 
-/// The binary running; killed on drop.
-struct Edge {
-    child: Child,
-    addr: SocketAddr,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Edge {
-    fn start(dir: &std::path::Path) -> Edge {
-        let mut child = Command::new(BIN)
-            .arg("--config")
-            .arg(dir.join("edge.yaml"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the binary starts");
-        let stderr = child.stderr.take().expect("piped");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let addr = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = lines
-                .recv_timeout(left)
-                .expect("the edge logs its address within 10 s");
-            if let Some(at) = line
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("listen="))
-            {
-                break at.parse().expect("listen= is an address");
-            }
-        };
-        Edge { child, addr, lines }
-    }
-}
-
-impl Drop for Edge {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A response: status, headers (lower-case names), body.
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// One HTTP/1.1 exchange on a fresh connection, read to its end.
-fn http(addr: SocketAddr, method: &str, path: &str, extra: &str, body: &[u8]) -> Reply {
-    let mut s = TcpStream::connect(addr).expect("the edge listens");
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("settable");
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nhost: edge\r\nconnection: close\r\n{extra}content-length: {}\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).expect("writable");
-    // A server may answer 413 before reading a large body, and close: ignore a reset here.
-    let _ = s.write_all(body);
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
-    let raw = text(&raw);
-    let (head, body) = raw.split_once("\r\n\r\n").expect("a complete response");
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok())
-        .expect("a status line");
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    Reply {
-        status,
-        headers,
-        body: body.to_owned(),
-    }
-}
-
-fn check(addr: SocketAddr, json: &str) -> Reply {
-    http(
-        addr,
-        "POST",
-        "/v1/check",
-        "content-type: application/json\r\n",
-        json.as_bytes(),
-    )
+/// The binary running on `dir`'s config, and the address it serves HTTP on.
+fn start(dir: &std::path::Path) -> (Spawned, SocketAddr) {
+    let mut edge = Spawned::start(Command::new(BIN).arg("--config").arg(dir.join("edge.yaml")));
+    let addr = edge.listen_addr();
+    (edge, addr)
 }
 
 #[test]
 fn check_answers_as_design_8_says() {
     let dir = deployment("api");
-    let edge = Edge::start(&dir);
+    let (_edge, addr) = start(&dir);
     let login = r#"{"path": "/api/login", "method": "POST", "ip": "203.0.113.7"}"#;
     for remaining in [2, 1, 0] {
-        let r = check(edge.addr, login);
+        let r = check(addr, login);
         assert_eq!(r.status, 200, "{}", r.body);
         assert_eq!(r.header("x-ratelimit-limit"), Some("3"));
         assert_eq!(
@@ -225,7 +126,7 @@ fn check_answers_as_design_8_says() {
         assert_eq!(v["retry_after"], 0);
         assert!(v.get("error").is_none());
     }
-    let r = check(edge.addr, login);
+    let r = check(addr, login);
     assert_eq!(r.status, 429, "{}", r.body);
     let v: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
     assert_eq!(v["allowed"], false);
@@ -239,14 +140,14 @@ fn check_answers_as_design_8_says() {
     assert!(retry >= 1);
     assert_eq!(r.header("x-ratelimit-remaining"), Some("0"));
     // Another client address is another key.
-    let r = check(edge.addr, &login.replace("203.0.113.7", "203.0.113.8"));
+    let r = check(addr, &login.replace("203.0.113.7", "203.0.113.8"));
     assert_eq!(r.status, 200);
 
     // No `ip` in the body: the socket's, or a trusted proxy's X-Forwarded-For (127.0.0.1 is
     // trusted in this config), so two forwarded clients are two keys.
     let search = |forwarded: &str| {
-        http(
-            edge.addr,
+        request(
+            addr,
             "POST",
             "/v1/check",
             &format!("x-forwarded-for: {forwarded}\r\n"),
@@ -266,14 +167,14 @@ fn check_answers_as_design_8_says() {
 
     // Cost counts against the limit; no rule matched is allowed without headers.
     let r = check(
-        edge.addr,
+        addr,
         r#"{"path": "/api/search", "user_id": "u-1", "cost": 2}"#,
     );
     assert_eq!(
         (r.status, r.header("x-ratelimit-remaining")),
         (200, Some("0"))
     );
-    let r = check(edge.addr, r#"{"path": "/static/logo.png"}"#);
+    let r = check(addr, r#"{"path": "/static/logo.png"}"#);
     assert_eq!(r.status, 200);
     assert!(r.header("x-ratelimit-limit").is_none());
     assert!(r.body.contains(r#""rule":null"#), "{}", r.body);
@@ -282,7 +183,7 @@ fn check_answers_as_design_8_says() {
 #[test]
 fn bad_input_gets_a_clear_error_and_the_server_keeps_answering() {
     let dir = deployment("bad");
-    let edge = Edge::start(&dir);
+    let (mut edge, addr) = start(&dir);
     let bad = [
         ("not JSON", "{path", "line 1 column 2"),
         ("no path", r#"{"method": "GET"}"#, "missing field `path`"),
@@ -318,7 +219,7 @@ fn bad_input_gets_a_clear_error_and_the_server_keeps_answering() {
         ),
     ];
     for (what, body, expect) in bad {
-        let r = check(edge.addr, body);
+        let r = check(addr, body);
         assert_eq!(r.status, 400, "{what}: {}", r.body);
         let v: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
         assert_eq!(v["error"], "bad_request", "{what}");
@@ -329,21 +230,21 @@ fn bad_input_gets_a_clear_error_and_the_server_keeps_answering() {
         );
     }
     let big = vec![b' '; 70_000];
-    let r = http(edge.addr, "POST", "/v1/check", "", &big);
+    let r = request(addr, "POST", "/v1/check", "", &big);
     assert_eq!(r.status, 413, "{}", r.body);
-    let r = http(edge.addr, "GET", "/v1/check", "", b"");
+    let r = request(addr, "GET", "/v1/check", "", b"");
     assert_eq!((r.status, r.header("allow")), (405, Some("POST")));
-    assert_eq!(http(edge.addr, "GET", "/nope", "", b"").status, 404);
-    assert_eq!(http(edge.addr, "GET", "/healthz", "", b"").body, "ok\n");
+    assert_eq!(request(addr, "GET", "/nope", "", b"").status, 404);
+    assert_eq!(request(addr, "GET", "/healthz", "", b"").body, "ok\n");
     // A request that is not HTTP at all closes only its own connection.
-    let mut s = TcpStream::connect(edge.addr).expect("listening");
+    let mut s = TcpStream::connect(addr).expect("listening");
     let _ = s.write_all(b"\x00\x01garbage\r\n\r\n");
     drop(s);
     let r = check(
-        edge.addr,
+        addr,
         r#"{"path": "/api/login", "method": "POST", "ip": "192.0.2.1"}"#,
     );
     assert_eq!(r.status, 200, "still answering");
-    let logged: Vec<String> = edge.lines.try_iter().collect();
-    assert!(!logged.iter().any(|l| l.contains("panicked")), "{logged:?}");
+    let logged = edge.printed();
+    assert!(!logged.contains("panicked"), "{logged}");
 }

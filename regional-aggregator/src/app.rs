@@ -134,12 +134,7 @@ pub fn check(path: &Path, redis: Option<&str>) -> Result<Checked, StartError> {
                 reason,
             })?;
     }
-    let rules_file = config.rules.display().to_string();
-    let text = fs::read_to_string(&config.rules).map_err(|e| ConfigError::Document {
-        file: rules_file.clone(),
-        reason: format!("cannot read it: {e}"),
-    })?;
-    let rules = RuleSet::from_yaml(&rules_file, &text)?;
+    let rules = shared::process::load_rules(&config.rules)?;
     let identity = Identity::from_files(&config.tls_ca, &config.tls_cert, &config.tls_key)?;
     // Builds the rustls config, so a key that is not the certificate's is caught here.
     net::server_config(&identity)?;

@@ -24,14 +24,13 @@
 //! exist: an unknown one is an error, so a typo cannot silently fall back to a default.
 
 use std::{
-    fs,
     net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use serde::Deserialize;
-use shared::{ConfigError, config::duration, quota::Threshold};
+use shared::{ConfigError, config::optional_duration, quota::Threshold};
 
 use crate::{RegionalConfig, breaker::BreakerConfig, store::RedisTopology};
 
@@ -83,7 +82,7 @@ struct RawConfig {
     redis: Option<RawRedis>,
     #[serde(default)]
     threshold: Option<f64>,
-    #[serde(default, deserialize_with = "some_duration")]
+    #[serde(default, deserialize_with = "optional_duration")]
     hold: Option<Duration>,
 }
 
@@ -102,16 +101,12 @@ struct RawRedis {
     url: Option<String>,
     #[serde(default)]
     cluster: Option<Vec<String>>,
-    #[serde(default, deserialize_with = "some_duration")]
+    #[serde(default, deserialize_with = "optional_duration")]
     timeout: Option<Duration>,
     #[serde(default)]
     failures: Option<u32>,
-    #[serde(default, deserialize_with = "some_duration")]
+    #[serde(default, deserialize_with = "optional_duration")]
     cooldown: Option<Duration>,
-}
-
-fn some_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    duration(d).map(Some)
 }
 
 impl Config {
@@ -122,12 +117,7 @@ impl Config {
     ///
     /// A [`ConfigError`] naming the file and the field (or the line and column).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let file = path.display().to_string();
-        let text = fs::read_to_string(path).map_err(|e| ConfigError::Document {
-            file: file.clone(),
-            reason: format!("cannot read it: {e}"),
-        })?;
-        Config::parse(path, &text)
+        Config::parse(path, &shared::process::read_file(path)?)
     }
 
     /// [`load`](Config::load) from text already read; `path` names it and anchors relative
@@ -159,12 +149,7 @@ impl Config {
         }
         let mut regional = RegionalConfig::default();
         if let Some(theta) = raw.threshold {
-            let ppm = (theta * 1e6).round();
-            let threshold = (theta.is_finite() && (1.0..=1e6).contains(&ppm))
-                // In range, so the cast is exact.
-                .then(|| Threshold::from_ppm(ppm as u32))
-                .flatten();
-            regional.threshold = threshold.ok_or_else(|| {
+            regional.threshold = Threshold::from_fraction(theta).ok_or_else(|| {
                 invalid(
                     "threshold",
                     format!("{theta} is not in (0, 1]; θ is the share of P handed out as grants"),

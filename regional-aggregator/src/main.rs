@@ -79,6 +79,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    const PROGRAM: &str = "regional-aggregator";
     let cli = Cli::parse();
     if let Some(Command::Pki { dir, nodes, sans }) = &cli.command {
         return match app::pki(dir, nodes, sans) {
@@ -88,38 +89,21 @@ fn main() -> ExitCode {
                 }
                 ExitCode::SUCCESS
             }
-            Err(e) => fail(2, &e.to_string()),
+            Err(e) => process::fail(PROGRAM, 2, e),
         };
     }
     // `required = true` and no subcommand: clap has refused a missing --config already.
     let Some(config) = cli.config else {
-        return fail(2, "--config is required");
+        return process::fail(PROGRAM, 2, "--config is required");
     };
     let checked = match app::check(&config, cli.redis.as_deref()) {
         Ok(checked) => checked,
-        Err(e) => return fail(2, &e.to_string()),
+        Err(e) => return process::fail(PROGRAM, 2, e),
     };
     if cli.validate {
         println!("{}: ok: {}", config.display(), checked.summary());
         return ExitCode::SUCCESS;
     }
-    if let Err(e) = process::init_logging(&cli.log, cli.log_format) {
-        return fail(2, &e);
-    }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => return fail(1, &format!("cannot start the runtime: {e}")),
-    };
-    match runtime.block_on(app::run(checked, process::shutdown_signal())) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(1, &e.to_string()),
-    }
-}
-
-fn fail(code: u8, message: &str) -> ExitCode {
-    eprintln!("regional-aggregator: {message}");
-    ExitCode::from(code)
+    let work = app::run(checked, process::shutdown_signal());
+    process::serve(PROGRAM, &cli.log, cli.log_format, work)
 }

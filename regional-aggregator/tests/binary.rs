@@ -4,17 +4,17 @@
 
 use std::{
     fs,
-    io::{BufRead, BufReader},
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
-    sync::{Arc, mpsc},
+    process::{Command, ExitStatus, Output},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use edge_agent::{Agent, AgentConfig, DecisionPath, QuicConfig, QuicUpstream, Request};
 use regional_aggregator::store::{LedgerKey, RedisStore, RedisTopology, Store};
 use shared::{Clock, FailureMode, Nanos, RuleSet, SystemClock, net::Identity};
+use system_tests::process::Spawned;
 
 use crate::support::redis::{RedisServer, scratch_dir};
 
@@ -183,125 +183,40 @@ fn validate_accepts_a_good_deployment_and_locates_what_is_wrong() {
     assert!(text(&out.stderr).contains("--redis: \"http://x\" is not a Redis URL"));
 }
 
-/// The binary running: killed on drop if a test failed before stopping it.
-struct Regional {
-    child: Child,
-    addr: SocketAddr,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Regional {
-    fn start(dir: &Path, extra_args: &[&str]) -> Regional {
-        let mut child = Command::new(BIN)
+/// The binary on `dir`'s config with `args`, and the QUIC address it logs (the config may
+/// ask for port 0). Dropping the handle kills it.
+fn start(dir: &Path, args: &[&str]) -> (Spawned, SocketAddr) {
+    let mut regional = Spawned::start(
+        Command::new(BIN)
             .arg("--config")
             .arg(dir.join("regional.yaml"))
-            .args(extra_args)
-            .args(["--log", "info"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the binary starts");
-        let stderr = child.stderr.take().expect("piped");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        // The start-up line carries the bound address (the config asks for port 0).
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let addr = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = lines
-                .recv_timeout(left)
-                .expect("the regional logs its address within 10 s");
-            if let Some(at) = line
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("listen="))
-            {
-                break at.parse().expect("listen= is an address");
-            }
-        };
-        Regional { child, addr, lines }
-    }
-
-    /// SIGTERM, then the exit status within `within`, and what it logged meanwhile.
-    fn terminate(mut self, within: Duration) -> (std::process::ExitStatus, String) {
-        let pid = self.child.id().to_string();
-        // bash's own `kill`: a minimal Debian may not have /bin/kill.
-        let sent = Command::new("bash")
-            .args(["-c", &format!("kill -TERM {pid}")])
-            .status();
-        assert!(sent.is_ok_and(|s| s.success()), "kill -TERM {pid}");
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("waitable") {
-                let log: Vec<String> = self.lines.try_iter().collect();
-                return (status, log.join("\n"));
-            }
-            assert!(
-                Instant::now() < deadline,
-                "still running {within:?} after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+            .args(args)
+            .args(["--log", "info"]),
+    );
+    let addr = regional.listen_addr();
+    (regional, addr)
 }
 
-impl Drop for Regional {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// SIGTERM, then its exit status within 5 s and everything it logged.
+fn terminate(mut regional: Spawned) -> (ExitStatus, String) {
+    regional.signal("TERM");
+    regional.wait_exit(Duration::from_secs(5))
 }
 
-/// An edge agent of region `eu` connected to `addr` with the deployment's certificates.
+/// The edge agent `edge-eu-1` under [`RULES`], connected to `addr`.
 async fn edge(dir: &Path, addr: SocketAddr) -> Arc<Agent> {
-    let pki = dir.join("pki");
-    let identity = Identity::from_files(
-        pki.join("ca.pem"),
-        pki.join("edge-eu-1.pem"),
-        pki.join("edge-eu-1.key"),
-    )
-    .expect("pki wrote them");
-    let upstream = QuicUpstream::connect(QuicConfig::new(
-        vec![addr],
-        "regional-eu-1",
-        identity,
-        "edge-eu-1",
-        "eu",
-    ))
-    .expect("inside a runtime");
-    tokio::time::timeout(Duration::from_secs(5), upstream.connected())
-        .await
-        .expect("the edge connects to the process over loopback");
     let rules = RuleSet::from_yaml("rules.yaml", RULES).expect("test rules parse");
-    Arc::new(
-        Agent::builder(AgentConfig::default(), rules, upstream)
-            .build()
-            .expect("inside a runtime"),
-    )
+    edge_with(dir, addr, "edge-eu-1", &rules).await.0
 }
 
 /// Five logins for one user through the process: the hard limit of 3 admits exactly three,
 /// decided by the regional (no fallback).
 async fn five_logins(agent: &Arc<Agent>) -> Vec<(bool, DecisionPath)> {
-    let agent = agent.clone();
-    tokio::task::spawn_blocking(move || {
-        (0..5)
-            .map(|_| {
-                let d = agent.check(&Request {
-                    user_id: Some("alice"),
-                    ..Request::new("POST", "/login")
-                });
-                (d.allowed, d.path)
-            })
-            .collect()
-    })
-    .await
-    .expect("no check panics")
+    checks(agent, "POST", "/login", "alice", 5)
+        .await
+        .into_iter()
+        .map(|(allowed, path, _)| (allowed, path))
+        .collect()
 }
 
 fn assert_exactly_three(decisions: &[(bool, DecisionPath)]) {
@@ -323,10 +238,10 @@ fn assert_exactly_three(decisions: &[(bool, DecisionPath)]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_process_serves_an_edge_from_memory_and_stops_on_sigterm() {
     let dir = deployment("serve-memory", "");
-    let regional = Regional::start(&dir, &[]);
-    let agent = edge(&dir, regional.addr).await;
+    let (regional, addr) = start(&dir, &[]);
+    let agent = edge(&dir, addr).await;
     assert_exactly_three(&five_logins(&agent).await);
-    let (status, log) = regional.terminate(Duration::from_secs(5));
+    let (status, log) = terminate(regional);
     assert!(status.success(), "exit status {status}; log:\n{log}");
     assert!(log.contains("shutting down"), "{log}");
 }
@@ -335,8 +250,8 @@ async fn the_process_serves_an_edge_from_memory_and_stops_on_sigterm() {
 async fn the_process_keeps_its_counts_in_the_redis_it_is_given() {
     let server = RedisServer::start();
     let dir = deployment("serve-redis", "");
-    let regional = Regional::start(&dir, &["--redis", &server.url()]);
-    let agent = edge(&dir, regional.addr).await;
+    let (regional, addr) = start(&dir, &["--redis", &server.url()]);
+    let agent = edge(&dir, addr).await;
     assert_exactly_three(&five_logins(&agent).await);
     agent
         .flush()
@@ -358,7 +273,7 @@ async fn the_process_keeps_its_counts_in_the_redis_it_is_given() {
         .expect("Redis answers")
         .expect("the process wrote the ledger to Redis");
     assert_eq!(view.total(), 3, "Redis holds exactly the admitted logins");
-    let (status, _) = regional.terminate(Duration::from_secs(5));
+    let (status, _) = terminate(regional);
     assert!(status.success());
 }
 
@@ -384,6 +299,7 @@ fn free_udp_port() -> u16 {
 /// `n` checks of `path` for `user` on a blocking thread: each decision and how long it took.
 async fn checks(
     agent: &Arc<Agent>,
+    method: &'static str,
     path: &'static str,
     user: &'static str,
     n: usize,
@@ -395,7 +311,7 @@ async fn checks(
                 let started = Instant::now();
                 let d = agent.check(&Request {
                     user_id: Some(user),
-                    ..Request::new("GET", path)
+                    ..Request::new(method, path)
                 });
                 (d.allowed, d.path, started.elapsed())
             })
@@ -423,17 +339,20 @@ async fn a_killed_regional_leaves_edges_to_their_failure_modes_and_they_replay_o
     )
     .expect("writable");
     let redis = ["--redis", &server.url()];
-    let regional = Regional::start(&dir, &redis);
+    let (regional, addr) = start(&dir, &redis);
 
     let rules = RuleSet::from_yaml("rules.yaml", OUTAGE_RULES).expect("parses");
     let edges = [
-        edge_with(&dir, regional.addr, "edge-eu-1", &rules).await,
-        edge_with(&dir, regional.addr, "edge-eu-2", &rules).await,
+        edge_with(&dir, addr, "edge-eu-1", &rules).await,
+        edge_with(&dir, addr, "edge-eu-2", &rules).await,
     ];
     let mut api_admitted = 0;
     for (agent, _) in &edges {
-        api_admitted += admitted(&checks(agent, "/api", "bob", 50).await);
-        assert_eq!(admitted(&checks(agent, "/login", "alice", 3).await), 3);
+        api_admitted += admitted(&checks(agent, "GET", "/api", "bob", 50).await);
+        assert_eq!(
+            admitted(&checks(agent, "GET", "/login", "alice", 3).await),
+            3
+        );
         agent.flush().await.expect("the regional answers");
     }
     assert_eq!(api_admitted, 100);
@@ -442,9 +361,9 @@ async fn a_killed_regional_leaves_edges_to_their_failure_modes_and_they_replay_o
     drop(regional);
     let timeout = AgentConfig::default().upstream_timeout;
     for (agent, _) in &edges {
-        let api = checks(agent, "/api", "bob", 30).await;
-        let login = checks(agent, "/login", "carol", 3).await;
-        let feed = checks(agent, "/feed", "dave", 3).await;
+        let api = checks(agent, "GET", "/api", "bob", 30).await;
+        let login = checks(agent, "GET", "/login", "carol", 3).await;
+        let feed = checks(agent, "GET", "/feed", "dave", 3).await;
         // Bob's soft key decides on what the edge holds, then on its share P/n: all 30 fit.
         assert_eq!(admitted(&api), 30, "{api:?}");
         api_admitted += 30;
@@ -469,7 +388,7 @@ async fn a_killed_regional_leaves_edges_to_their_failure_modes_and_they_replay_o
         }
     }
 
-    let regional = Regional::start(&dir, &redis);
+    let (regional, addr) = start(&dir, &redis);
     for (agent, upstream) in &edges {
         // QUIC notices the dead connection by its idle timeout (10 s), then redials.
         let back = tokio::time::timeout(Duration::from_secs(30), async {
@@ -483,7 +402,7 @@ async fn a_killed_regional_leaves_edges_to_their_failure_modes_and_they_replay_o
         })
         .await
         .expect("the edge reconnects to the restarted regional and syncs");
-        assert_eq!(back, regional.addr);
+        assert_eq!(back, addr);
     }
 
     let store = RedisStore::connect(&RedisTopology::Single(server.url()), Duration::from_secs(2))
@@ -517,7 +436,7 @@ async fn a_killed_regional_leaves_edges_to_their_failure_modes_and_they_replay_o
         6,
         "what `open` let through is counted too"
     );
-    let (status, _) = regional.terminate(Duration::from_secs(5));
+    let (status, _) = terminate(regional);
     assert!(status.success());
 }
 

@@ -33,47 +33,11 @@ struct Topology {
 async fn topology(server: &RedisServer, yaml: &str, edges: usize) -> Topology {
     let rules = RuleSet::from_yaml("rules.yaml", yaml).expect("test rules parse");
     let clock = ManualClock::new(T0);
-    let store = RedisStore::connect(&RedisTopology::Single(server.url()), Duration::from_secs(2))
-        .await
-        .expect("the test Redis is up");
-    let regional = Arc::new(Regional::new(
-        RegionalConfig::default(),
-        rules.clone(),
-        Arc::new(store),
-        Arc::new(clock.clone()),
-    ));
     let ca = Ca::generate("test deployment CA").expect("ring generates keys");
-    let identity = Identity::new(&ca, &ca.issue(REGIONAL, &[]).expect("a DNS name"));
-    let endpoint = net::server_endpoint("127.0.0.1:0".parse().expect("an address"), &identity)
-        .expect("a free loopback port");
-    let addr: SocketAddr = endpoint.local_addr().expect("bound");
-    let service = Arc::new(EdgeService::new(regional.clone(), REGIONAL, REGION));
-    tokio::spawn(net::serve(
-        endpoint.clone(),
-        service,
-        Arc::new(NetStats::default()),
-    ));
+    let (regional, endpoint, addr) = replica(server, &ca, REGIONAL, &rules, &clock).await;
     let mut agents = Vec::new();
     for e in 0..edges {
-        let node = format!("edge-eu-{e}");
-        let identity = Identity::new(&ca, &ca.issue(&node, &[]).expect("a DNS name"));
-        let upstream = QuicUpstream::connect(QuicConfig::new(
-            vec![addr],
-            REGIONAL,
-            identity,
-            node,
-            REGION,
-        ))
-        .expect("inside a runtime");
-        tokio::time::timeout(Duration::from_secs(5), upstream.connected())
-            .await
-            .expect("the edge connects over loopback");
-        agents.push(Arc::new(
-            Agent::builder(AgentConfig::default(), rules.clone(), upstream)
-                .clock(Arc::new(clock.clone()))
-                .build()
-                .expect("inside a runtime"),
-        ));
+        agents.push(edge(&ca, &format!("edge-eu-{e}"), vec![addr], &rules, &clock).await);
     }
     assert_eq!(
         regional.edges(),
@@ -86,6 +50,51 @@ async fn topology(server: &RedisServer, yaml: &str, edges: usize) -> Topology {
         clock,
         _endpoint: endpoint,
     }
+}
+
+/// An edge agent named `node` of region `eu`, connected to the first of `addresses` it
+/// reaches, on `clock`.
+async fn edge(
+    ca: &Ca,
+    node: &str,
+    addresses: Vec<SocketAddr>,
+    rules: &RuleSet,
+    clock: &ManualClock,
+) -> Arc<Agent> {
+    let identity = Identity::new(ca, &ca.issue(node, &[]).expect("a DNS name"));
+    let upstream =
+        QuicUpstream::connect(QuicConfig::new(addresses, REGIONAL, identity, node, REGION))
+            .expect("inside a runtime");
+    tokio::time::timeout(Duration::from_secs(5), upstream.connected())
+        .await
+        .expect("the edge connects over loopback");
+    Arc::new(
+        Agent::builder(AgentConfig::default(), rules.clone(), upstream)
+            .clock(Arc::new(clock.clone()))
+            .build()
+            .expect("inside a runtime"),
+    )
+}
+
+/// One round of load: a thread per edge, each a burst of 1 to `max` logins for alice at
+/// once; what they admitted.
+fn burst(agents: &[Arc<Agent>], rng: &mut Rng, max: u64) -> usize {
+    let handles: Vec<_> = agents
+        .iter()
+        .map(|agent| {
+            let agent = agent.clone();
+            let n = 1 + rng.below(max) as usize;
+            std::thread::spawn(move || {
+                (0..n)
+                    .filter(|_| agent.check(&user("alice", "/login")).allowed)
+                    .count()
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("no check panics"))
+        .sum()
 }
 
 fn user<'a>(id: &'a str, path: &'a str) -> Request<'a> {
@@ -108,23 +117,7 @@ async fn three_edges_over_quic_admit_a_hard_key_exactly_to_its_limit() {
     let mut rng = Rng::new(7);
     let mut admitted = 0;
     for _ in 0..25 {
-        // One thread per edge, each a burst of 1–8 requests for the same user, at once.
-        let handles: Vec<_> = t
-            .agents
-            .iter()
-            .map(|a| {
-                let a = a.clone();
-                let n = 1 + rng.below(8) as usize;
-                std::thread::spawn(move || {
-                    (0..n)
-                        .filter(|_| a.check(&user("alice", "/login")).allowed)
-                        .count()
-                })
-            })
-            .collect();
-        for h in handles {
-            admitted += h.join().expect("no check panics");
-        }
+        admitted += burst(&t.agents, &mut rng, 8);
         for a in &t.agents {
             let _ = a.flush().await;
         }
@@ -266,25 +259,13 @@ async fn two_replicas_on_one_redis_hold_a_hard_limit_across_a_failover() {
     let (b, b_endpoint, b_addr) = replica(&server, &ca, "regional-eu-b", &rules, &clock).await;
     let mut agents = Vec::new();
     for e in 0..4 {
-        let node = format!("edge-eu-{e}");
-        let identity = Identity::new(&ca, &ca.issue(&node, &[]).expect("a DNS name"));
+        // Each edge lists both replicas, its own first.
         let addresses = if e < 2 {
             vec![a_addr, b_addr]
         } else {
             vec![b_addr, a_addr]
         };
-        let upstream =
-            QuicUpstream::connect(QuicConfig::new(addresses, REGIONAL, identity, node, REGION))
-                .expect("inside a runtime");
-        tokio::time::timeout(Duration::from_secs(5), upstream.connected())
-            .await
-            .expect("the edge connects over loopback");
-        agents.push(Arc::new(
-            Agent::builder(AgentConfig::default(), rules.clone(), upstream)
-                .clock(Arc::new(clock.clone()))
-                .build()
-                .expect("inside a runtime"),
-        ));
+        agents.push(edge(&ca, &format!("edge-eu-{e}"), addresses, &rules, &clock).await);
     }
     assert_eq!((a.edges(), b.edges()), (2, 2), "two edges on each replica");
 
@@ -309,21 +290,7 @@ async fn two_replicas_on_one_redis_hold_a_hard_limit_across_a_failover() {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
-        let handles: Vec<_> = agents
-            .iter()
-            .map(|agent| {
-                let agent = agent.clone();
-                let n = 1 + rng.below(6) as usize;
-                std::thread::spawn(move || {
-                    (0..n)
-                        .filter(|_| agent.check(&user("alice", "/login")).allowed)
-                        .count()
-                })
-            })
-            .collect();
-        for h in handles {
-            admitted += h.join().expect("no check panics");
-        }
+        admitted += burst(&agents, &mut rng, 6);
         for agent in &agents {
             let _ = agent.flush().await;
         }

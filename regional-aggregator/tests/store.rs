@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Duration};
 
 use regional_aggregator::store::{
     Absorb, Bounds, ExactOp, LedgerKey, LedgerView, MemoryStore, RedisStore, RedisTopology, Refund,
-    Store, SyncOp,
+    Store, SyncOp, SyncReply,
 };
 use shared::{
     LimitId, Nanos,
@@ -67,6 +67,14 @@ fn reserved(view: &LedgerView) -> u64 {
         .fold(view.exact, u64::saturating_add)
 }
 
+/// One sync op for edge `edge`, and its answer.
+async fn sync_one(store: &dyn Store, edge: u64, now: Nanos, op: SyncOp) -> SyncReply {
+    store
+        .sync(EdgeId(edge), now, &[op])
+        .await
+        .expect("the store answers")[0]
+}
+
 async fn view(store: &dyn Store, at: &LedgerKey) -> LedgerView {
     store
         .ledger(at)
@@ -122,22 +130,13 @@ async fn sync_is_idempotent(store: Arc<dyn Store>) {
     let key = ledger("idempotent", "user-1", 3);
     let b = bounds(1000, 4);
     let now = at(3, Nanos::from_secs(1));
-    let first = store
-        .sync(EdgeId(7), now, &[sync(&key, 5, 0, 20, b)])
-        .await
-        .expect("the store answers")[0];
+    let first = sync_one(&*store, 7, now, sync(&key, 5, 0, 20, b)).await;
     assert_eq!((first.used, first.total), (5, 5));
     assert_eq!(first.granted, 25, "ceiling = max(g, r + u) + want");
     let before = view(&*store, &key).await;
-    let again = store
-        .sync(EdgeId(7), now, &[sync(&key, 5, 0, 20, b)])
-        .await
-        .expect("the store answers")[0];
+    let again = sync_one(&*store, 7, now, sync(&key, 5, 0, 20, b)).await;
     assert_eq!(again, first, "the same batch again mints nothing more");
-    let late = store
-        .sync(EdgeId(7), now, &[sync(&key, 3, 0, 20, b)])
-        .await
-        .expect("the store answers")[0];
+    let late = sync_one(&*store, 7, now, sync(&key, 3, 0, 20, b)).await;
     assert_eq!(
         (late.used, late.granted),
         (5, 25),
@@ -269,57 +268,27 @@ async fn near_limit_stops_grants_and_spent_pools_recall(store: Arc<dyn Store>) {
     let key = ledger("near", "user-1", 0);
     let b = bounds(100, 2); // θ·P = 80, at most 40 unused per edge
     let now = at(0, Nanos::ZERO);
-    let a = store
-        .sync(EdgeId(1), now, &[sync(&key, 0, 0, 1000, b)])
-        .await
-        .expect("the store answers")[0];
+    let a = sync_one(&*store, 1, now, sync(&key, 0, 0, 1000, b)).await;
     assert_eq!(a.granted, 40);
-    let c = store
-        .sync(EdgeId(2), now, &[sync(&key, 0, 0, 1000, b)])
-        .await
-        .expect("the store answers")[0];
+    let c = sync_one(&*store, 2, now, sync(&key, 0, 0, 1000, b)).await;
     assert_eq!(c.granted, 20, "(80 − 40) / 2");
     // Edge 2 asks again: the pool holds 60 of 80, its share of the rest is 10.
-    let c = store
-        .sync(EdgeId(2), now, &[sync(&key, 0, 0, 1000, b)])
-        .await
-        .expect("the store answers")[0];
+    let c = sync_one(&*store, 2, now, sync(&key, 0, 0, 1000, b)).await;
     assert_eq!(c.granted, 30);
     // Edge 3 wants a little; the pool has 10 left, edge 1 holds 40 unused and wants 5: recall.
-    let one = store
-        .sync(EdgeId(1), now, &[sync(&key, 0, 0, 5, b)])
-        .await
-        .expect("the store answers")[0];
+    let one = sync_one(&*store, 1, now, sync(&key, 0, 0, 5, b)).await;
     assert!(!one.recall, "the pool still has 10 left");
-    let e3 = store
-        .sync(EdgeId(3), now, &[sync(&key, 0, 0, 10, b)])
-        .await
-        .expect("the store answers")[0];
+    let e3 = sync_one(&*store, 3, now, sync(&key, 0, 0, 10, b)).await;
     assert_eq!(e3.granted, 5, "(80 − 70) / 2");
-    let e3 = store
-        .sync(EdgeId(3), now, &[sync(&key, 0, 0, 10, b)])
-        .await
-        .expect("the store answers")[0];
+    let e3 = sync_one(&*store, 3, now, sync(&key, 0, 0, 10, b)).await;
     assert_eq!(e3.granted, 7);
-    let e3 = store
-        .sync(EdgeId(3), now, &[sync(&key, 0, 0, 10, b)])
-        .await
-        .expect("the store answers")[0];
+    let e3 = sync_one(&*store, 3, now, sync(&key, 0, 0, 10, b)).await;
     assert_eq!(e3.granted, 8);
-    let one = store
-        .sync(EdgeId(1), now, &[sync(&key, 0, 0, 5, b)])
-        .await
-        .expect("the store answers")[0];
+    let one = sync_one(&*store, 1, now, sync(&key, 0, 0, 5, b)).await;
     assert!(!one.recall, "2 left under θ·P: still one unit per edge");
-    let e3 = store
-        .sync(EdgeId(3), now, &[sync(&key, 0, 0, 10, b)])
-        .await
-        .expect("the store answers")[0];
+    let e3 = sync_one(&*store, 3, now, sync(&key, 0, 0, 10, b)).await;
     assert_eq!(e3.granted, 9);
-    let one = store
-        .sync(EdgeId(1), now, &[sync(&key, 0, 0, 5, b)])
-        .await
-        .expect("the store answers")[0];
+    let one = sync_one(&*store, 1, now, sync(&key, 0, 0, 5, b)).await;
     assert!(
         one.recall,
         "pool spent and edge 1 holds 40 unused but wants 5"
@@ -334,17 +303,11 @@ async fn near_limit_stops_grants_and_spent_pools_recall(store: Arc<dyn Store>) {
         .sync(EdgeId(3), now, &[sync(&key, 9, 0, 0, b)])
         .await
         .expect("the store answers");
-    let one = store
-        .sync(EdgeId(1), now, &[sync(&key, 40, 0, 10, b)])
-        .await
-        .expect("the store answers")[0];
+    let one = sync_one(&*store, 1, now, sync(&key, 40, 0, 10, b)).await;
     assert!(one.near_limit);
     assert_eq!(one.granted, 40, "no grant near the limit");
     // Sticky: released quota does not reopen grants this window.
-    let two = store
-        .sync(EdgeId(2), now, &[sync(&key, 30, 0, 10, b)])
-        .await
-        .expect("the store answers")[0];
+    let two = sync_one(&*store, 2, now, sync(&key, 30, 0, 10, b)).await;
     assert!(two.near_limit);
     assert_eq!(two.granted, 30);
     // The exact path still serves up to P: 21 left.

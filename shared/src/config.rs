@@ -151,6 +151,18 @@ pub fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, 
         .map_err(serde::de::Error::custom)
 }
 
+/// An optional duration field: `#[serde(default, deserialize_with =
+/// "shared::config::optional_duration")]`; absent is `None`, present is read as [`duration`].
+///
+/// # Errors
+///
+/// As [`duration`].
+pub fn optional_duration<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Duration>, D::Error> {
+    duration(deserializer).map(Some)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,8 +1,63 @@
-//! What every tier's binary does the same way: logs to stderr (human or JSON, filtered per
-//! module), and stopping on Ctrl-C or SIGTERM (what systemd and Kubernetes send). One copy, so
-//! the three binaries behave alike for the operator.
+//! What every tier's binary does the same way: read its files with located errors, log to
+//! stderr (human or JSON, filtered per module), run on a multi-threaded runtime until Ctrl-C
+//! or SIGTERM (what systemd and Kubernetes send), and exit with 2 for a bad configuration, 1
+//! for a failure while running. One copy, so the binaries behave alike for the operator.
 
-use std::io::IsTerminal;
+use std::{fmt::Display, fs, future::Future, io::IsTerminal, path::Path, process::ExitCode};
+
+use crate::{ConfigError, RuleSet};
+
+/// The contents of a configuration or rules file, or a [`ConfigError`] naming it.
+///
+/// # Errors
+///
+/// [`ConfigError::Document`] when it cannot be read, saying why.
+pub fn read_file(path: &Path) -> Result<String, ConfigError> {
+    fs::read_to_string(path).map_err(|e| ConfigError::Document {
+        file: path.display().to_string(),
+        reason: format!("cannot read it: {e}"),
+    })
+}
+
+/// The rules file at `path`, refused whole with a located error if any of it is wrong.
+///
+/// # Errors
+///
+/// As [`read_file`] and [`RuleSet::from_yaml`].
+pub fn load_rules(path: &Path) -> Result<RuleSet, ConfigError> {
+    RuleSet::from_yaml(&path.display().to_string(), &read_file(path)?)
+}
+
+/// Says `message` on stderr as `program: message` and returns exit status `code`.
+pub fn fail(program: &str, code: u8, message: impl Display) -> ExitCode {
+    eprintln!("{program}: {message}");
+    ExitCode::from(code)
+}
+
+/// Installs the logger, then runs `work` on a multi-threaded runtime until it ends; hand it
+/// [`shutdown_signal`] so that it ends on Ctrl-C or SIGTERM. Exit 0 when it ends well, 2 for
+/// a bad `--log` filter, 1 otherwise.
+pub fn serve<E: Display>(
+    program: &str,
+    log: &str,
+    format: LogFormat,
+    work: impl Future<Output = Result<(), E>>,
+) -> ExitCode {
+    if let Err(e) = init_logging(log, format) {
+        return fail(program, 2, e);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(program, 1, format_args!("cannot start the runtime: {e}")),
+    };
+    match runtime.block_on(work) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(program, 1, e),
+    }
+}
 
 /// How logs are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -37,8 +37,9 @@
 //! fresh one's equivalent (a bucket full or empty, a log's newest entry out of the window).
 //!
 //! Scripts are sent by SHA. A node that does not have one yet (just started, failed over,
-//! flushed) answers `NOSCRIPT` for that command only; those commands are sent again as `EVAL`
-//! with the body, which also caches it there. Nothing is sent twice that already ran.
+//! flushed) answers `NOSCRIPT` for that command only; those commands are sent again, in one
+//! more pipeline, as `EVAL` with the body, which also caches it there. Nothing is sent twice
+//! that already ran.
 //!
 //! Errors are classified once, in [`classify`]: connection loss, timeouts, `OOM`,
 //! `READONLY`, `BUSY`, `LOADING`, `TRYAGAIN`, `CLUSTERDOWN` are transient (the breaker counts
@@ -190,7 +191,9 @@ impl RedisStore {
         Ok(out)
     }
 
-    /// One pipeline; a `NOSCRIPT` answer is retried once with the script's body.
+    /// One pipeline. Calls answered `NOSCRIPT` (Redis restarted, or its script cache was
+    /// flushed) are sent again in one more pipeline with the scripts' bodies, which loads them
+    /// for the calls after.
     async fn run_group(
         &self,
         calls: &[Call<'_>],
@@ -210,20 +213,36 @@ impl RedisStore {
             )));
         }
         let mut out = Vec::with_capacity(group.len());
+        // Positions in `out` (and indices into `calls`) of the calls to send again.
+        let mut missing = Vec::new();
         for (&i, result) in group.iter().zip(results) {
-            let values = match result {
-                Ok(values) => values,
+            match result {
+                Ok(values) => out.push(values),
                 Err(e)
                     if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
                 {
-                    let mut again = Pipeline::with_capacity(1);
-                    again.add_command(calls[i].command(true));
-                    let (values,): (Vec<i64>,) = self.query(&again).await?;
-                    values
+                    missing.push((out.len(), i));
+                    out.push(Vec::new());
                 }
                 Err(e) => return Err(classify(e)),
-            };
-            out.push(values);
+            }
+        }
+        if !missing.is_empty() {
+            let mut again = Pipeline::with_capacity(missing.len());
+            for &(_, i) in &missing {
+                again.add_command(calls[i].command(true));
+            }
+            let answers: Vec<Vec<i64>> = self.query(&again).await?;
+            if answers.len() != missing.len() {
+                return Err(StoreError::Permanent(format!(
+                    "pipeline of {} EVALs answered {} results",
+                    missing.len(),
+                    answers.len()
+                )));
+            }
+            for ((at, _), values) in missing.into_iter().zip(answers) {
+                out[at] = values;
+            }
         }
         Ok(out)
     }

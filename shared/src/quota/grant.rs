@@ -33,6 +33,16 @@ impl Threshold {
         }
     }
 
+    /// θ written as a fraction, as config files do (`0.8`); `None` unless `0 < θ ≤ 1` (to the
+    /// nearest part per million).
+    pub fn from_fraction(theta: f64) -> Option<Threshold> {
+        let ppm = (theta * PPM as f64).round();
+        // Finite and in range, so the cast is exact.
+        (theta.is_finite() && (1.0..=PPM as f64).contains(&ppm))
+            .then(|| Threshold::from_ppm(ppm as u32))
+            .flatten()
+    }
+
     /// θ in parts per million.
     pub const fn ppm(self) -> u32 {
         self.0
@@ -388,6 +398,18 @@ pub fn carried(previous: u64, weight_ppm: u32) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_threshold_from_a_fraction_is_in_zero_to_one() {
+        assert_eq!(Threshold::from_fraction(0.8), Some(DEFAULT_THRESHOLD));
+        assert_eq!(
+            Threshold::from_fraction(1.0).map(Threshold::ppm),
+            Some(1_000_000)
+        );
+        for bad in [0.0, -0.5, 1.5, f64::NAN, f64::INFINITY, 1e-7] {
+            assert_eq!(Threshold::from_fraction(bad), None, "{bad}");
+        }
+    }
 
     fn budget(p: u64, n: u32) -> Budget {
         Budget {
