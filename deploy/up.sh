@@ -83,6 +83,24 @@ wait_tcp() {
   exit 1
 }
 
+# Waits until the edge on 127.0.0.1:$1 answers GET /readyz with 200: connected to its regional.
+# Before that, its rules' failure modes decide (a `closed` login rule would answer 429).
+wait_ready() {
+  local port="$1" name="$2" status=""
+  for _ in $(seq 1 100); do
+    if exec 3<>"/dev/tcp/127.0.0.1/$port" 2>/dev/null; then
+      printf 'GET /readyz HTTP/1.0\r\n\r\n' >&3
+      read -r _ status _ <&3 || true
+      exec 3<&-
+      if [ "$status" = 200 ]; then return 0; fi
+    fi
+    sleep 0.1
+  done
+  echo "deploy/up.sh: $name is not connected to its regional; its log:" >&2
+  cat "$dir/logs/$name.log" >&2
+  exit 1
+}
+
 declare -A redis_port=([eu]=6391 [us]=6392)
 store="in-memory store (redis-server is not installed)"
 if command -v redis-server >/dev/null 2>&1; then
@@ -107,6 +125,7 @@ for edge in eu-1 eu-2 us-1 us-2; do
 done
 for edge in eu-1 eu-2 us-1 us-2; do
   wait_tcp "${edge_port[$edge]}" "edge-$edge"
+  wait_ready "${edge_port[$edge]}" "edge-$edge"
 done
 
 redis_eu="" redis_us=""
@@ -116,7 +135,7 @@ fi
 cat <<EOF
 
 ==> up: two regions on loopback, counts in the $store
-  edge-eu-1  http://127.0.0.1:8080   (POST /v1/check, GET /healthz)
+  edge-eu-1  http://127.0.0.1:8080   (POST /v1/check, GET /healthz, GET /readyz)
   edge-eu-2  http://127.0.0.1:8081
   edge-us-1  http://127.0.0.1:8082
   edge-us-2  http://127.0.0.1:8083

@@ -107,7 +107,7 @@ pub async fn run(checked: Checked, shutdown: impl Future<Output = ()>) -> Result
         settings.node.clone(),
         settings.region.clone(),
     ))?;
-    let agent = Arc::new(Agent::builder(settings.agent.clone(), rules, upstream).build()?);
+    let agent = Arc::new(Agent::builder(settings.agent.clone(), rules, upstream.clone()).build()?);
     let sync = agent.spawn_sync_loop();
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
@@ -117,7 +117,7 @@ pub async fn run(checked: Checked, shutdown: impl Future<Output = ()>) -> Result
         })?;
     let listen = listener.local_addr().unwrap_or(settings.listen);
     tracing::info!(%listen, "{summary}");
-    let api = Arc::new(Api::new(agent.clone(), settings.identity.clone()));
+    let api = Arc::new(Api::new(agent.clone(), settings.identity.clone(), upstream));
     http::serve(listener, api, shutdown).await;
     tracing::info!("shutting down: sending the last counts to the regional");
     sync.abort();

@@ -1,5 +1,7 @@
 //! The edge's HTTP API (DESIGN §8): `POST /v1/check` decides one request described in JSON,
-//! `GET /healthz` says the process is up.
+//! `GET /healthz` says the process is up, `GET /readyz` whether it is connected to its
+//! regional (until then every decision that needs the regional is its rule's failure mode, so
+//! a load balancer or `deploy/up.sh` should wait for it).
 //!
 //! A check flows like this: the body is read up to [`MAX_BODY`] (more is `413`), parsed as
 //! [`CheckBody`] (anything malformed is `400` naming the field or the position), turned into a
@@ -28,7 +30,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
-use crate::{Agent, Decision, IdentityConfig, IpText, client_ip};
+use crate::{Agent, Decision, IdentityConfig, IpText, QuicUpstream, client_ip};
 
 /// The largest `POST /v1/check` body read: a check is a few hundred bytes.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -36,16 +38,23 @@ pub const MAX_BODY: usize = 64 * 1024;
 /// How long a client may take to send its request headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// What the HTTP API answers with: the agent, and how to read a client's identity.
+/// What the HTTP API answers with: the agent, how to read a client's identity, and the link
+/// to the regional readiness is judged by.
 pub struct Api {
     agent: Arc<Agent>,
     identity: IdentityConfig,
+    upstream: Arc<QuicUpstream>,
 }
 
 impl Api {
-    /// Answers for `agent`, reading identities as `identity` says.
-    pub fn new(agent: Arc<Agent>, identity: IdentityConfig) -> Api {
-        Api { agent, identity }
+    /// Answers for `agent`, reading identities as `identity` says; ready while `upstream` is
+    /// connected.
+    pub fn new(agent: Arc<Agent>, identity: IdentityConfig, upstream: Arc<QuicUpstream>) -> Api {
+        Api {
+            agent,
+            identity,
+            upstream,
+        }
     }
 }
 
@@ -162,6 +171,18 @@ pub async fn handle(
             r
         }
         (&Method::GET, "/healthz") => Response::new(Full::new(Bytes::from_static(b"ok\n"))),
+        (&Method::GET, "/readyz") => match api.upstream.connected_to() {
+            Some(regional) => Response::new(Full::new(Bytes::from(format!(
+                "ready: connected to {regional}\n"
+            )))),
+            None => {
+                let mut r = Response::new(Full::new(Bytes::from_static(
+                    b"not ready: no connection to a regional\n",
+                )));
+                *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                r
+            }
+        },
         (_, path) => error(
             StatusCode::NOT_FOUND,
             "not_found",

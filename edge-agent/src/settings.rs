@@ -4,7 +4,7 @@
 //! ```yaml
 //! node: edge-eu-1                # this node's name: a DNS name its certificate carries
 //! region: eu                     # the regional refuses edges of other regions
-//! listen: 127.0.0.1:8080         # HTTP: POST /v1/check, GET /healthz
+//! listen: 127.0.0.1:8080         # HTTP: POST /v1/check, GET /healthz, GET /readyz
 //! rules: rules.yaml              # relative paths are read from this file's directory
 //! regional:
 //!   addresses: [127.0.0.1:7401]  # the region's regional replicas, tried in order

@@ -236,6 +236,9 @@ fn bad_input_gets_a_clear_error_and_the_server_keeps_answering() {
     assert_eq!((r.status, r.header("allow")), (405, Some("POST")));
     assert_eq!(request(addr, "GET", "/nope", "", b"").status, 404);
     assert_eq!(request(addr, "GET", "/healthz", "", b"").body, "ok\n");
+    // Alive, but its regional (port 9) never answers: not ready.
+    let r = request(addr, "GET", "/readyz", "", b"");
+    assert_eq!(r.status, 503, "{}", r.body);
     // A request that is not HTTP at all closes only its own connection.
     let mut s = TcpStream::connect(addr).expect("listening");
     let _ = s.write_all(b"\x00\x01garbage\r\n\r\n");

@@ -358,7 +358,7 @@ async fn a_killed_regional_leaves_edges_to_their_failure_modes_and_they_replay_o
     assert_eq!(api_admitted, 100);
 
     // SIGKILL: no goodbye; the edges find out by timeouts, then by QUIC's idle timeout.
-    drop(regional);
+    regional.kill();
     let timeout = AgentConfig::default().upstream_timeout;
     for (agent, _) in &edges {
         let api = checks(agent, "GET", "/api", "bob", 30).await;

@@ -1,5 +1,5 @@
 //! A binary of ours running as a child process, for tests that drive the tiers as an operator
-//! does: its output read line by line as it comes, signals sent, killed when the handle drops
+//! does: its output read line by line as it comes, signals sent, stopped when the handle drops
 //! (so a failing test leaves nothing running).
 
 use std::{
@@ -137,6 +137,12 @@ impl Spawned {
         }
     }
 
+    /// SIGKILL, no goodbye (a crash, as far as its peers can tell), and waits for it.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Every line printed so far.
     pub fn printed(&mut self) -> String {
         self.seen.extend(self.lines.try_iter());
@@ -145,7 +151,18 @@ impl Spawned {
 }
 
 impl Drop for Spawned {
+    /// SIGTERM first, so a script such as `deploy/up.sh` stops what it started (SIGKILL would
+    /// orphan its children); SIGKILL after 5 s.
     fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = Command::new("bash")
+                .args(["-c", &format!("kill -TERM {}", self.child.id())])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -43,6 +43,17 @@ fn up_starts_the_topology_answers_the_readme_curl_and_stops_on_ctrl_c() {
         assert!(printed.contains(endpoint), "prints {endpoint}:\n{printed}");
     }
     assert!(printed.contains("curl -i -X POST http://127.0.0.1:8080/v1/check"));
+    // up.sh said "up" only once every edge is connected to its regional.
+    for port in [8080, 8081, 8082, 8083] {
+        let ready = http::request(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            "GET",
+            "/readyz",
+            "",
+            b"",
+        );
+        assert_eq!(ready.status, 200, "edge on {port}: {}", ready.body);
+    }
 
     // The README's curl, six times: the login rule allows 5 per minute per IP.
     let login = r#"{"path": "/api/login", "method": "POST", "ip": "203.0.113.7"}"#;
