@@ -135,12 +135,12 @@ fi
 cat <<EOF
 
 ==> up: two regions on loopback, counts in the $store
-  edge-eu-1  http://127.0.0.1:8080   (POST /v1/check, GET /healthz, GET /readyz)
+  edge-eu-1  http://127.0.0.1:8080   (POST /v1/check, GET /healthz, /readyz, /metrics)
   edge-eu-2  http://127.0.0.1:8081
   edge-us-1  http://127.0.0.1:8082
   edge-us-2  http://127.0.0.1:8083
-  regional-eu-1  quic://127.0.0.1:7401$redis_eu
-  regional-us-1  quic://127.0.0.1:7402$redis_us
+  regional-eu-1  quic://127.0.0.1:7401   metrics http://127.0.0.1:9401/metrics$redis_eu
+  regional-us-1  quic://127.0.0.1:7402   metrics http://127.0.0.1:9402/metrics$redis_us
   coordinator: not built yet; each region enforces the rules file with the whole limit
   rules: $dir/config/rules.yaml    logs: $dir/logs/
 

@@ -18,6 +18,7 @@
 
 use std::{
     cell::Cell,
+    collections::HashMap,
     num::NonZeroU32,
     sync::{
         Arc,
@@ -29,6 +30,7 @@ use dashmap::DashMap;
 use shared::{
     Clock, FailureMode, LimitId, Nanos, RuleSet,
     algorithm::Limiter,
+    metrics::Histogram,
     quota::cold_allowance,
     rules::{Match, Request, recycle},
     wire::{Acquire, AcquireReply, Check, MAX_KEYS_PER_BATCH, SyncAck, SyncBatch, SyncEntry},
@@ -97,18 +99,20 @@ impl AgentBuilder {
             Some(h) => h,
             None => Handle::try_current().map_err(|_| BuildError::NoRuntime)?,
         };
+        let clock = self.clock.unwrap_or_else(|| Arc::new(crate::SystemClock));
+        let stats = Stats::new(&self.rules, clock.now());
         Ok(Agent {
             inner: Arc::new(Inner {
                 config: self.config,
                 rules: self.rules,
                 upstream: self.upstream,
-                clock: self.clock.unwrap_or_else(|| Arc::new(crate::SystemClock)),
+                clock,
                 runtime,
                 keys: DashMap::with_hasher(foldhash::fast::RandomState::default()),
                 edges: AtomicU32::new(0),
                 down_until: AtomicU64::new(0),
                 next_request: AtomicU64::new(0),
-                stats: Stats::default(),
+                stats,
             }),
         })
     }
@@ -213,6 +217,30 @@ impl Agent {
     pub fn rules(&self) -> &RuleSet {
         &self.inner.rules
     }
+
+    /// Per shadow limit, the requests it would have denied.
+    pub fn shadow_denials_by_limit(&self) -> impl Iterator<Item = (LimitId, u64)> + '_ {
+        self.inner
+            .stats
+            .shadow_by_limit
+            .iter()
+            .map(|(&id, counter)| (id, counter.sum()))
+    }
+
+    /// Sizes of the acknowledged sync batches, in keys.
+    pub fn sync_batch_sizes(&self) -> &Histogram {
+        &self.inner.stats.sync_sizes
+    }
+
+    /// Keys the agent holds state for.
+    pub fn keys(&self) -> usize {
+        self.inner.keys.len()
+    }
+
+    /// The current time on the agent's clock.
+    pub fn now(&self) -> Nanos {
+        self.inner.clock.now()
+    }
 }
 
 /// What the agent has done since it started.
@@ -233,6 +261,19 @@ pub struct StatsSnapshot {
     pub sync_failures: u64,
     /// Requests a shadow limit would have denied (or could not confirm locally); none was.
     pub shadow_denials: u64,
+    /// Sync batches the regional acknowledged.
+    pub syncs: u64,
+    /// Keys (entries) in those batches.
+    pub sync_entries: u64,
+    /// When the regional last had every count this agent had made: the collection time of
+    /// the last flush whose batches were all acknowledged (or that had nothing to send), or
+    /// when the agent was built. The sync lag is the time since.
+    pub last_sync_at: Nanos,
+    /// Grant units received from the regional, summed over keys and windows.
+    pub granted: u64,
+    /// Grant units handed back unused (idle keys, recalls, near the limit, ended windows).
+    /// `1 − returned / granted` is the grant utilisation.
+    pub returned: u64,
 }
 
 struct Inner {
@@ -425,6 +466,9 @@ impl Inner {
         });
         if !fitted {
             self.stats.shadow_denials.add(1);
+            if let Some(counter) = self.stats.shadow_by_limit.get(&m.limit.id()) {
+                counter.add(1);
+            }
         }
     }
 
@@ -503,7 +547,8 @@ impl Inner {
                 local_time(check.reset_at)
             };
             let remaining = self.with_state(&part.slot, |s| {
-                s.raise_granted(part.window, check.granted);
+                let rise = s.raise_granted(part.window, check.granted);
+                self.stats.granted.fetch_add(rise, Ordering::Relaxed);
                 if !reply.allowed && !check.allowed {
                     s.denied_until = s.denied_until.max(reopen);
                 }
@@ -663,7 +708,10 @@ impl Inner {
             .await
             .unwrap_or(Err(UpstreamError::Timeout));
             match result {
-                Ok(ack) => self.apply(&ack),
+                Ok(ack) => {
+                    self.apply(&ack);
+                    self.stats.synced(chunk.len());
+                }
                 Err(e) => {
                     self.stats.sync_failures.add(1);
                     self.mark_down(now);
@@ -671,6 +719,10 @@ impl Inner {
                 }
             }
         }
+        // The regional has every count this edge had at `now`: the sync lag restarts.
+        self.stats
+            .last_sync
+            .fetch_max(now.as_u64(), Ordering::Relaxed);
         Ok(())
     }
 
@@ -681,6 +733,7 @@ impl Inner {
         let evict_before = now - Nanos::from(self.config.idle_eviction);
         let mut entries = Vec::new();
         let mut lost_total = 0;
+        let mut returned = 0;
         self.keys.retain(|key, state| {
             let (limit, wire_key) = split(key);
             let Some((_, l)) = self.rules.limit(limit) else {
@@ -697,7 +750,7 @@ impl Inner {
                 }
                 let past = win.index < current;
                 if idle || past || win.near_limit || win.recalled {
-                    win.release_unused();
+                    returned += win.release_unused();
                 }
                 win.recalled = false;
                 let want = if win.near_limit || past {
@@ -720,10 +773,12 @@ impl Inner {
             state.unsynced() || state.last_used >= evict_before || state.denied_until > now
         });
         self.stats.lost(lost_total);
+        self.stats.returned.fetch_add(returned, Ordering::Relaxed);
         entries
     }
 
     fn apply(&self, ack: &SyncAck) {
+        let mut granted = 0;
         for e in &ack.entries {
             if e.edges > 0 {
                 self.edges.store(e.edges, Ordering::Relaxed);
@@ -735,7 +790,7 @@ impl Inner {
                 && let Some(win) = state.slot(e.window)
             {
                 // Everything only grows: a late or repeated answer changes nothing.
-                win.granted = win.granted.max(e.granted);
+                granted += win.raise_granted(e.granted);
                 win.acked_used = win.acked_used.max(e.used);
                 win.acked_released = win.acked_released.max(e.released);
                 if e.used >= win.used_at_total {
@@ -751,6 +806,7 @@ impl Inner {
             };
             self.with_state(&slot, |s| s.hot_window = hot.window);
         }
+        self.stats.granted.fetch_add(granted, Ordering::Relaxed);
     }
 }
 
@@ -800,7 +856,6 @@ impl Striped {
     }
 }
 
-#[derive(Default)]
 struct Stats {
     local: Striped,
     exact: Striped,
@@ -809,9 +864,49 @@ struct Stats {
     lost_windows: Striped,
     sync_failures: Striped,
     shadow_denials: Striped,
+    /// Per shadow limit, built once from the rules: the map itself is never written.
+    shadow_by_limit: HashMap<LimitId, Striped>,
+    // The sync loop's, written by one flush at a time: plain atomics.
+    syncs: AtomicU64,
+    sync_entries: AtomicU64,
+    sync_sizes: Histogram,
+    last_sync: AtomicU64,
+    granted: AtomicU64,
+    returned: AtomicU64,
 }
 
 impl Stats {
+    /// Counters from zero, for an agent built at `now` (the sync lag counts from there).
+    fn new(rules: &RuleSet, now: Nanos) -> Stats {
+        Stats {
+            local: Striped::default(),
+            exact: Striped::default(),
+            fallback: Striped::default(),
+            denied: Striped::default(),
+            lost_windows: Striped::default(),
+            sync_failures: Striped::default(),
+            shadow_denials: Striped::default(),
+            shadow_by_limit: rules
+                .limits()
+                .filter(|(rule, _)| rule.shadow())
+                .map(|(_, limit)| (limit.id(), Striped::default()))
+                .collect(),
+            syncs: AtomicU64::new(0),
+            sync_entries: AtomicU64::new(0),
+            sync_sizes: Histogram::sizes(),
+            last_sync: AtomicU64::new(now.as_u64()),
+            granted: AtomicU64::new(0),
+            returned: AtomicU64::new(0),
+        }
+    }
+
+    fn synced(&self, entries: usize) {
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        self.sync_entries
+            .fetch_add(entries as u64, Ordering::Relaxed);
+        self.sync_sizes.observe(entries as u64);
+    }
+
     fn lost(&self, n: u32) {
         if n > 0 {
             self.lost_windows.add(u64::from(n));
@@ -827,6 +922,11 @@ impl Stats {
             lost_windows: self.lost_windows.sum(),
             sync_failures: self.sync_failures.sum(),
             shadow_denials: self.shadow_denials.sum(),
+            syncs: self.syncs.load(Ordering::Relaxed),
+            sync_entries: self.sync_entries.load(Ordering::Relaxed),
+            last_sync_at: Nanos(self.last_sync.load(Ordering::Relaxed)),
+            granted: self.granted.load(Ordering::Relaxed),
+            returned: self.returned.load(Ordering::Relaxed),
         }
     }
 }

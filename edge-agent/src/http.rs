@@ -1,5 +1,6 @@
 //! The edge's HTTP API (DESIGN §8): `POST /v1/check` decides one request described in JSON,
-//! `GET /healthz` says the process is up, `GET /readyz` whether it is connected to its
+//! `GET /healthz` says the process is up, `GET /metrics` serves [`EdgeMetrics`] as
+//! OpenMetrics text, `GET /readyz` whether it is connected to its
 //! regional (until then every decision that needs the regional is its rule's failure mode, so
 //! a load balancer or `deploy/up.sh` should wait for it).
 //!
@@ -14,8 +15,8 @@
 //! an ordinary response.
 
 use std::{
-    collections::BTreeMap, convert::Infallible, future::Future, net::IpAddr, net::SocketAddr,
-    num::NonZeroU32, sync::Arc, time::Duration,
+    collections::BTreeMap, future::Future, net::IpAddr, net::SocketAddr, num::NonZeroU32,
+    sync::Arc, time::Instant,
 };
 
 use bytes::Bytes;
@@ -24,19 +25,14 @@ use hyper::{
     Method, Request as HttpRequest, Response, StatusCode,
     body::Incoming,
     header::{self, HeaderValue},
-    service::service_fn,
 };
-use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
-use crate::{Agent, Decision, IdentityConfig, IpText, QuicUpstream, client_ip};
+use crate::{Agent, Decision, EdgeMetrics, IdentityConfig, IpText, QuicUpstream, client_ip};
 
 /// The largest `POST /v1/check` body read: a check is a few hundred bytes.
 pub const MAX_BODY: usize = 64 * 1024;
-
-/// How long a client may take to send its request headers.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the HTTP API answers with: the agent, how to read a client's identity, and the link
 /// to the regional readiness is judged by.
@@ -44,16 +40,19 @@ pub struct Api {
     agent: Arc<Agent>,
     identity: IdentityConfig,
     upstream: Arc<QuicUpstream>,
+    metrics: EdgeMetrics,
 }
 
 impl Api {
     /// Answers for `agent`, reading identities as `identity` says; ready while `upstream` is
     /// connected.
     pub fn new(agent: Arc<Agent>, identity: IdentityConfig, upstream: Arc<QuicUpstream>) -> Api {
+        let metrics = EdgeMetrics::new(agent.clone(), Some(upstream.clone()));
         Api {
             agent,
             identity,
             upstream,
+            metrics,
         }
     }
 }
@@ -112,44 +111,11 @@ struct ErrorAnswer<'a> {
 /// Serves `api` on `listener` until `shutdown` completes; connections then finish the request
 /// in flight, and are dropped after 5 s at most.
 pub async fn serve(listener: TcpListener, api: Arc<Api>, shutdown: impl Future<Output = ()>) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = &mut shutdown => break,
-        };
-        let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // Out of file descriptors and the like: say so, and keep serving.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    let handler = move |peer, request| {
         let api = api.clone();
-        let service = service_fn(move |request| {
-            let api = api.clone();
-            async move { Ok::<_, Infallible>(handle(&api, peer, request).await) }
-        });
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_TIMEOUT)
-            .serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
-            }
-        });
-    }
-    if tokio::time::timeout(Duration::from_secs(5), graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::info!("connections still open after 5 s; dropping them");
-    }
+        async move { handle(&api, peer, request).await }
+    };
+    shared::http::serve(listener, handler, shutdown).await;
 }
 
 /// One HTTP request, whatever it is.
@@ -171,6 +137,7 @@ pub async fn handle(
             r
         }
         (&Method::GET, "/healthz") => Response::new(Full::new(Bytes::from_static(b"ok\n"))),
+        (&Method::GET, "/metrics") => shared::metrics::response(api.metrics.registry()),
         (&Method::GET, "/readyz") => match api.upstream.connected_to() {
             Some(regional) => Response::new(Full::new(Bytes::from(format!(
                 "ready: connected to {regional}\n"
@@ -243,10 +210,12 @@ async fn check(
         tier: body.tier.as_deref(),
         headers: &headers,
     };
+    let started = Instant::now();
     let decision = api
         .agent
         .check_async(&request, body.cost.unwrap_or(NonZeroU32::MIN))
         .await;
+    api.metrics.record(&decision, started.elapsed());
     answer(api, &decision)
 }
 

@@ -54,6 +54,7 @@
 //! - `quic`: [`QuicUpstream`], the real upstream: QUIC with mutual TLS to the regional,
 //!   failover and reconnection ([`QuicConfig`]).
 //! - `identity`: client identity from headers and the socket (trusted proxies only).
+//! - `metrics`: [`EdgeMetrics`], the Prometheus metrics the binary serves at `/metrics`.
 //! - [`SystemClock`] is `shared`'s, re-exported: the wall clock the agent runs on.
 
 #![warn(missing_docs)]
@@ -65,6 +66,7 @@ mod decision;
 pub mod http;
 mod identity;
 mod local;
+mod metrics;
 mod quic;
 pub mod settings;
 mod upstream;
@@ -82,6 +84,7 @@ pub use crate::{
         Cidr, DEFAULT_API_KEY_HEADER, DEFAULT_TIER_HEADER, DEFAULT_USER_ID_HEADER, Identity,
         IdentityConfig, IdentityError, IpText, client_ip,
     },
+    metrics::EdgeMetrics,
     quic::{
         DEFAULT_BACKOFF_MAX, DEFAULT_BACKOFF_MIN, DEFAULT_CONNECT_TIMEOUT, QuicConfig, QuicError,
         QuicUpstream,

@@ -168,9 +168,19 @@ impl Window {
             .saturating_sub(self.pending)
     }
 
-    /// Hands back everything unused (idle key, recall, or near the limit).
-    pub(crate) fn release_unused(&mut self) {
-        self.released = self.released.saturating_add(self.unused());
+    /// Raises the ceiling to `granted` (an old or repeated answer changes nothing); returns by
+    /// how much it rose.
+    pub(crate) fn raise_granted(&mut self, granted: u64) -> u64 {
+        let rise = granted.saturating_sub(self.granted);
+        self.granted += rise;
+        rise
+    }
+
+    /// Hands back everything unused (idle key, recall, or near the limit); returns how much.
+    pub(crate) fn release_unused(&mut self) -> u64 {
+        let unused = self.unused();
+        self.released = self.released.saturating_add(unused);
+        unused
     }
 }
 
@@ -310,11 +320,10 @@ impl KeyState {
         (win.used.saturating_add(win.pending), lost)
     }
 
-    /// Raises the ceiling the regional sent for window `w`, if the edge still holds it.
-    pub(crate) fn raise_granted(&mut self, w: u64, granted: u64) {
-        if let Some(win) = self.slot(w) {
-            win.granted = win.granted.max(granted);
-        }
+    /// Raises the ceiling the regional sent for window `w`, if the edge still holds it;
+    /// returns by how much it rose.
+    pub(crate) fn raise_granted(&mut self, w: u64, granted: u64) -> u64 {
+        self.slot(w).map_or(0, |win| win.raise_granted(granted))
     }
 
     /// The counters of window `w`, if the edge holds them.

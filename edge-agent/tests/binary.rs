@@ -15,6 +15,7 @@ use std::{
 use shared::net::{Ca, write_pki};
 use system_tests::{
     http::{check, request},
+    metrics,
     process::Spawned,
 };
 
@@ -26,6 +27,7 @@ rate_limits:
   endpoints:
     - { id: login, path: /api/login, method: POST, limit: 3, window: 1d, key: ip, strictness: hard, on_failure: local }
     - { id: search, path: /api/search, limit: 2, window: 1d, key: user_id, on_failure: local }
+    - { id: login-canary, path: /api/login, method: POST, limit: 1, window: 1d, key: ip, shadow: true }
 ";
 
 fn run(args: &[&str]) -> Output {
@@ -84,7 +86,7 @@ fn help_and_validate() {
     let config_arg = config.to_str().expect("UTF-8");
     let out = run(&["--config", config_arg, "--validate"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).contains("2 rules (version 7)"));
+    assert!(text(&out.stdout).contains("3 rules (version 7)"));
 
     let good = fs::read_to_string(&config).expect("exists");
     fs::write(&config, good.replace("[127.0.0.1]", "[127.0.0.1/8]")).expect("writable");
@@ -250,4 +252,79 @@ fn bad_input_gets_a_clear_error_and_the_server_keeps_answering() {
     assert_eq!(r.status, 200, "still answering");
     let logged = edge.printed();
     assert!(!logged.contains("panicked"), "{logged}");
+}
+
+#[test]
+fn metrics_parse_as_prometheus_text_and_count_what_was_decided() {
+    let dir = deployment("metrics");
+    let (_edge, addr) = start(&dir);
+    let scrape = || {
+        let r = request(addr, "GET", "/metrics", "", b"");
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(
+            r.header("content-type")
+                .is_some_and(|t| t.starts_with("application/openmetrics-text")),
+            "{:?}",
+            r.headers
+        );
+        metrics::parse(&r.body).unwrap_or_else(|e| panic!("{e}\n{}", r.body))
+    };
+    let before = scrape();
+    assert_eq!(before.sum("edge_checks_total", &[("rule", "login")]), None);
+    assert_eq!(before.get("edge_rule_set_version", &[]), 7.0);
+    assert_eq!(before.get("edge_upstream_connected", &[]), 0.0);
+
+    // The regional never answers: `login` (limit 3, `local`) decides by its failure mode.
+    let login = r#"{"path": "/api/login", "method": "POST", "ip": "203.0.113.7"}"#;
+    let statuses: Vec<u16> = (0..4).map(|_| check(addr, login).status).collect();
+    assert_eq!(statuses, [200, 200, 200, 429]);
+    assert_eq!(check(addr, r#"{"path": "/static/a.css"}"#).status, 200);
+
+    let m = scrape();
+    let login = |result| {
+        m.get(
+            "edge_checks_total",
+            &[("rule", "login"), ("result", result), ("path", "fallback")],
+        )
+    };
+    assert_eq!((login("allowed"), login("denied")), (3.0, 1.0));
+    assert_eq!(
+        m.get(
+            "edge_checks_total",
+            &[("rule", "none"), ("path", "unlimited")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m.get(
+            "edge_fallbacks_total",
+            &[("rule", "login"), ("mode", "local")]
+        ),
+        4.0
+    );
+    assert_eq!(m.get("edge_denials_total", &[]), 1.0);
+    assert_eq!(m.get("edge_decision_duration_seconds_count", &[]), 5.0);
+    assert_eq!(
+        m.get(
+            "edge_decision_duration_seconds_bucket",
+            &[("path", "fallback"), ("le", "+Inf")]
+        ),
+        4.0
+    );
+    // Only the unlimited check was decided without the network.
+    assert_eq!(m.get("edge_local_decision_ratio", &[]), 0.2);
+    // With no regional there is no grant, so the shadow rule can confirm none of the four
+    // locally: each counts as a would-deny, and none was denied for it.
+    assert_eq!(
+        m.get("edge_shadow_would_deny_total", &[("rule", "login-canary")]),
+        4.0
+    );
+    assert_eq!(m.get("edge_sync_batches_total", &[]), 0.0);
+    assert_eq!(m.get("edge_keys", &[]), 2.0, "login's key and the canary's");
+    assert!(m.get("edge_sync_failures_total", &[]) >= 0.0);
+    assert_eq!(
+        request(addr, "POST", "/metrics", "", b"").status,
+        404,
+        "only GET"
+    );
 }

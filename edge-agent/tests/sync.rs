@@ -32,27 +32,49 @@ async fn an_idle_keys_grant_is_handed_back() {
     for _ in 0..10 {
         assert!(agent.check(&user("a")).allowed);
     }
+    clock.advance(Nanos::from_millis(1));
     agent.flush().await.unwrap();
-    let held = |region: &Regional| {
+    let counters = |region: &Regional| {
         let r = region.lock().unwrap();
-        let c = r
-            .model()
+        r.model()
             .ledger(&(limit, "u:a".into()), window())
             .unwrap()
-            .counters(EdgeId(0));
-        (c.granted - c.released, c.used)
+            .counters(EdgeId(0))
     };
-    let (ceiling, used) = held(&region);
+    let c = counters(&region);
     assert!(
-        ceiling > used,
-        "the busy key holds an unused grant: {ceiling} > {used}"
+        c.granted - c.released > c.used,
+        "the busy key holds an unused grant: {c:?}"
+    );
+    let stats = agent.stats();
+    assert_eq!((stats.syncs, stats.sync_entries), (1, 1));
+    assert_eq!(agent.sync_batch_sizes().count(), 1);
+    assert_eq!(
+        stats.last_sync_at,
+        T0 + Nanos::from_millis(1),
+        "the sync lag restarts"
+    );
+    assert_eq!(
+        stats.granted, c.granted,
+        "every grant unit the regional minted"
     );
 
     // Idle for longer than idle_release: the next flush hands the rest back.
     clock.advance(Nanos::from(AgentConfig::default().idle_release) + Nanos(1));
     agent.flush().await.unwrap();
-    let (ceiling, used) = held(&region);
-    assert_eq!(ceiling, used, "nothing held unused after the idle release");
+    let c = counters(&region);
+    assert_eq!(
+        c.granted - c.released,
+        c.used,
+        "nothing held unused after the idle release"
+    );
+    let stats = agent.stats();
+    assert_eq!(stats.returned, c.released, "what the metrics call returned");
+    assert_eq!(
+        stats.granted - stats.returned,
+        c.used,
+        "utilisation: every kept unit was used"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

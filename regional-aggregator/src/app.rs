@@ -38,6 +38,14 @@ pub enum StartError {
     /// The QUIC endpoint could not be bound.
     #[error("{0}")]
     Net(#[from] NetError),
+    /// The metrics address could not be bound.
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The Redis cluster did not answer (a single Redis may be down at start-up: the breaker
     /// handles it).
     #[error("redis: {0}")]
@@ -158,34 +166,57 @@ pub async fn run(checked: Checked, shutdown: impl Future<Output = ()>) -> Result
         identity,
     } = checked;
     let clock: Arc<dyn Clock + Send + Sync> = Arc::new(SystemClock);
-    let store: Arc<dyn Store> = match &config.redis {
-        None => Arc::new(MemoryStore::new()),
+    let (store, breaker): (Arc<dyn Store>, _) = match &config.redis {
+        None => (Arc::new(MemoryStore::new()), None),
         Some(redis) => {
             let primary = RedisStore::connect(&redis.topology, redis.breaker.timeout).await?;
-            Arc::new(GuardedStore::new(
+            let guarded = GuardedStore::new(
                 Arc::new(primary),
                 redis.breaker.clone(),
                 clock.clone(),
                 config.node.clone(),
-            ))
+            );
+            (Arc::new(guarded.clone()), Some(guarded))
         }
     };
     let regional = Arc::new(Regional::new(config.regional.clone(), rules, store, clock));
     let service = Arc::new(EdgeService::new(
-        regional,
+        regional.clone(),
         config.node.clone(),
         config.region.clone(),
     ));
+    let net_stats = Arc::new(NetStats::default());
     let endpoint = net::server_endpoint(config.listen, &identity)?;
     let listen = endpoint.local_addr().unwrap_or(config.listen);
-    tracing::info!(%listen, "{summary}");
-    let serving = tokio::spawn(net::serve(
-        endpoint.clone(),
-        service,
-        Arc::new(NetStats::default()),
-    ));
+    // The metrics port is bound before the start-up line, so the line can name it.
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics = match config.metrics {
+        None => None,
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, source })?;
+            let bound = listener.local_addr().unwrap_or(addr);
+            let registry = Arc::new(crate::metrics::registry(
+                regional,
+                breaker,
+                net_stats.clone(),
+            ));
+            let stopped = async {
+                let _ = metrics_stopped.await;
+            };
+            tokio::spawn(shared::metrics::serve(listener, registry, stopped));
+            Some(bound)
+        }
+    };
+    match metrics {
+        Some(metrics) => tracing::info!(%listen, %metrics, "{summary}"),
+        None => tracing::info!(%listen, "{summary}"),
+    }
+    let serving = tokio::spawn(net::serve(endpoint.clone(), service, net_stats));
     shutdown.await;
     tracing::info!("shutting down: closing edge connections");
+    let _ = stop_metrics.send(());
     endpoint.close(
         quinn::VarInt::from_u32(shared::wire::CloseCode::ShuttingDown.as_u32()),
         b"regional shutting down",

@@ -5,6 +5,7 @@
 //! node: regional-eu-1            # this node's name: a DNS name its certificate carries
 //! region: eu                     # edges of other regions are refused
 //! listen: 127.0.0.1:7401         # QUIC, for edges
+//! metrics: 127.0.0.1:9401        # HTTP GET /metrics and /healthz; absent: not served
 //! rules: rules.yaml              # relative paths are read from this file's directory
 //! tls:
 //!   ca: pki/ca.pem
@@ -45,6 +46,8 @@ pub struct Config {
     pub region: String,
     /// The QUIC address edges connect to.
     pub listen: SocketAddr,
+    /// Where `GET /metrics` is served over HTTP, or `None` for nowhere.
+    pub metrics: Option<SocketAddr>,
     /// The rules file.
     pub rules: PathBuf,
     /// The deployment CA's certificate.
@@ -78,6 +81,8 @@ struct RawConfig {
     listen: SocketAddr,
     rules: PathBuf,
     tls: RawTls,
+    #[serde(default)]
+    metrics: Option<SocketAddr>,
     #[serde(default)]
     redis: Option<RawRedis>,
     #[serde(default)]
@@ -166,6 +171,7 @@ impl Config {
             node: raw.node,
             region: raw.region,
             listen: raw.listen,
+            metrics: raw.metrics,
             rules: dir.join(raw.rules),
             tls_ca: dir.join(raw.tls.ca),
             tls_cert: dir.join(raw.tls.cert),
@@ -277,6 +283,7 @@ mod tests {
 node: regional-eu-1
 region: eu
 listen: 127.0.0.1:7401
+metrics: 127.0.0.1:9401
 rules: rules.yaml
 tls: {ca: pki/ca.pem, cert: pki/r.pem, key: pki/r.key}
 redis:
@@ -298,6 +305,7 @@ hold: 200ms
         assert_eq!(c.node, "regional-eu-1");
         assert_eq!(c.region, "eu");
         assert_eq!(c.listen, "127.0.0.1:7401".parse().unwrap());
+        assert_eq!(c.metrics, Some("127.0.0.1:9401".parse().unwrap()));
         assert_eq!(c.rules, Path::new("/etc/rl/rules.yaml"));
         assert_eq!(c.tls_key, Path::new("/etc/rl/pki/r.key"));
         let redis = c.redis.unwrap();
@@ -335,6 +343,7 @@ hold: 200ms
             ),
             ("node: regional-eu-1", "node: regional eu", "node"),
             ("listen: 127.0.0.1:7401", "listen: here", "listen"),
+            ("metrics: 127.0.0.1:9401", "metrics: 9401", "metrics"),
             ("hold: 200ms", "hold: 200ms\nport: 1", "port"),
         ];
         for (from, to, field) in cases {

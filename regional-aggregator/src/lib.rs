@@ -18,6 +18,8 @@
 //!
 //! - [`server`]: the QUIC service edges connect to (`shared::net` does the transport).
 //!
+//! - [`metrics`]: `/metrics`, read at scrape time from what the parts above count.
+//!
 //! - [`config`] and [`app`]: the `regional-aggregator` binary. Its configuration file, and
 //!   what the process does: check everything it names, build the store (Redis behind the
 //!   breaker, or memory), serve edges until a signal, make the deployment's certificates.
@@ -25,6 +27,7 @@
 pub mod app;
 pub mod breaker;
 pub mod config;
+pub mod metrics;
 pub mod regional;
 pub mod server;
 pub mod store;

@@ -245,6 +245,11 @@ impl Regional {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
     }
 
+    /// The edges connected now (zero when none is).
+    pub fn connected_edges(&self) -> u32 {
+        self.edges.load(Ordering::Relaxed)
+    }
+
     /// `n`: the edges connected now, at least one.
     pub fn edges(&self) -> u32 {
         self.edges.load(Ordering::Relaxed).max(1)

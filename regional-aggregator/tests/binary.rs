@@ -14,7 +14,7 @@ use std::{
 use edge_agent::{Agent, AgentConfig, DecisionPath, QuicConfig, QuicUpstream, Request};
 use regional_aggregator::store::{LedgerKey, RedisStore, RedisTopology, Store};
 use shared::{Clock, FailureMode, Nanos, RuleSet, SystemClock, net::Identity};
-use system_tests::process::Spawned;
+use system_tests::{http::request, metrics, process::Spawned};
 
 use crate::support::redis::{RedisServer, scratch_dir};
 
@@ -197,6 +197,18 @@ fn start(dir: &Path, args: &[&str]) -> (Spawned, SocketAddr) {
     (regional, addr)
 }
 
+/// The metrics address the process logged at start-up (`metrics=` beside `listen=`).
+fn metrics_addr(regional: &mut Spawned) -> SocketAddr {
+    regional.logged_addr("metrics")
+}
+
+/// `GET /metrics` at `addr`, parsed as Prometheus text.
+fn scrape(addr: SocketAddr) -> metrics::Metrics {
+    let r = request(addr, "GET", "/metrics", "", b"");
+    assert_eq!(r.status, 200, "{}", r.body);
+    metrics::parse(&r.body).unwrap_or_else(|e| panic!("{e}\n{}", r.body))
+}
+
 /// SIGTERM, then its exit status within 5 s and everything it logged.
 fn terminate(mut regional: Spawned) -> (ExitStatus, String) {
     regional.signal("TERM");
@@ -247,10 +259,105 @@ async fn the_process_serves_an_edge_from_memory_and_stops_on_sigterm() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_decisions_edges_and_refused_frames() {
+    let dir = deployment("metrics", "metrics: 127.0.0.1:0\n");
+    let (mut regional, addr) = start(&dir, &[]);
+    let at = metrics_addr(&mut regional);
+    let before = scrape(at);
+    assert_eq!(before.get("regional_exact_checks_total", &[]), 0.0);
+    assert_eq!(before.get("regional_rule_set_version", &[]), 3.0);
+    assert_eq!(
+        before.sum("regional_breaker_state", &[]),
+        None,
+        "no breaker without Redis"
+    );
+
+    let agent = edge(&dir, addr).await;
+    assert_exactly_three(&five_logins(&agent).await);
+    agent.flush().await.expect("the regional answers");
+
+    // An edge that sends garbage on one stream: refused with `malformed`, and counted.
+    let pki = dir.join("pki");
+    let identity = Identity::from_files(
+        pki.join("ca.pem"),
+        pki.join("edge-eu-2.pem"),
+        pki.join("edge-eu-2.key"),
+    )
+    .expect("pki wrote them");
+    let endpoint =
+        shared::net::client_endpoint("127.0.0.1:0".parse().expect("an address"), &identity)
+            .expect("a client endpoint");
+    let hello = shared::wire::Hello {
+        protocol_version: shared::wire::PROTOCOL_VERSION,
+        node: "edge-eu-2".into(),
+        incarnation: 1,
+        role: shared::wire::Role::Edge,
+        region: "eu".into(),
+        rule_set_version: 0,
+    };
+    let (conn, _) = shared::net::connect(&endpoint, addr, "regional-eu-1", &hello)
+        .await
+        .expect("edge-eu-2 is a deployment edge");
+    let (mut send, mut recv) = conn.open_bi().await.expect("the connection is up");
+    let garbage = [
+        0,
+        0,
+        0,
+        5,
+        shared::wire::PROTOCOL_VERSION,
+        0xff,
+        0xff,
+        0xff,
+        0xff,
+    ];
+    let _ = send.write_all(&garbage).await;
+    let _ = send.finish();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(
+        Duration::from_secs(5),
+        shared::net::read_message(&mut recv, &mut buf),
+    )
+    .await
+    .expect("the regional answers the garbage at once");
+    assert!(read.is_err(), "the stream is reset: {read:?}");
+
+    let m = scrape(at);
+    assert_eq!(
+        m.get("regional_frames_refused_total", &[("code", "malformed")]),
+        1.0
+    );
+    assert_eq!(
+        m.get(
+            "regional_frames_refused_total",
+            &[("code", "too_many_keys")]
+        ),
+        0.0
+    );
+    assert_eq!(m.get("regional_edges_connected", &[]), 2.0);
+    assert_eq!(m.get("regional_connections_accepted_total", &[]), 2.0);
+    // The hard key's checks went to the regional: at least one admitted exactly, two denied
+    // (the edge caches no denial it was not told to).
+    assert!(m.get("regional_exact_checks_total", &[]) >= 3.0);
+    assert!(m.get("regional_exact_denials_total", &[]) >= 1.0);
+    assert!(m.get("regional_sync_batches_total", &[]) >= 1.0);
+    assert!(m.get("regional_streams_served_total", &[]) >= 4.0);
+    assert_eq!(
+        request(at, "GET", "/healthz", "", b"").body,
+        "ok\n",
+        "the metrics port answers health checks"
+    );
+    assert_eq!(request(at, "GET", "/nope", "", b"").status, 404);
+    conn.close(0u32.into(), b"done");
+    let (status, _) = terminate(regional);
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_process_keeps_its_counts_in_the_redis_it_is_given() {
     let server = RedisServer::start();
-    let dir = deployment("serve-redis", "");
-    let (regional, addr) = start(&dir, &["--redis", &server.url()]);
+    let dir = deployment("serve-redis", "metrics: 127.0.0.1:0\n");
+    let (mut regional, addr) = start(&dir, &["--redis", &server.url()]);
+    let metrics = metrics_addr(&mut regional);
     let agent = edge(&dir, addr).await;
     assert_exactly_three(&five_logins(&agent).await);
     agent
@@ -273,6 +380,13 @@ async fn the_process_keeps_its_counts_in_the_redis_it_is_given() {
         .expect("Redis answers")
         .expect("the process wrote the ledger to Redis");
     assert_eq!(view.total(), 3, "Redis holds exactly the admitted logins");
+    let m = scrape(metrics);
+    assert_eq!(
+        m.get("regional_breaker_state", &[]),
+        0.0,
+        "closed: on Redis"
+    );
+    assert_eq!(m.get("regional_breaker_opened_total", &[]), 0.0);
     let (status, _) = terminate(regional);
     assert!(status.success());
 }

@@ -86,12 +86,22 @@ async fn redis_killed_mid_load_then_back_counts_everything_once() {
     ));
     let rules = RuleSet::from_yaml("rules.yaml", RULES).unwrap();
     let limit = rules.rule("api").unwrap().limits()[0].id();
-    let regional = Regional::new(
+    let regional = Arc::new(Regional::new(
         RegionalConfig::default(),
         rules,
         guarded.clone(),
         Arc::new(clock.clone()),
+    ));
+    // What an operator's dashboard reads: the breaker's state and counters at /metrics.
+    let registry = regional_aggregator::metrics::registry(
+        regional.clone(),
+        Some((*guarded).clone()),
+        Arc::default(),
     );
+    let scrape = || {
+        let text = shared::metrics::render(&registry);
+        system_tests::metrics::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+    };
     let window = T0.as_u64() / 3_600_000_000_000;
     let mut load = Load {
         limit,
@@ -130,6 +140,11 @@ async fn redis_killed_mid_load_then_back_counts_everything_once() {
     regional.sync(EdgeId(2), sync(7)).await.unwrap();
     assert_eq!(guarded.state(), BreakerState::Open);
     assert_eq!(guarded.stats().opened.load(Ordering::Relaxed), 1);
+    let m = scrape();
+    assert_eq!(m.get("regional_breaker_state", &[]), 1.0, "open");
+    assert_eq!(m.get("regional_breaker_opened_total", &[]), 1.0);
+    assert!(m.get("regional_breaker_fallback_calls_total", &[]) >= 35.0);
+    assert_eq!(m.get("regional_store_errors_total", &[]), 5.0);
     assert!(
         load.slowest < Duration::from_millis(400),
         "a decision waited {:?} on a dead Redis",
@@ -154,6 +169,9 @@ async fn redis_killed_mid_load_then_back_counts_everything_once() {
         }
     }
     assert_eq!(guarded.state(), BreakerState::Closed);
+    let m = scrape();
+    assert_eq!(m.get("regional_breaker_state", &[]), 0.0, "closed again");
+    assert!(m.get("regional_breaker_written_back_total", &[]) >= 1.0);
     for _ in 0..10 {
         load.exact(&regional).await;
     }

@@ -23,6 +23,9 @@
 //!   (DESIGN §5, §7).
 //! - `process` (the `process` feature): what every tier's binary does alike: logs to stderr,
 //!   human or JSON, and stopping on Ctrl-C or SIGTERM.
+//! - `http` (the `http` feature): the HTTP/1.1 accept loop every tier serves with.
+//! - `metrics` (the `metrics` feature): `/metrics` as OpenMetrics text, and a lock-free
+//!   histogram.
 //! - `sim` (tests, or the `sim` feature): a deterministic simulator of N edges and a regional.
 
 #![warn(missing_docs)]
@@ -34,6 +37,10 @@ pub mod quota;
 pub mod rules;
 pub mod wire;
 
+#[cfg(feature = "http")]
+pub mod http;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 #[cfg(feature = "net")]
 pub mod net;
 #[cfg(feature = "process")]

@@ -10,4 +10,5 @@
 #![warn(missing_docs)]
 
 pub mod http;
+pub mod metrics;
 pub mod process;

@@ -89,11 +89,22 @@ impl Spawned {
     /// The address in the first `listen=<address>` the child logs: what our binaries log
     /// once they are serving, so a config can ask for port 0.
     pub fn listen_addr(&mut self) -> SocketAddr {
-        self.wait_for("listen= line", Duration::from_secs(10), |line| {
+        self.logged_addr("listen")
+    }
+
+    /// The address in the first `<key>=<address>` the child logs (`listen`, `metrics`),
+    /// whether that line was already read or is still to come.
+    pub fn logged_addr(&mut self, key: &str) -> SocketAddr {
+        let prefix = format!("{key}=");
+        let pick = |line: &str| {
             line.split_whitespace()
-                .find_map(|w| w.strip_prefix("listen="))
+                .find_map(|w| w.strip_prefix(prefix.as_str()))
                 .and_then(|at| at.parse().ok())
-        })
+        };
+        if let Some(addr) = self.seen.iter().find_map(|line| pick(line)) {
+            return addr;
+        }
+        self.wait_for(&format!("{prefix} line"), Duration::from_secs(10), pick)
     }
 
     /// Sends `signal` (`TERM`, `INT`) with bash's own `kill`: a minimal Debian may not have

@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use system_tests::{http, process::Spawned};
+use system_tests::{http, metrics, process::Spawned};
 
 /// One `POST /v1/check` to the edge on `port`: the status code.
 fn check(port: u16, body: &str) -> u16 {
@@ -61,6 +61,47 @@ fn up_starts_the_topology_answers_the_readme_curl_and_stops_on_ctrl_c() {
     assert_eq!(codes, [200, 200, 200, 200, 200, 429]);
     // The other edge of the same region shares the region's count (the login rule is hard).
     assert_eq!(check(8081, login), 429);
+
+    // Every process serves its metrics, and they moved with the traffic above.
+    let scrape = |port: u16| {
+        let r = http::request(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            "GET",
+            "/metrics",
+            "",
+            b"",
+        );
+        assert_eq!(r.status, 200, "metrics on {port}: {}", r.body);
+        metrics::parse(&r.body).unwrap_or_else(|e| panic!("metrics on {port}: {e}"))
+    };
+    let edge = scrape(8080);
+    let login_checks = |result| {
+        edge.sum(
+            "edge_checks_total",
+            &[("rule", "login"), ("result", result)],
+        )
+    };
+    assert_eq!(
+        (login_checks("allowed"), login_checks("denied")),
+        (Some(5.0), Some(1.0))
+    );
+    assert_eq!(edge.get("edge_upstream_connected", &[]), 1.0);
+    assert_eq!(
+        edge.sum("edge_fallbacks_total", &[]),
+        None,
+        "the regional answered: no fallback was ever counted"
+    );
+    let regional = scrape(9401);
+    assert_eq!(regional.get("regional_edges_connected", &[]), 2.0);
+    assert!(regional.get("regional_exact_checks_total", &[]) >= 1.0);
+    // Edges flush every 100 ms: each is up to date with its regional within a second, the
+    // busy one and the idle one alike.
+    for port in [8080, 8082] {
+        assert!(
+            scrape(port).get("edge_sync_lag_seconds", &[]) < 1.0,
+            "edge on {port}"
+        );
+    }
 
     // Ctrl-C: up.sh stops every process it started and exits 0.
     up.signal("INT");

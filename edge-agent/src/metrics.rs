@@ -1,0 +1,357 @@
+//! The edge's metrics, served at `GET /metrics` by the binary and available to embedders who
+//! run their own Prometheus registry.
+//!
+//! Two kinds, so that `check` itself pays nothing extra:
+//!
+//! - What the caller records per decision, [`EdgeMetrics::record`]: checks by rule, result
+//!   and path, fallbacks by rule and mode, and the decision latency by path. Per-rule
+//!   counters are looked up once per rule and cached, so recording is a map lookup and two
+//!   atomic adds.
+//! - What the agent counts anyway ([`Agent::stats`] and friends), read at scrape time by a
+//!   collector: the local-decision ratio, shadow would-denials, sync batches, sizes and lag,
+//!   grant utilisation, lost windows, keys held, the rule set's version and whether the
+//!   regional is connected.
+//!
+//! Labels are per rule (its id) at most, never per key.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{
+        MetricType,
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::ConstGauge,
+    },
+    registry::{Registry, Unit},
+};
+use shared::{FailureMode, LimitId, metrics::Histogram};
+
+use crate::{Agent, Decision, DecisionPath, QuicUpstream};
+
+/// The edge's metrics registry and the handles `record` updates.
+pub struct EdgeMetrics {
+    registry: Registry,
+    checks: Family<CheckLabels, Counter>,
+    fallbacks: Family<FallbackLabels, Counter>,
+    /// Per limit, the rule's name and its counters, resolved on first use.
+    rules: HashMap<LimitId, RuleCounters>,
+    /// Requests no rule applies to.
+    unlimited: Counter,
+    /// Decision latency, by [`path_index`].
+    latency: [Histogram; PATHS],
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CheckLabels {
+    rule: String,
+    result: &'static str,
+    path: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FallbackLabels {
+    rule: String,
+    mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PathLabel {
+    path: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleLabel {
+    rule: String,
+}
+
+struct RuleCounters {
+    rule: String,
+    /// By `path_index · 2 + denied`.
+    checks: [OnceLock<Counter>; PATHS * 2],
+    /// By `mode_index`.
+    fallbacks: [OnceLock<Counter>; 3],
+}
+
+/// The paths a decision can take, as label values; `Unlimited` is counted apart.
+const PATHS: usize = 5;
+const PATH_NAMES: [&str; PATHS] = ["unlimited", "local", "cached_denial", "exact", "fallback"];
+const MODE_NAMES: [&str; 3] = ["local", "open", "closed"];
+
+fn path_index(path: DecisionPath) -> usize {
+    match path {
+        DecisionPath::Unlimited => 0,
+        DecisionPath::Local => 1,
+        DecisionPath::CachedDenial => 2,
+        DecisionPath::Exact => 3,
+        DecisionPath::Fallback(_) => 4,
+    }
+}
+
+fn mode_index(mode: FailureMode) -> usize {
+    match mode {
+        FailureMode::Local => 0,
+        FailureMode::Open => 1,
+        FailureMode::Closed => 2,
+    }
+}
+
+impl EdgeMetrics {
+    /// Metrics for `agent`, named `edge_*`. `upstream`, when given, is reported as
+    /// `edge_upstream_connected`.
+    pub fn new(agent: Arc<Agent>, upstream: Option<Arc<QuicUpstream>>) -> EdgeMetrics {
+        let mut registry = Registry::with_prefix("edge");
+        let checks = Family::<CheckLabels, Counter>::default();
+        registry.register(
+            "checks",
+            "Decisions, by the rule that answered (none: no rule applies), result and path \
+             (local, cached_denial, exact, fallback)",
+            checks.clone(),
+        );
+        let fallbacks = Family::<FallbackLabels, Counter>::default();
+        registry.register(
+            "fallbacks",
+            "Decisions made by a rule's failure mode because the regional did not answer in \
+             time, by rule and mode",
+            fallbacks.clone(),
+        );
+        let latency_family =
+            Family::<PathLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+                Histogram::latency,
+            );
+        let latency =
+            PATH_NAMES.map(|path| latency_family.get_or_create(&PathLabel { path }).clone());
+        registry.register_with_unit(
+            "decision_duration",
+            "Time to decide one check, by path",
+            Unit::Seconds,
+            latency_family,
+        );
+        registry.register(
+            "sync_batch_keys",
+            "Keys per acknowledged sync batch",
+            agent.sync_batch_sizes().clone(),
+        );
+        let rules = agent
+            .rules()
+            .limits()
+            .map(|(rule, limit)| {
+                let counters = RuleCounters {
+                    rule: rule.id().to_owned(),
+                    checks: Default::default(),
+                    fallbacks: Default::default(),
+                };
+                (limit.id(), counters)
+            })
+            .collect();
+        let unlimited = checks
+            .get_or_create(&CheckLabels {
+                rule: "none".to_owned(),
+                result: "allowed",
+                path: "unlimited",
+            })
+            .clone();
+        registry.register_collector(Box::new(AgentCollector { agent, upstream }));
+        EdgeMetrics {
+            registry,
+            checks,
+            fallbacks,
+            rules,
+            unlimited,
+            latency,
+        }
+    }
+
+    /// Counts one decision that took `elapsed`.
+    pub fn record(&self, decision: &Decision, elapsed: Duration) {
+        let path = path_index(decision.path);
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        self.latency[path].observe(nanos);
+        let Some(rule) = decision.rule.and_then(|id| self.rules.get(&id)) else {
+            self.unlimited.inc();
+            return;
+        };
+        let denied = usize::from(!decision.allowed);
+        rule.checks[path * 2 + denied]
+            .get_or_init(|| {
+                self.checks
+                    .get_or_create(&CheckLabels {
+                        rule: rule.rule.clone(),
+                        result: if denied == 1 { "denied" } else { "allowed" },
+                        path: PATH_NAMES[path],
+                    })
+                    .clone()
+            })
+            .inc();
+        if let DecisionPath::Fallback(mode) = decision.path {
+            let mode = mode_index(mode);
+            rule.fallbacks[mode]
+                .get_or_init(|| {
+                    self.fallbacks
+                        .get_or_create(&FallbackLabels {
+                            rule: rule.rule.clone(),
+                            mode: MODE_NAMES[mode],
+                        })
+                        .clone()
+                })
+                .inc();
+        }
+    }
+
+    /// The registry, to render or to add to.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Everything as OpenMetrics text.
+    pub fn render(&self) -> String {
+        shared::metrics::render(&self.registry)
+    }
+}
+
+/// Reads the agent's own counters at scrape time.
+struct AgentCollector {
+    agent: Arc<Agent>,
+    upstream: Option<Arc<QuicUpstream>>,
+}
+
+impl fmt::Debug for AgentCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AgentCollector").finish_non_exhaustive()
+    }
+}
+
+impl Collector for AgentCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        // OpenMetrics spells it `ratio`; the crate's `Unit::Ratios` says `ratios`.
+        let ratio_unit = Unit::Other("ratio".to_owned());
+        let stats = self.agent.stats();
+        let decided = stats.local + stats.exact + stats.fallback;
+        let counter = |encoder: &mut DescriptorEncoder, name, help, value: u64| {
+            let metric = ConstCounter::new(value);
+            metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+        };
+        let gauge = |encoder: &mut DescriptorEncoder, name, help, unit, value: f64| {
+            let metric = ConstGauge::new(value);
+            metric.encode(encoder.encode_descriptor(name, help, unit, metric.metric_type())?)
+        };
+        gauge(
+            &mut encoder,
+            "local_decision",
+            "Share of decisions made without the network, since start.",
+            Some(&ratio_unit),
+            ratio(stats.local, decided),
+        )?;
+        counter(
+            &mut encoder,
+            "denials",
+            "Requests denied, by any path.",
+            stats.denied,
+        )?;
+        {
+            let mut shadow = encoder.encode_descriptor(
+                "shadow_would_deny",
+                "Requests a shadow rule would have denied (none was), by rule.",
+                None,
+                MetricType::Counter,
+            )?;
+            let rules = self.agent.rules();
+            for (limit, n) in self.agent.shadow_denials_by_limit() {
+                let rule = rules.limit(limit).map_or("unknown", |(r, _)| r.id());
+                let labels = RuleLabel {
+                    rule: rule.to_owned(),
+                };
+                ConstCounter::new(n).encode(shadow.encode_family(&labels)?)?;
+            }
+        }
+        counter(
+            &mut encoder,
+            "sync_batches",
+            "Sync batches the regional acknowledged.",
+            stats.syncs,
+        )?;
+        counter(
+            &mut encoder,
+            "sync_failures",
+            "Sync batches that failed or timed out (their counts are resent).",
+            stats.sync_failures,
+        )?;
+        let now = self.agent.now();
+        gauge(
+            &mut encoder,
+            "sync_lag",
+            "Time since the regional last had every count this edge made (a flush fully acknowledged, or with nothing to send).",
+            Some(&Unit::Seconds),
+            (now - stats.last_sync_at).as_u64() as f64 * 1e-9,
+        )?;
+        counter(
+            &mut encoder,
+            "lost_windows",
+            "Windows whose counts were dropped before the regional acknowledged them.",
+            stats.lost_windows,
+        )?;
+        counter(
+            &mut encoder,
+            "grant_units",
+            "Quota units granted by the regional.",
+            stats.granted,
+        )?;
+        counter(
+            &mut encoder,
+            "grant_returned_units",
+            "Quota units handed back unused.",
+            stats.returned,
+        )?;
+        gauge(
+            &mut encoder,
+            "grant_utilisation",
+            "Share of granted quota not handed back, since start.",
+            Some(&ratio_unit),
+            ratio(stats.granted.saturating_sub(stats.returned), stats.granted),
+        )?;
+        gauge(
+            &mut encoder,
+            "keys",
+            "Keys this edge holds state for.",
+            None,
+            self.agent.keys() as f64,
+        )?;
+        gauge(
+            &mut encoder,
+            "rule_set_version",
+            "Version of the rule set enforced.",
+            None,
+            self.agent.rules().version() as f64,
+        )?;
+        if let Some(upstream) = &self.upstream {
+            gauge(
+                &mut encoder,
+                "upstream_connected",
+                "1 while connected to a regional.",
+                None,
+                if upstream.connected_to().is_some() {
+                    1.0
+                } else {
+                    0.0
+                },
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// `part / whole`, and 0 for nothing at all.
+fn ratio(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 / whole as f64
+    }
+}

@@ -1,0 +1,202 @@
+//! The regional's metrics, served at `GET /metrics` on the configured metrics address.
+//!
+//! Everything here is counted anyway, by the parts that do the work: [`RegionalStats`](crate::RegionalStats) by the
+//! decisions, [`BreakerStats`](crate::breaker::BreakerStats) and the breaker's state by the
+//! guarded store, [`NetStats`] by the QUIC accept loop. A collector reads them at scrape time,
+//! so serving edges pays nothing for metrics.
+
+use std::{fmt, sync::Arc, sync::atomic::Ordering};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
+use shared::{net::NetStats, wire::CloseCode};
+
+use crate::{Regional, breaker::GuardedStore};
+
+/// Every close code a peer's frame can be refused with.
+const REFUSALS: [CloseCode; 8] = [
+    CloseCode::FrameTooLarge,
+    CloseCode::UnsupportedVersion,
+    CloseCode::Malformed,
+    CloseCode::TooManyKeys,
+    CloseCode::KeyTooLong,
+    CloseCode::HandshakeRefused,
+    CloseCode::UnexpectedMessage,
+    CloseCode::HandshakeTimeout,
+];
+
+/// The regional's registry: `regional_*` metrics read from `regional`, its breaker (when its
+/// store is Redis behind one) and its QUIC accept loop.
+pub fn registry(
+    regional: Arc<Regional>,
+    breaker: Option<GuardedStore>,
+    net: Arc<NetStats>,
+) -> Registry {
+    let mut registry = Registry::with_prefix("regional");
+    registry.register_collector(Box::new(RegionalCollector {
+        regional,
+        breaker,
+        net,
+    }));
+    registry
+}
+
+struct RegionalCollector {
+    regional: Arc<Regional>,
+    breaker: Option<GuardedStore>,
+    net: Arc<NetStats>,
+}
+
+impl fmt::Debug for RegionalCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegionalCollector").finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabel {
+    code: &'static str,
+}
+
+fn counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> fmt::Result {
+    let metric = ConstCounter::new(value);
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+}
+
+fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: i64) -> fmt::Result {
+    let metric = ConstGauge::new(value);
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+}
+
+impl Collector for RegionalCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let e = &mut encoder;
+        let s = self.regional.stats();
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        counter(e, "sync_batches", "Sync batches answered.", load(&s.syncs))?;
+        counter(e, "sync_entries", "Sync entries merged.", load(&s.entries))?;
+        counter(
+            e,
+            "exact_checks",
+            "Exact requests decided (resends not counted).",
+            load(&s.exact),
+        )?;
+        counter(
+            e,
+            "exact_denials",
+            "Exact requests denied.",
+            load(&s.denied),
+        )?;
+        counter(
+            e,
+            "replayed",
+            "Exact requests answered again from memory (an edge's resend).",
+            load(&s.replayed),
+        )?;
+        counter(
+            e,
+            "skewed",
+            "Entries or checks for a window neither current nor previous here: clock skew.",
+            load(&s.skewed),
+        )?;
+        counter(
+            e,
+            "unknown_limit",
+            "Entries or checks naming a limit the rules do not have.",
+            load(&s.unknown_limit),
+        )?;
+        counter(
+            e,
+            "unsupported",
+            "Entries for an algorithm without ledgers, or checks beyond the longest span.",
+            load(&s.unsupported),
+        )?;
+        counter(
+            e,
+            "store_errors",
+            "Store calls that failed (the edge's failure mode decided those requests).",
+            load(&s.store_errors),
+        )?;
+        gauge(
+            e,
+            "edges_connected",
+            "Edges connected now.",
+            i64::from(self.regional.connected_edges()),
+        )?;
+        gauge(
+            e,
+            "rule_set_version",
+            "Version of the rule set in force.",
+            i64::try_from(self.regional.rules().version()).unwrap_or(i64::MAX),
+        )?;
+        if let Some(breaker) = &self.breaker {
+            let b = breaker.stats();
+            gauge(
+                e,
+                "breaker_state",
+                "Redis circuit breaker: 0 closed (Redis), 1 open (memory), 2 half-open \
+                 (memory, probing Redis).",
+                i64::try_from(breaker.state().as_gauge()).unwrap_or(i64::MAX),
+            )?;
+            counter(
+                e,
+                "breaker_opened",
+                "Times the breaker opened.",
+                load(&b.opened),
+            )?;
+            counter(
+                e,
+                "breaker_fallback_calls",
+                "Store calls served from memory while the breaker was open.",
+                load(&b.fallback_calls),
+            )?;
+            counter(
+                e,
+                "breaker_written_back",
+                "Ledgers and limiter states written back to Redis on recovery.",
+                load(&b.written_back),
+            )?;
+        }
+        let n = &self.net;
+        counter(
+            e,
+            "connections_accepted",
+            "Edge connections whose TLS handshake succeeded.",
+            n.connections_accepted(),
+        )?;
+        counter(
+            e,
+            "connections_failed",
+            "Connection attempts that failed before TLS was established (no or a foreign \
+             certificate, another ALPN, a timeout).",
+            n.connections_failed(),
+        )?;
+        counter(
+            e,
+            "handshakes_refused",
+            "Hellos refused (wrong role, region or name).",
+            n.handshakes_refused(),
+        )?;
+        counter(
+            e,
+            "streams_served",
+            "Requests answered: a frame in, a reply out.",
+            n.streams_served(),
+        )?;
+        let mut refused = e.encode_descriptor(
+            "frames_refused",
+            "Streams closed because of what the peer sent, by close code.",
+            None,
+            MetricType::Counter,
+        )?;
+        for code in REFUSALS {
+            let labels = CodeLabel { code: code.name() };
+            ConstCounter::new(n.frames_refused(code)).encode(refused.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,224 @@
+//! `/metrics` for every tier: a lock-free histogram, the text rendering of a registry, and the
+//! small HTTP server a tier without an HTTP API of its own (the regional) serves it on.
+//!
+//! Metrics are [`prometheus_client`] ones, rendered as OpenMetrics text (which Prometheus
+//! scrapes natively). Labels are per rule at most, never per key: a key is a user, and one
+//! series per user would be a cardinality explosion in the monitoring system.
+//!
+//! Most of what a tier exports it already counts for its own reasons (atomics in the agent,
+//! the regional, the breaker, the transport); a tier's collector reads those at scrape time,
+//! so the hot paths pay nothing for metrics they did not already keep.
+
+use std::{
+    fmt,
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{
+    Method, Response, StatusCode,
+    header::{self, HeaderValue},
+};
+use prometheus_client::{
+    encoding::{EncodeMetric, MetricEncoder, NoLabelSet},
+    metrics::{MetricType, TypedMetric},
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+
+use crate::http;
+
+/// The content type of [`render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Decision latency buckets, in nanoseconds: a local decision is well under a microsecond, an
+/// exact one a few hundred, a fallback waits up to the timeout (50 ms by default).
+pub const LATENCY_BUCKETS_NS: &[u64] = &[
+    1_000,
+    5_000,
+    25_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    10_000_000,
+    50_000_000,
+    250_000_000,
+];
+
+/// Batch-size buckets, in entries: one key up to a full batch.
+pub const SIZE_BUCKETS: &[u64] = &[1, 4, 16, 64, 256, 1024, 4096];
+
+/// A histogram of integer observations with fixed bounds, updated with two relaxed atomic
+/// adds (prometheus-client's own histogram takes a mutex per observation, which every thread
+/// serving requests would contend on).
+#[derive(Clone)]
+pub struct Histogram {
+    inner: Arc<HistogramInner>,
+}
+
+struct HistogramInner {
+    /// Upper bounds, ascending, in the observations' unit.
+    bounds: &'static [u64],
+    /// Observation units per exported unit (1e9 for nanoseconds exported as seconds). A
+    /// divisor, not a factor: `1000 / 1e9` is exactly the double nearest 1e-6, `1000 · 1e-9`
+    /// is not, and the bounds are label values.
+    per_unit: f64,
+    /// Per bucket (not cumulative), the last one for everything above the last bound.
+    counts: Box<[AtomicU64]>,
+    sum: AtomicU64,
+}
+
+impl Histogram {
+    /// A histogram with these upper bounds (ascending), exported divided by `per_unit`.
+    pub fn new(bounds: &'static [u64], per_unit: f64) -> Histogram {
+        debug_assert!(bounds.windows(2).all(|w| w[0] < w[1]), "ascending bounds");
+        Histogram {
+            inner: Arc::new(HistogramInner {
+                bounds,
+                per_unit,
+                counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+                sum: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Nanosecond observations exported in seconds, with [`LATENCY_BUCKETS_NS`].
+    pub fn latency() -> Histogram {
+        Histogram::new(LATENCY_BUCKETS_NS, 1e9)
+    }
+
+    /// Counts exported as they are, with [`SIZE_BUCKETS`].
+    pub fn sizes() -> Histogram {
+        Histogram::new(SIZE_BUCKETS, 1.0)
+    }
+
+    /// Records one observation.
+    pub fn observe(&self, value: u64) {
+        let i = self.inner.bounds.partition_point(|&b| b < value);
+        self.inner.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.inner.sum.fetch_add(value, Ordering::Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.inner
+            .counts
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+impl fmt::Debug for Histogram {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Histogram")
+            .field("count", &self.count())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TypedMetric for Histogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Histogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), fmt::Error> {
+        let inner = &self.inner;
+        let mut count = 0;
+        let buckets: Vec<(f64, u64)> = inner
+            .counts
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let n = c.load(Ordering::Relaxed);
+                count += n;
+                let bound = inner
+                    .bounds
+                    .get(i)
+                    .map_or(f64::INFINITY, |&b| b as f64 / inner.per_unit);
+                (bound, n)
+            })
+            .collect();
+        let sum = inner.sum.load(Ordering::Relaxed) as f64 / inner.per_unit;
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+/// The registry as OpenMetrics text.
+pub fn render(registry: &Registry) -> String {
+    let mut text = String::new();
+    // Writing to a String cannot fail; an encoder error would be a bug in a collector, and
+    // a partial scrape is still better than none.
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, registry) {
+        tracing::error!(error = %e, "encoding metrics failed");
+    }
+    text
+}
+
+/// `registry` rendered as a `200` with the OpenMetrics content type.
+pub fn response(registry: &Registry) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(render(registry))));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
+    response
+}
+
+/// Serves `GET /metrics` (the registry) and `GET /healthz` on `listener` until `shutdown`
+/// completes: the metrics port of a tier whose own protocol is not HTTP.
+pub async fn serve(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let handler = move |_peer, request: hyper::Request<hyper::body::Incoming>| {
+        let registry = registry.clone();
+        async move {
+            match (request.method(), request.uri().path()) {
+                (&Method::GET, "/metrics") => response(&registry),
+                (&Method::GET, "/healthz") => http::text(StatusCode::OK, "ok\n"),
+                (_, "/metrics" | "/healthz") => {
+                    http::text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n")
+                }
+                (_, path) => http::text(
+                    StatusCode::NOT_FOUND,
+                    format!("no such endpoint: {path}; this port serves GET /metrics\n"),
+                ),
+            }
+        }
+    };
+    http::serve(listener, handler, shutdown).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_histogram_renders_cumulative_buckets_in_its_unit() {
+        let mut registry = Registry::default();
+        let h = Histogram::new(&[10, 100], 2.0);
+        registry.register("h", "test", h.clone());
+        for v in [1, 10, 11, 100, 1000] {
+            h.observe(v);
+        }
+        let text = render(&registry);
+        assert!(text.contains("h_bucket{le=\"5.0\"} 2\n"), "{text}");
+        assert!(text.contains("h_bucket{le=\"50.0\"} 4\n"), "{text}");
+        assert!(text.contains("h_bucket{le=\"+Inf\"} 5\n"), "{text}");
+        assert!(text.contains("h_count 5\n"), "{text}");
+        assert!(text.contains("h_sum 561.0\n"), "{text}");
+        assert_eq!(h.count(), 5);
+    }
+}
