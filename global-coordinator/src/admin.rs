@@ -1,0 +1,371 @@
+//! The admin HTTP API operators and `ctl` use (DESIGN §8), and `GET /metrics`.
+//!
+//! Every `/api/v1/…` request needs `Authorization: Bearer <token>`; without it, or with
+//! another token, the answer is `401` and nothing else is said. The token is compared in
+//! constant time and never logged. `GET /metrics` and `GET /healthz` need no token: they
+//! reveal no rule and change nothing, and scrapers and probes rarely carry secrets.
+//!
+//! | request | answer |
+//! |---|---|
+//! | `GET /api/v1/rate-limits` | the rule set: version, rule ids, YAML |
+//! | `POST /api/v1/rate-limits[?dry_run=true]` | YAML body: validated whole, then applied (or only diffed); `400` with the located error |
+//! | `DELETE /api/v1/rate-limits/{id}` | the rule set without that rule, a new version |
+//! | `GET /api/v1/partitions` | per rule: shares by region, pinned or not, partitions of each limit |
+//! | `POST /api/v1/partitions/{rule}/pin` | JSON body `{"eu": 0.7, "us": 0.3}` |
+//! | `DELETE /api/v1/partitions/{rule}/pin` | the rule follows demand again |
+//! | `POST /api/v1/rebalance` | recompute every unpinned rule's shares now |
+//! | `GET /api/v1/regions` | the regions and their floors |
+//! | `GET /api/v1/metrics` | the same counters as `/metrics`, as JSON |
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::Incoming,
+    header::{self, HeaderValue},
+};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::coordinator::{ChangeError, Coordinator};
+
+/// The largest body read: a rule set of a few thousand rules.
+pub const MAX_BODY: usize = 1024 * 1024;
+
+/// What the API answers with.
+pub struct Admin {
+    coordinator: Arc<Coordinator>,
+    token: String,
+    stats: Arc<AdminStats>,
+    registry: Registry,
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct AdminStats {
+    requests: AtomicU64,
+    unauthorized: AtomicU64,
+    changes: AtomicU64,
+    refused: AtomicU64,
+}
+
+impl Admin {
+    /// Answers for `coordinator`, to holders of `token`.
+    pub fn new(coordinator: Arc<Coordinator>, token: String) -> Admin {
+        let stats = Arc::new(AdminStats::default());
+        let mut registry = Registry::with_prefix("coordinator");
+        registry.register_collector(Box::new(CoordinatorCollector {
+            coordinator: coordinator.clone(),
+            stats: stats.clone(),
+        }));
+        Admin {
+            coordinator,
+            token,
+            stats,
+            registry,
+        }
+    }
+
+    /// Answers one request.
+    pub async fn handle(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        let path = request.uri().path().to_owned();
+        let method = request.method().clone();
+        match (&method, path.as_str()) {
+            (&Method::GET, "/metrics") => return shared::metrics::response(&self.registry),
+            (&Method::GET, "/healthz") => {
+                return shared::http::text(StatusCode::OK, "ok\n");
+            }
+            _ => {}
+        }
+        let Some(route) = path.strip_prefix("/api/v1/") else {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no such endpoint: {path}; the admin API is under /api/v1/"),
+            );
+        };
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        if !self.authorized(&request) {
+            self.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
+            let mut r = error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "send Authorization: Bearer <the admin token>".into(),
+            );
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return r;
+        }
+        let dry_run = request
+            .uri()
+            .query()
+            .is_some_and(|q| q.split('&').any(|p| p == "dry_run=true" || p == "dry_run"));
+        let segments: Vec<&str> = route.split('/').collect();
+        let body = match read_body(request).await {
+            Ok(body) => body,
+            Err(r) => return r,
+        };
+        let c = &self.coordinator;
+        let answer = match (&method, segments.as_slice()) {
+            (&Method::GET, ["rate-limits"]) => {
+                let rules = c.rules();
+                let ids: Vec<&str> = rules.rules().iter().map(|r| r.id()).collect();
+                Ok(ok(&json!({
+                    "version": rules.version(),
+                    "rules": ids,
+                    "yaml": rules.source(),
+                })))
+            }
+            (&Method::POST, ["rate-limits"]) => match std::str::from_utf8(&body) {
+                Err(e) => Err(ChangeError::Invalid(format!("the body is not UTF-8: {e}"))),
+                Ok(yaml) => c.apply(yaml, dry_run).map(|(version, diff)| {
+                    ok(&json!({
+                        "version": version,
+                        "applied": !dry_run,
+                        "added": diff.added,
+                        "removed": diff.removed,
+                        "changed": diff.changed,
+                    }))
+                }),
+            },
+            (&Method::DELETE, ["rate-limits", id]) => c
+                .delete(id)
+                .map(|version| ok(&json!({ "version": version, "removed": [id] }))),
+            (&Method::GET, ["partitions"]) => Ok(ok(&partitions(c))),
+            (&Method::POST, ["partitions", rule, "pin"]) => {
+                match serde_json::from_slice::<BTreeMap<String, f64>>(&body) {
+                    Err(e) => Err(ChangeError::Invalid(format!(
+                        "the body must be a JSON object of region: fraction: {e}"
+                    ))),
+                    Ok(fractions) => c.pin(rule, &fractions).map(|shares| {
+                        ok(&json!({ "rule": rule, "pinned": true, "shares": ppm_map(&shares) }))
+                    }),
+                }
+            }
+            (&Method::DELETE, ["partitions", rule, "pin"]) => c.unpin(rule).map(|shares| {
+                ok(&json!({ "rule": rule, "pinned": false, "shares": ppm_map(&shares) }))
+            }),
+            (&Method::POST, ["rebalance"]) => c.rebalance().map(|()| ok(&partitions(c))),
+            (&Method::GET, ["regions"]) => {
+                let regions: Vec<_> = c
+                    .regions()
+                    .iter()
+                    .map(|r| {
+                        json!({
+                            "name": r.name,
+                            "floor": f64::from(r.floor_ppm) / 1e6,
+                            // Regionals report over QUIC (not built yet): none is connected.
+                            "connected": false,
+                            "last_report_age_seconds": null,
+                        })
+                    })
+                    .collect();
+                Ok(ok(&json!({ "regions": regions })))
+            }
+            (&Method::GET, ["metrics"]) => Ok(ok(&self.metrics_json())),
+            _ => {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("no such endpoint: {method} {path}"),
+                );
+            }
+        };
+        match answer {
+            Ok(r) => {
+                if method != Method::GET && !dry_run {
+                    self.stats.changes.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(%method, %path, "admin change applied");
+                }
+                r
+            }
+            Err(e) => {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%method, %path, error = %e, "admin change refused");
+                match e {
+                    ChangeError::NoSuchRule(_) => {
+                        error(StatusCode::NOT_FOUND, "not_found", e.to_string())
+                    }
+                    ChangeError::Write { .. } => {
+                        error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+                    }
+                    ChangeError::Rules(_) | ChangeError::Invalid(_) => {
+                        error(StatusCode::BAD_REQUEST, "bad_request", e.to_string())
+                    }
+                }
+            }
+        }
+    }
+
+    fn authorized(&self, request: &Request<Incoming>) -> bool {
+        let presented = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        constant_time_eq(presented.as_bytes(), self.token.as_bytes())
+    }
+
+    fn metrics_json(&self) -> serde_json::Value {
+        let rules = self.coordinator.rules();
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        json!({
+            "rule_set_version": rules.version(),
+            "rules": rules.rules().len(),
+            "regions": self.coordinator.regions().len(),
+            "admin_requests": load(&self.stats.requests),
+            "admin_unauthorized": load(&self.stats.unauthorized),
+            "admin_changes": load(&self.stats.changes),
+            "admin_refused": load(&self.stats.refused),
+        })
+    }
+}
+
+/// Compares without stopping at the first difference, so response time says nothing about
+/// how much of a guessed token was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn partitions(c: &Coordinator) -> serde_json::Value {
+    let rules = c.rules();
+    let shares = c.shares();
+    let list: Vec<_> = rules
+        .rules()
+        .iter()
+        .filter_map(|rule| {
+            let (shares, pinned) = shares.get(rule.id())?;
+            let limits: Vec<_> = rule
+                .limits()
+                .iter()
+                .map(|l| {
+                    let value = l.limiter().limit();
+                    json!({
+                        "limit": value,
+                        "window_seconds": l.limiter().window().as_u64() as f64 / 1e9,
+                        "partitions": Coordinator::partition(shares, value),
+                    })
+                })
+                .collect();
+            Some(json!({
+                "rule": rule.id(),
+                "pinned": pinned,
+                "shares": ppm_map(shares),
+                "limits": limits,
+            }))
+        })
+        .collect();
+    json!({ "version": rules.version(), "rules": list })
+}
+
+fn ppm_map(shares: &BTreeMap<String, u32>) -> BTreeMap<&str, f64> {
+    shares
+        .iter()
+        .map(|(r, &p)| (r.as_str(), f64::from(p) / 1e6))
+        .collect()
+}
+
+async fn read_body(request: Request<Incoming>) -> Result<Bytes, Response<Full<Bytes>>> {
+    match Limited::new(request.into_body(), MAX_BODY).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the body is over {MAX_BODY} bytes"),
+        )),
+        Err(e) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("reading the body: {e}"),
+        )),
+    }
+}
+
+fn ok(body: &impl Serialize) -> Response<Full<Bytes>> {
+    json_response(StatusCode::OK, body)
+}
+
+fn error(status: StatusCode, error: &str, message: String) -> Response<Full<Bytes>> {
+    json_response(status, &json!({ "error": error, "message": message }))
+}
+
+fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Full<Bytes>> {
+    // Values built from strings and numbers: serializing cannot fail.
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let mut response = Response::new(Full::new(Bytes::from(bytes)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// `/metrics`: read at scrape time.
+struct CoordinatorCollector {
+    coordinator: Arc<Coordinator>,
+    stats: Arc<AdminStats>,
+}
+
+impl std::fmt::Debug for CoordinatorCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoordinatorCollector")
+            .finish_non_exhaustive()
+    }
+}
+
+impl Collector for CoordinatorCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let rules = self.coordinator.rules();
+        let gauge = |e: &mut DescriptorEncoder, name: &str, help: &str, v: i64| {
+            let m = ConstGauge::new(v);
+            m.encode(e.encode_descriptor(name, help, None, m.metric_type())?)
+        };
+        let counter = |e: &mut DescriptorEncoder, name: &str, help: &str, v: &AtomicU64| {
+            let m = ConstCounter::new(v.load(Ordering::Relaxed));
+            m.encode(e.encode_descriptor(name, help, None, m.metric_type())?)
+        };
+        let e = &mut encoder;
+        gauge(
+            e,
+            "rule_set_version",
+            "Version of the rule set in force.",
+            i64::try_from(rules.version()).unwrap_or(i64::MAX),
+        )?;
+        gauge(
+            e,
+            "rules",
+            "Rules in the rule set.",
+            i64::try_from(rules.rules().len()).unwrap_or(i64::MAX),
+        )?;
+        let s = &self.stats;
+        counter(e, "admin_requests", "Admin API requests.", &s.requests)?;
+        counter(
+            e,
+            "admin_unauthorized",
+            "Admin API requests without the right token.",
+            &s.unauthorized,
+        )?;
+        counter(e, "admin_changes", "Changes applied.", &s.changes)?;
+        counter(e, "admin_refused", "Changes refused.", &s.refused)?;
+        Ok(())
+    }
+}
