@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Starts a local topology on loopback (DESIGN §10): two regions, each one regional aggregator
-# and two edge agents; one Redis per region when redis-server is installed, the regionals'
-# in-memory store otherwise. Ctrl-C stops everything it started.
+# Starts a local topology on loopback (DESIGN §10): the global coordinator, and two regions,
+# each one regional aggregator and two edge agents; one Redis per region when redis-server is
+# installed, the regionals' in-memory store otherwise. Ctrl-C stops everything it started.
 #
 #   deploy/up.sh                 # build (release) and run
 #   UP_PROFILE=debug deploy/up.sh    # use the debug build (faster to build; what the tests use)
@@ -10,11 +10,13 @@
 #   UP_NO_BUILD=1 deploy/up.sh       # use what is built (tests/run.sh builds it first)
 #
 # Ports: edges' HTTP on 127.0.0.1:8080-8083 (eu-1, eu-2, us-1, us-2), regionals' QUIC on
-# 127.0.0.1:7401 (eu) and 7402 (us), Redis on 127.0.0.1:6391 (eu) and 6392 (us). They are set
-# in deploy/config/*.yaml; edit the copies there to move them.
+# 127.0.0.1:7401 (eu) and 7402 (us) and their metrics on 9401 and 9402, the coordinator's admin
+# API on 127.0.0.1:9000, Redis on 127.0.0.1:6391 (eu) and 6392 (us). They are set in
+# deploy/config/*.yaml; edit the copies there to move them.
 #
-# Not yet: the global coordinator (its admin API on 127.0.0.1:9000 and `ctl status`) is not
-# built, so the regions run on the rules file alone, each with the whole limit.
+# Not yet: regionals do not report to the coordinator (its QUIC link is not built), so each
+# region enforces the rules file with the whole limit; the coordinator's partitions are what
+# it would hand them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,11 +29,11 @@ esac
 
 bin="${CARGO_TARGET_DIR:-target}/$profile"
 if [ -z "${UP_NO_BUILD:-}" ]; then
-  echo "==> building the edge agent and the regional aggregator ($profile)"
+  echo "==> building the coordinator, the regional aggregator and the edge agent ($profile)"
   # The whole workspace, as tests/run.sh builds it, so both share one build.
   cargo build "${cargo_flags[@]}" --locked --workspace --bins
 fi
-for b in edge-agent regional-aggregator; do
+for b in edge-agent regional-aggregator global-coordinator; do
   if [ ! -x "$bin/$b" ]; then
     echo "deploy/up.sh: $bin/$b is not built; run without UP_NO_BUILD" >&2
     exit 1
@@ -101,6 +103,12 @@ wait_ready() {
   exit 1
 }
 
+# The admin token: fresh and random each run, readable only by us.
+(umask 077 && od -An -N24 -tx1 /dev/urandom | tr -d ' \n' >"$dir/admin.token")
+rm -rf "$dir/state"
+start coordinator "$bin/global-coordinator" --config "$dir/config/coordinator.yaml"
+wait_tcp 9000 coordinator
+
 declare -A redis_port=([eu]=6391 [us]=6392)
 store="in-memory store (redis-server is not installed)"
 if command -v redis-server >/dev/null 2>&1; then
@@ -132,17 +140,24 @@ redis_eu="" redis_us=""
 if [ "$store" = Redis ]; then
   redis_eu="   redis://127.0.0.1:6391" redis_us="   redis://127.0.0.1:6392"
 fi
+status="$(COORDINATOR_TOKEN="$(cat "$dir/admin.token")" \
+  "$bin/global-coordinator" ctl --addr 127.0.0.1:9000 status)"
 cat <<EOF
 
-==> up: two regions on loopback, counts in the $store
+==> up: a coordinator and two regions on loopback, counts in the $store
   edge-eu-1  http://127.0.0.1:8080   (POST /v1/check, GET /healthz, /readyz, /metrics)
   edge-eu-2  http://127.0.0.1:8081
   edge-us-1  http://127.0.0.1:8082
   edge-us-2  http://127.0.0.1:8083
   regional-eu-1  quic://127.0.0.1:7401   metrics http://127.0.0.1:9401/metrics$redis_eu
   regional-us-1  quic://127.0.0.1:7402   metrics http://127.0.0.1:9402/metrics$redis_us
-  coordinator: not built yet; each region enforces the rules file with the whole limit
+  coordinator    http://127.0.0.1:9000   (admin API; token in $dir/admin.token)
   rules: $dir/config/rules.yaml    logs: $dir/logs/
+
+$status
+
+(regionals do not report to the coordinator yet: each region enforces the whole limit)
+Operate it:  COORDINATOR_TOKEN=\$(cat $dir/admin.token) $bin/global-coordinator ctl status
 
 Try it (the login rule allows 5 per minute per IP; the sixth is 429):
 

@@ -4,7 +4,7 @@
 //!
 //! ```yaml
 //! node: coordinator-1            # this node's name (a DNS name)
-//! admin: 127.0.0.1:7500          # HTTP: the admin API (bearer token), GET /metrics, /healthz
+//! admin: 127.0.0.1:9000          # HTTP: the admin API (bearer token), GET /metrics, /healthz
 //! token_file: admin.token        # the admin API's bearer token; COORDINATOR_TOKEN overrides
 //! state: state/coordinator.json  # rules, pins and partitions, rewritten atomically
 //! rules: rules.yaml              # the first rule set, read only while no state file exists

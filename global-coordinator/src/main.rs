@@ -59,7 +59,7 @@ enum Command {
             long,
             value_name = "HOST:PORT",
             env = "COORDINATOR_ADDR",
-            default_value = "127.0.0.1:7500"
+            default_value = "127.0.0.1:9000"
         )]
         addr: String,
         /// The admin API's bearer token (better from the environment: a flag shows in `ps`).

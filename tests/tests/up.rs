@@ -1,10 +1,11 @@
-//! DESIGN §10, the README's first command: `deploy/up.sh` starts the local topology (two
-//! regions, a regional and two edges each, Redis when installed), the README's `curl` works
-//! against it, and Ctrl-C stops every process it started.
+//! DESIGN §10, the README's first command: `deploy/up.sh` starts the local topology (the
+//! coordinator, two regions of a regional and two edges each, Redis when installed) and prints
+//! the coordinator's status table, the README's `curl` works against it, every process serves
+//! its metrics, and Ctrl-C stops every process it started.
 //!
 //! It uses the debug build `tests/run.sh` makes before the tests (`UP_NO_BUILD`), and the
-//! topology's fixed ports (127.0.0.1:8080-8083, 7401-7402, 6391-6392), as the README's examples
-//! do.
+//! topology's fixed ports (127.0.0.1:8080-8083, 7401-7402, 9000, 9401-9402, 6391-6392), as
+//! the README's examples do.
 
 use std::{
     net::{SocketAddr, TcpStream},
@@ -39,10 +40,42 @@ fn up_starts_the_topology_answers_the_readme_curl_and_stops_on_ctrl_c() {
         "http://127.0.0.1:8080",
         "http://127.0.0.1:8083",
         "quic://127.0.0.1:7402",
+        "http://127.0.0.1:9000",
     ] {
         assert!(printed.contains(endpoint), "prints {endpoint}:\n{printed}");
     }
     assert!(printed.contains("curl -i -X POST http://127.0.0.1:8080/v1/check"));
+    // The coordinator's status table, as `ctl status` prints it: both regions, and every rule
+    // split across them.
+    let cells = |first: &str| -> Vec<String> {
+        printed
+            .lines()
+            .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+            .find(|c| c.first().is_some_and(|f| f == first))
+            .unwrap_or_else(|| panic!("no {first} row:\n{printed}"))
+    };
+    assert_eq!(
+        cells("REGION"),
+        ["REGION", "FLOOR", "CONNECTED", "LAST", "REPORT"]
+    );
+    assert_eq!(cells("us")[..2], ["us", "10%"]);
+    assert_eq!(cells("login")[..3], ["login", "5/1m", "no"]);
+    // ctl works against it with the token up.sh wrote.
+    let token = std::fs::read_to_string(dir.join("admin.token")).expect("up.sh wrote the token");
+    let bin = std::env::var("CARGO_TARGET_DIR")
+        .map_or_else(|_| root.join("target"), std::path::PathBuf::from)
+        .join("debug/global-coordinator");
+    let out = Command::new(bin)
+        .args(["ctl", "--addr", "127.0.0.1:9000", "rules", "show"])
+        .env("COORDINATOR_TOKEN", token.trim())
+        .output()
+        .expect("the coordinator binary runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("id: login"));
     // up.sh said "up" only once every edge is connected to its regional.
     for port in [8080, 8081, 8082, 8083] {
         let ready = http::request(
@@ -107,7 +140,7 @@ fn up_starts_the_topology_answers_the_readme_curl_and_stops_on_ctrl_c() {
     up.signal("INT");
     let (status, printed) = up.wait_exit(Duration::from_secs(20));
     assert!(status.success(), "up.sh exit status {status}:\n{printed}");
-    for port in [8080, 8081, 8082, 8083] {
+    for port in [8080, 8081, 8082, 8083, 9000, 9401] {
         assert!(
             TcpStream::connect(("127.0.0.1", port)).is_err(),
             "nothing listens on {port} after Ctrl-C"
