@@ -228,8 +228,17 @@ impl Coordinator {
     /// [`ChangeError::Rules`] with the located problem (nothing changes), or
     /// [`ChangeError::Write`].
     pub fn apply(&self, yaml: &str, dry_run: bool) -> Result<(u64, Diff), ChangeError> {
-        let rules = RuleSet::from_yaml("rate-limits", yaml)?;
         let mut live = self.live();
+        self.apply_locked(&mut live, yaml, dry_run)
+    }
+
+    fn apply_locked(
+        &self,
+        live: &mut Live,
+        yaml: &str,
+        dry_run: bool,
+    ) -> Result<(u64, Diff), ChangeError> {
+        let rules = RuleSet::from_yaml("rate-limits", yaml)?;
         let diff = diff(&live.rules, &rules);
         if dry_run {
             return Ok((live.durable.version, diff));
@@ -240,7 +249,7 @@ impl Coordinator {
         let rules = rules.with_version(durable.version);
         durable.pins.retain(|id, _| rules.rule(id).is_some());
         durable.shares = shares_for(&rules, &self.regions, &durable.pins);
-        self.commit(&mut live, durable, rules)?;
+        self.commit(live, durable, rules)?;
         Ok((live.durable.version, diff))
     }
 
@@ -250,19 +259,18 @@ impl Coordinator {
     ///
     /// [`ChangeError::NoSuchRule`], or a rule set that would no longer validate without it.
     pub fn delete(&self, id: &str) -> Result<u64, ChangeError> {
-        let yaml = {
-            let live = self.live();
-            let index = live
-                .rules
-                .rules()
-                .iter()
-                .position(|r| r.id() == id)
-                .ok_or_else(|| ChangeError::NoSuchRule(id.to_owned()))?;
-            without_rule(&live.durable.rules, &live.rules, index, id)?
-        };
-        // Another change may land between the two locks; `apply` re-validates whole, so the
-        // worst case is deleting from the newer set's text, which we re-derive here.
-        self.apply(&yaml, false).map(|(version, _)| version)
+        // One lock from reading the text to writing the new set, so a change landing between
+        // the two cannot be lost.
+        let mut live = self.live();
+        let index = live
+            .rules
+            .rules()
+            .iter()
+            .position(|r| r.id() == id)
+            .ok_or_else(|| ChangeError::NoSuchRule(id.to_owned()))?;
+        let yaml = without_rule(&live.durable.rules, &live.rules, index, id)?;
+        self.apply_locked(&mut live, &yaml, false)
+            .map(|(version, _)| version)
     }
 
     /// Pins rule `id`'s shares: `fractions` by region (each in [0, 1], summing to at most 1;
