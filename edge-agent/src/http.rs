@@ -20,13 +20,14 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::{
     Method, Request as HttpRequest, Response, StatusCode,
     body::Incoming,
     header::{self, HeaderValue},
 };
 use serde::{Deserialize, Serialize};
+use shared::http::{json, json_error, read_body};
 use tokio::net::TcpListener;
 
 use crate::{Agent, Decision, EdgeMetrics, IdentityConfig, IpText, QuicUpstream, client_ip};
@@ -102,12 +103,6 @@ struct CheckAnswer<'a> {
     message: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
-struct ErrorAnswer<'a> {
-    error: &'a str,
-    message: String,
-}
-
 /// Serves `api` on `listener` until `shutdown` completes; connections then finish the request
 /// in flight, and are dropped after 5 s at most.
 pub async fn serve(listener: TcpListener, api: Arc<Api>, shutdown: impl Future<Output = ()>) {
@@ -127,7 +122,7 @@ pub async fn handle(
     match (request.method(), request.uri().path()) {
         (&Method::POST, "/v1/check") => check(api, peer, request).await,
         (_, "/v1/check") => {
-            let mut r = error(
+            let mut r = json_error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
                 format!("{} /v1/check: use POST", request.method()),
@@ -150,7 +145,7 @@ pub async fn handle(
                 r
             }
         },
-        (_, path) => error(
+        (_, path) => json_error(
             StatusCode::NOT_FOUND,
             "not_found",
             format!("no such endpoint: {path}; this edge answers POST /v1/check"),
@@ -164,26 +159,13 @@ async fn check(
     request: HttpRequest<Incoming>,
 ) -> Response<Full<Bytes>> {
     let (parts, body) = request.into_parts();
-    let bytes = match Limited::new(body, MAX_BODY).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!("the body is over {MAX_BODY} bytes"),
-            );
-        }
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                format!("reading the body: {e}"),
-            );
-        }
+    let bytes = match read_body(body, MAX_BODY).await {
+        Ok(bytes) => bytes,
+        Err(refused) => return refused,
     };
     let body = match parse(&bytes) {
         Ok(body) => body,
-        Err(message) => return error(StatusCode::BAD_REQUEST, "bad_request", message),
+        Err(message) => return json_error(StatusCode::BAD_REQUEST, "bad_request", message),
     };
     let ip = body.ip.unwrap_or_else(|| {
         // The caller is the client, or a proxy in front of it: the socket, or a trusted
@@ -278,21 +260,5 @@ fn answer(api: &Api, d: &Decision) -> Response<Full<Bytes>> {
     if denied {
         headers.insert(header::RETRY_AFTER, HeaderValue::from(d.retry_after_secs()));
     }
-    response
-}
-
-fn error(status: StatusCode, error: &str, message: String) -> Response<Full<Bytes>> {
-    json(status, &ErrorAnswer { error, message })
-}
-
-fn json(status: StatusCode, body: &impl Serialize) -> Response<Full<Bytes>> {
-    // Our own structs of strings and numbers: serializing them cannot fail.
-    let bytes = serde_json::to_vec(body).unwrap_or_default();
-    let mut response = Response::new(Full::new(Bytes::from(bytes)));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
     response
 }

@@ -28,11 +28,13 @@ use prometheus_client::{
         MetricType,
         counter::{ConstCounter, Counter},
         family::Family,
-        gauge::ConstGauge,
     },
     registry::{Registry, Unit},
 };
-use shared::{FailureMode, LimitId, metrics::Histogram};
+use shared::{
+    FailureMode, LimitId,
+    metrics::{Histogram, counter, gauge},
+};
 
 use crate::{Agent, Decision, DecisionPath, QuicUpstream};
 
@@ -41,8 +43,9 @@ pub struct EdgeMetrics {
     registry: Registry,
     checks: Family<CheckLabels, Counter>,
     fallbacks: Family<FallbackLabels, Counter>,
-    /// Per limit, the rule's name and its counters, resolved on first use.
-    rules: HashMap<LimitId, RuleCounters>,
+    /// Per limit, the rule's name and its counters, resolved on first use. Looked up on
+    /// every decision: foldhash, as the agent's own key map.
+    rules: HashMap<LimitId, RuleCounters, foldhash::fast::RandomState>,
     /// Requests no rule applies to.
     unlimited: Counter,
     /// Decision latency, by [`path_index`].
@@ -234,14 +237,6 @@ impl Collector for AgentCollector {
         let ratio_unit = Unit::Other("ratio".to_owned());
         let stats = self.agent.stats();
         let decided = stats.local + stats.exact + stats.fallback;
-        let counter = |encoder: &mut DescriptorEncoder, name, help, value: u64| {
-            let metric = ConstCounter::new(value);
-            metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
-        };
-        let gauge = |encoder: &mut DescriptorEncoder, name, help, unit, value: f64| {
-            let metric = ConstGauge::new(value);
-            metric.encode(encoder.encode_descriptor(name, help, unit, metric.metric_type())?)
-        };
         gauge(
             &mut encoder,
             "local_decision",

@@ -26,20 +26,19 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::{
     Method, Request, Response, StatusCode,
     body::Incoming,
     header::{self, HeaderValue},
 };
-use prometheus_client::{
-    collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric},
-    metrics::{counter::ConstCounter, gauge::ConstGauge},
-    registry::Registry,
-};
+use prometheus_client::{collector::Collector, encoding::DescriptorEncoder, registry::Registry};
 use serde::Serialize;
 use serde_json::json;
+use shared::{
+    http::{json_error as error, read_body},
+    metrics::{counter, gauge},
+};
 
 use crate::coordinator::{ChangeError, Coordinator};
 
@@ -115,7 +114,7 @@ impl Admin {
             .query()
             .is_some_and(|q| q.split('&').any(|p| p == "dry_run=true" || p == "dry_run"));
         let segments: Vec<&str> = route.split('/').collect();
-        let body = match read_body(request).await {
+        let body = match read_body(request.into_body(), MAX_BODY).await {
             Ok(body) => body,
             Err(r) => return r,
         };
@@ -283,40 +282,8 @@ fn ppm_map(shares: &BTreeMap<String, u32>) -> BTreeMap<&str, f64> {
         .collect()
 }
 
-async fn read_body(request: Request<Incoming>) -> Result<Bytes, Response<Full<Bytes>>> {
-    match Limited::new(request.into_body(), MAX_BODY).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            format!("the body is over {MAX_BODY} bytes"),
-        )),
-        Err(e) => Err(error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            format!("reading the body: {e}"),
-        )),
-    }
-}
-
 fn ok(body: &impl Serialize) -> Response<Full<Bytes>> {
-    json_response(StatusCode::OK, body)
-}
-
-fn error(status: StatusCode, error: &str, message: String) -> Response<Full<Bytes>> {
-    json_response(status, &json!({ "error": error, "message": message }))
-}
-
-fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Full<Bytes>> {
-    // Values built from strings and numbers: serializing cannot fail.
-    let bytes = serde_json::to_vec(body).unwrap_or_default();
-    let mut response = Response::new(Full::new(Bytes::from(bytes)));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
+    shared::http::json(StatusCode::OK, body)
 }
 
 /// `/metrics`: read at scrape time.
@@ -335,37 +302,37 @@ impl std::fmt::Debug for CoordinatorCollector {
 impl Collector for CoordinatorCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
         let rules = self.coordinator.rules();
-        let gauge = |e: &mut DescriptorEncoder, name: &str, help: &str, v: i64| {
-            let m = ConstGauge::new(v);
-            m.encode(e.encode_descriptor(name, help, None, m.metric_type())?)
-        };
-        let counter = |e: &mut DescriptorEncoder, name: &str, help: &str, v: &AtomicU64| {
-            let m = ConstCounter::new(v.load(Ordering::Relaxed));
-            m.encode(e.encode_descriptor(name, help, None, m.metric_type())?)
-        };
         let e = &mut encoder;
         gauge(
             e,
             "rule_set_version",
             "Version of the rule set in force.",
+            None,
             i64::try_from(rules.version()).unwrap_or(i64::MAX),
         )?;
         gauge(
             e,
             "rules",
             "Rules in the rule set.",
+            None,
             i64::try_from(rules.rules().len()).unwrap_or(i64::MAX),
         )?;
         let s = &self.stats;
-        counter(e, "admin_requests", "Admin API requests.", &s.requests)?;
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        counter(
+            e,
+            "admin_requests",
+            "Admin API requests.",
+            load(&s.requests),
+        )?;
         counter(
             e,
             "admin_unauthorized",
             "Admin API requests without the right token.",
-            &s.unauthorized,
+            load(&s.unauthorized),
         )?;
-        counter(e, "admin_changes", "Changes applied.", &s.changes)?;
-        counter(e, "admin_refused", "Changes refused.", &s.refused)?;
+        counter(e, "admin_changes", "Changes applied.", load(&s.changes))?;
+        counter(e, "admin_refused", "Changes refused.", load(&s.refused))?;
         Ok(())
     }
 }

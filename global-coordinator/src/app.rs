@@ -3,7 +3,7 @@
 
 use std::{fmt, future::Future, net::SocketAddr, path::Path, sync::Arc};
 
-use shared::ConfigError;
+use shared::{ConfigError, RuleSet};
 
 use crate::{
     admin::Admin,
@@ -39,6 +39,8 @@ pub struct Checked {
     pub config: Config,
     /// The admin token (never printed).
     pub token: String,
+    /// The first rule set, read only while there is no state file yet.
+    pub first_rules: Option<RuleSet>,
 }
 
 impl fmt::Display for Checked {
@@ -88,10 +90,16 @@ pub fn check(path: &Path, env_token: Option<String>) -> Result<Checked, StartErr
         }
         .into());
     }
-    if !config.state.exists() {
-        shared::process::load_rules(&config.rules)?;
-    }
-    Ok(Checked { config, token })
+    let first_rules = if config.state.exists() {
+        None
+    } else {
+        Some(shared::process::load_rules(&config.rules)?)
+    };
+    Ok(Checked {
+        config,
+        token,
+        first_rules,
+    })
 }
 
 /// Opens the state and serves the admin API until `shutdown` completes.
@@ -101,12 +109,17 @@ pub fn check(path: &Path, env_token: Option<String>) -> Result<Checked, StartErr
 /// When the state cannot be opened or the address cannot be bound.
 pub async fn run(checked: Checked, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
     let summary = checked.to_string();
-    let Checked { config, token } = checked;
-    let rules_file = config.rules.clone();
+    let Checked {
+        config,
+        token,
+        first_rules,
+    } = checked;
+    // Without a state file the rules file is the start; read in `check`, or now if a state
+    // file seen there has gone since.
     let coordinator = Arc::new(Coordinator::open(
         &config.state,
         config.regions.clone(),
-        || shared::process::load_rules(&rules_file),
+        || first_rules.map_or_else(|| shared::process::load_rules(&config.rules), Ok),
     )?);
     let listener = tokio::net::TcpListener::bind(config.admin)
         .await

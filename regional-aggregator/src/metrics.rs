@@ -10,24 +10,16 @@ use std::{fmt, sync::Arc, sync::atomic::Ordering};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
-    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    metrics::{MetricType, counter::ConstCounter},
     registry::Registry,
 };
-use shared::{net::NetStats, wire::CloseCode};
+use shared::{
+    metrics::{counter, gauge},
+    net::NetStats,
+    wire::CloseCode,
+};
 
 use crate::{Regional, breaker::GuardedStore};
-
-/// Every close code a peer's frame can be refused with.
-const REFUSALS: [CloseCode; 8] = [
-    CloseCode::FrameTooLarge,
-    CloseCode::UnsupportedVersion,
-    CloseCode::Malformed,
-    CloseCode::TooManyKeys,
-    CloseCode::KeyTooLong,
-    CloseCode::HandshakeRefused,
-    CloseCode::UnexpectedMessage,
-    CloseCode::HandshakeTimeout,
-];
 
 /// The regional's registry: `regional_*` metrics read from `regional`, its breaker (when its
 /// store is Redis behind one) and its QUIC accept loop.
@@ -60,16 +52,6 @@ impl fmt::Debug for RegionalCollector {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CodeLabel {
     code: &'static str,
-}
-
-fn counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> fmt::Result {
-    let metric = ConstCounter::new(value);
-    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
-}
-
-fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: i64) -> fmt::Result {
-    let metric = ConstGauge::new(value);
-    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
 }
 
 impl Collector for RegionalCollector {
@@ -125,12 +107,14 @@ impl Collector for RegionalCollector {
             e,
             "edges_connected",
             "Edges connected now.",
+            None,
             i64::from(self.regional.connected_edges()),
         )?;
         gauge(
             e,
             "rule_set_version",
             "Version of the rule set in force.",
+            None,
             i64::try_from(self.regional.rules().version()).unwrap_or(i64::MAX),
         )?;
         if let Some(breaker) = &self.breaker {
@@ -140,6 +124,7 @@ impl Collector for RegionalCollector {
                 "breaker_state",
                 "Redis circuit breaker: 0 closed (Redis), 1 open (memory), 2 half-open \
                  (memory, probing Redis).",
+                None,
                 i64::try_from(breaker.state().as_gauge()).unwrap_or(i64::MAX),
             )?;
             counter(
@@ -193,7 +178,7 @@ impl Collector for RegionalCollector {
             None,
             MetricType::Counter,
         )?;
-        for code in REFUSALS {
+        for code in CloseCode::ALL.into_iter().filter(|c| c.blames_peer()) {
             let labels = CodeLabel { code: code.name() };
             ConstCounter::new(n.frames_refused(code)).encode(refused.encode_family(&labels)?)?;
         }

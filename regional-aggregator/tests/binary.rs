@@ -197,11 +197,6 @@ fn start(dir: &Path, args: &[&str]) -> (Spawned, SocketAddr) {
     (regional, addr)
 }
 
-/// The metrics address the process logged at start-up (`metrics=` beside `listen=`).
-fn metrics_addr(regional: &mut Spawned) -> SocketAddr {
-    regional.logged_addr("metrics")
-}
-
 /// `GET /metrics` at `addr`, parsed as Prometheus text.
 fn scrape(addr: SocketAddr) -> metrics::Metrics {
     let r = request(addr, "GET", "/metrics", "", b"");
@@ -262,7 +257,7 @@ async fn the_process_serves_an_edge_from_memory_and_stops_on_sigterm() {
 async fn metrics_count_decisions_edges_and_refused_frames() {
     let dir = deployment("metrics", "metrics: 127.0.0.1:0\n");
     let (mut regional, addr) = start(&dir, &[]);
-    let at = metrics_addr(&mut regional);
+    let at = regional.logged_addr("metrics");
     let before = scrape(at);
     assert_eq!(before.get("regional_exact_checks_total", &[]), 0.0);
     assert_eq!(before.get("regional_rule_set_version", &[]), 3.0);
@@ -357,7 +352,7 @@ async fn the_process_keeps_its_counts_in_the_redis_it_is_given() {
     let server = RedisServer::start();
     let dir = deployment("serve-redis", "metrics: 127.0.0.1:0\n");
     let (mut regional, addr) = start(&dir, &["--redis", &server.url()]);
-    let metrics = metrics_addr(&mut regional);
+    let metrics = regional.logged_addr("metrics");
     let agent = edge(&dir, addr).await;
     assert_exactly_three(&five_logins(&agent).await);
     agent

@@ -9,7 +9,7 @@
 use std::{convert::Infallible, future::Future, net::SocketAddr, time::Duration};
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::{
     Request, Response, StatusCode,
     body::{Body, Incoming},
@@ -17,6 +17,7 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Serialize;
 use tokio::net::TcpListener;
 
 /// How long a client may take to send its request headers.
@@ -84,4 +85,49 @@ pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>>
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
+}
+
+/// A JSON response.
+pub fn json(status: StatusCode, body: &impl Serialize) -> Response<Full<Bytes>> {
+    // Our own values of strings and numbers: serializing them cannot fail.
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let mut response = Response::new(Full::new(Bytes::from(bytes)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// The error body every tier answers with: `{"error": <kind>, "message": <what and where>}`.
+pub fn json_error(status: StatusCode, error: &str, message: String) -> Response<Full<Bytes>> {
+    #[derive(Serialize)]
+    struct ErrorAnswer<'a> {
+        error: &'a str,
+        message: String,
+    }
+    json(status, &ErrorAnswer { error, message })
+}
+
+/// The whole body, up to `max` bytes; past that a `413`, and a body that breaks off a `400`,
+/// both ready to send.
+///
+/// # Errors
+///
+/// The response to send instead.
+pub async fn read_body(body: Incoming, max: usize) -> Result<Bytes, Response<Full<Bytes>>> {
+    match Limited::new(body, max).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(json_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the body is over {max} bytes"),
+        )),
+        Err(e) => Err(json_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("reading the body: {e}"),
+        )),
+    }
 }

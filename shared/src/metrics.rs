@@ -25,9 +25,9 @@ use hyper::{
     header::{self, HeaderValue},
 };
 use prometheus_client::{
-    encoding::{EncodeMetric, MetricEncoder, NoLabelSet},
-    metrics::{MetricType, TypedMetric},
-    registry::Registry,
+    encoding::{DescriptorEncoder, EncodeGaugeValue, EncodeMetric, MetricEncoder, NoLabelSet},
+    metrics::{MetricType, TypedMetric, counter::ConstCounter, gauge::ConstGauge},
+    registry::{Registry, Unit},
 };
 use tokio::net::TcpListener;
 
@@ -153,6 +153,33 @@ impl EncodeMetric for Histogram {
     fn metric_type(&self) -> MetricType {
         MetricType::Histogram
     }
+}
+
+/// Writes a counter read at scrape time: what a tier's collector does for each of the
+/// counters its parts keep anyway.
+///
+/// # Errors
+///
+/// Only the writer's.
+pub fn counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> fmt::Result {
+    let metric = ConstCounter::new(value);
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+}
+
+/// Writes a gauge read at scrape time, in `unit` when it has one.
+///
+/// # Errors
+///
+/// Only the writer's.
+pub fn gauge<N: EncodeGaugeValue>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    value: N,
+) -> fmt::Result {
+    let metric = ConstGauge::new(value);
+    metric.encode(encoder.encode_descriptor(name, help, unit, metric.metric_type())?)
 }
 
 /// The registry as OpenMetrics text.

@@ -354,7 +354,7 @@ fn close(conn: &Connection, code: CloseCode, reason: &str) {
 }
 
 /// How many close codes there are: the length of [`NetStats`]'s per-code counters.
-const CODES: usize = 11;
+const CODES: usize = CloseCode::ALL.len();
 
 /// The index of `code`'s counter in [`NetStats`].
 fn code_slot(code: CloseCode) -> usize {

@@ -67,6 +67,27 @@ pub enum CloseCode {
 }
 
 impl CloseCode {
+    /// Every code, in numeric order: what per-code counters are sized and labelled by.
+    pub const ALL: [CloseCode; 11] = [
+        CloseCode::Normal,
+        CloseCode::ShuttingDown,
+        CloseCode::Internal,
+        CloseCode::FrameTooLarge,
+        CloseCode::UnsupportedVersion,
+        CloseCode::Malformed,
+        CloseCode::TooManyKeys,
+        CloseCode::KeyTooLong,
+        CloseCode::HandshakeRefused,
+        CloseCode::UnexpectedMessage,
+        CloseCode::HandshakeTimeout,
+    ];
+
+    /// Whether the peer is at fault (`0x1xx` its frame, `0x2xx` its session), as opposed to
+    /// nobody (`0x0xx`): the codes a server refuses a peer's stream with.
+    pub const fn blames_peer(self) -> bool {
+        self.as_u32() >= 0x100
+    }
+
     /// The number sent in the QUIC close frame.
     pub const fn as_u32(self) -> u32 {
         self as u32
@@ -142,24 +163,10 @@ impl From<&DecodeError> for CloseCode {
 mod tests {
     use super::*;
 
-    const ALL: [CloseCode; 11] = [
-        CloseCode::Normal,
-        CloseCode::ShuttingDown,
-        CloseCode::Internal,
-        CloseCode::FrameTooLarge,
-        CloseCode::UnsupportedVersion,
-        CloseCode::Malformed,
-        CloseCode::TooManyKeys,
-        CloseCode::KeyTooLong,
-        CloseCode::HandshakeRefused,
-        CloseCode::UnexpectedMessage,
-        CloseCode::HandshakeTimeout,
-    ];
-
     #[test]
     fn numbers_round_trip_and_names_are_unique() {
         let mut names = std::collections::HashSet::new();
-        for code in ALL {
+        for code in CloseCode::ALL {
             assert_eq!(CloseCode::try_from(code.as_u32()), Ok(code));
             assert!(names.insert(code.name()), "duplicate name {}", code.name());
         }
@@ -170,7 +177,7 @@ mod tests {
     /// means breaking every deployed peer's logs and dashboards.
     #[test]
     fn numbers_are_stable() {
-        let numbers: Vec<u32> = ALL.iter().map(|c| c.as_u32()).collect();
+        let numbers: Vec<u32> = CloseCode::ALL.iter().map(|c| c.as_u32()).collect();
         assert_eq!(
             numbers,
             [
