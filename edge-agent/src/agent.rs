@@ -15,17 +15,31 @@
 //! sends the counts the regional has not acknowledged (cumulative, so a resend after a lost
 //! answer is counted once), applies the answers (raised ceilings, `n`, hot keys), and forgets
 //! keys that have been idle long enough.
+//!
+//! # How the rules change
+//!
+//! The rule set and everything the agent derives from it (today the shadow limits' counters)
+//! are one [`Policy`], behind an [`ArcSwap`]: `check` loads it once, lock-free and without
+//! allocating, and decides the whole request by that one version. [`Agent::set_rules`] (called
+//! by the QUIC upstream when the regional pushes a rule set, or by an embedder) builds the next
+//! `Policy` beside the running one, swaps it in whole if its version is newer, then walks the
+//! key map once: keys of limits the new set no longer has, or whose window changed, are
+//! forgotten; keys of limits whose value changed keep their counts but hand back their grants
+//! and drop their cached denials, which were sized under the old limit; every other key is
+//! untouched. [`LimitId`]s are stable across versions while a rule's name is, so an unchanged
+//! rule keeps its counters.
 
 use std::{
     cell::Cell,
     collections::HashMap,
     num::NonZeroU32,
     sync::{
-        Arc,
+        Arc, Mutex, PoisonError, Weak,
         atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
     },
 };
 
+use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use shared::{
     Clock, FailureMode, LimitId, Nanos, RuleSet,
@@ -100,11 +114,12 @@ impl AgentBuilder {
             None => Handle::try_current().map_err(|_| BuildError::NoRuntime)?,
         };
         let clock = self.clock.unwrap_or_else(|| Arc::new(crate::SystemClock));
-        let stats = Stats::new(&self.rules, clock.now());
+        let stats = Stats::new(clock.now());
         Ok(Agent {
             inner: Arc::new(Inner {
                 config: self.config,
-                rules: self.rules,
+                policy: ArcSwap::from_pointee(Policy::new(self.rules, None)),
+                replacing: Mutex::new(()),
                 upstream: self.upstream,
                 clock,
                 runtime,
@@ -213,18 +228,41 @@ impl Agent {
         self.inner.stats.snapshot()
     }
 
-    /// The rule set the agent enforces.
-    pub fn rules(&self) -> &RuleSet {
-        &self.inner.rules
+    /// The rule set the agent enforces now. A later [`set_rules`](Agent::set_rules) does not
+    /// change the set returned here; call again for the one in force then.
+    pub fn rules(&self) -> Arc<RuleSet> {
+        self.inner.rules()
     }
 
-    /// Per shadow limit, the requests it would have denied.
-    pub fn shadow_denials_by_limit(&self) -> impl Iterator<Item = (LimitId, u64)> + '_ {
+    /// Enforces `rules` from the next check on, if its [`version`](RuleSet::version) is newer
+    /// than the version in force; returns whether it did. An older or equal version is
+    /// ignored and the running rules stay, so a push that is resent or overtaken changes
+    /// nothing.
+    ///
+    /// Keys keep their counters across the change wherever their limit is still in the set
+    /// with the same window ([`LimitId`]s stay the same while a rule's name does). A key of a
+    /// limit whose value changed hands back the unused part of its grant and drops its cached
+    /// denial, both sized under the old value, so its next request is decided under the new
+    /// one. Keys of limits that are gone, or whose window length or algorithm's kind changed,
+    /// are forgotten. A request being decided while the rules change is decided wholly under
+    /// one of the two versions.
+    ///
+    /// The swap itself is lock-free for `check`; this call then walks the key map once, one
+    /// shard lock at a time, so call it off the request path (the QUIC upstream calls it on a
+    /// blocking thread).
+    pub fn set_rules(&self, rules: RuleSet) -> bool {
+        self.inner.set_rules(rules)
+    }
+
+    /// Per shadow limit of the rules in force, the requests it would have denied.
+    pub fn shadow_denials_by_limit(&self) -> Vec<(LimitId, u64)> {
         self.inner
-            .stats
+            .policy
+            .load()
             .shadow_by_limit
             .iter()
             .map(|(&id, counter)| (id, counter.sum()))
+            .collect()
     }
 
     /// Sizes of the acknowledged sync batches, in keys.
@@ -240,6 +278,23 @@ impl Agent {
     /// The current time on the agent's clock.
     pub fn now(&self) -> Nanos {
         self.inner.clock.now()
+    }
+
+    /// A handle that reaches this agent without keeping it alive: the way back from the
+    /// upstream, which the agent owns, to the agent (pushed rule sets).
+    pub(crate) fn downgrade(&self) -> WeakAgent {
+        WeakAgent(Arc::downgrade(&self.inner))
+    }
+}
+
+/// An [`Agent`] that may be gone: see [`Agent::downgrade`].
+#[derive(Clone)]
+pub(crate) struct WeakAgent(Weak<Inner>);
+
+impl WeakAgent {
+    /// The agent, while any clone of it lives.
+    pub(crate) fn upgrade(&self) -> Option<Agent> {
+        self.0.upgrade().map(|inner| Agent { inner })
     }
 }
 
@@ -278,7 +333,11 @@ pub struct StatsSnapshot {
 
 struct Inner {
     config: AgentConfig,
-    rules: RuleSet,
+    /// The rules in force and what is derived from them, replaced whole by `set_rules`.
+    policy: ArcSwap<Policy>,
+    /// Taken by `set_rules` only (never by `check`), so that two rule sets arriving together
+    /// cannot replace a newer one with an older one.
+    replacing: Mutex<()>,
     upstream: Arc<dyn Upstream>,
     clock: Arc<dyn Clock>,
     runtime: Handle,
@@ -291,6 +350,68 @@ struct Inner {
     down_until: AtomicU64,
     next_request: AtomicU64,
     stats: Stats,
+}
+
+/// The rules in force and everything the agent derives from them, swapped as one unit, so a
+/// check never pairs one version's rules with another's tables.
+struct Policy {
+    /// Shared with [`Agent::rules`]' callers.
+    rules: Arc<RuleSet>,
+    /// Per shadow limit, the requests it would have denied. Built with the rules and never
+    /// written after; a limit that stays shadow across versions keeps its counter.
+    shadow_by_limit: HashMap<LimitId, Arc<Striped>>,
+}
+
+impl Policy {
+    /// The policy for `rules`, taking over from `previous` the counters of the limits it
+    /// keeps.
+    fn new(rules: RuleSet, previous: Option<&Policy>) -> Policy {
+        let shadow_by_limit = rules
+            .limits()
+            .filter(|(rule, _)| rule.shadow())
+            .map(|(_, limit)| {
+                let id = limit.id();
+                let kept = previous.and_then(|p| p.shadow_by_limit.get(&id));
+                (id, kept.cloned().unwrap_or_default())
+            })
+            .collect();
+        Policy {
+            rules: Arc::new(rules),
+            shadow_by_limit,
+        }
+    }
+}
+
+/// What a new rule set means for the keys of one limit of the old set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Change {
+    /// The limit is gone, or its windows are not the old ones: its counts mean nothing now.
+    Forget,
+    /// Same windows, another value: keep the counts, hand back the grants.
+    Regrant,
+}
+
+/// The limits of `old` whose keys a switch to `new` changes; limits the same in both are not
+/// listed.
+fn changes(old: &RuleSet, new: &RuleSet) -> HashMap<LimitId, Change> {
+    old.limits()
+        .filter_map(|(_, before)| {
+            let id = before.id();
+            let change = match new.limit(id) {
+                None => Change::Forget,
+                Some((_, after)) if after.limiter() == before.limiter() => return None,
+                Some((_, after)) => {
+                    let (a, b) = (after.limiter(), before.limiter());
+                    if local_window(a) == local_window(b) && a.window() == b.window() {
+                        Change::Regrant
+                    } else {
+                        Change::Forget
+                    }
+                }
+            };
+            Some((id, change))
+        })
+        .collect()
 }
 
 /// A decision, or the exact request that will make it.
@@ -325,12 +446,14 @@ impl Inner {
     fn begin(&self, request: &Request<'_>, cost: NonZeroU32) -> Step {
         let now = self.clock.now();
         let cost = u64::from(cost.get());
+        // One version decides the whole request: loaded once, lock-free, no allocation.
+        let policy = self.policy.load();
         let mut matches: Vec<Match<'_>> = recycle(MATCHES.take());
-        self.rules.matches(request, &mut matches);
+        policy.rules.matches(request, &mut matches);
         // Shadow limits count and report, and never take part in the decision.
         if matches.iter().any(|m| m.rule.shadow()) {
             for m in matches.iter().filter(|m| m.rule.shadow()) {
-                self.shadow(m, now, cost);
+                self.shadow(&policy, m, now, cost);
             }
             matches.retain(|m| !m.rule.shadow());
         }
@@ -446,7 +569,7 @@ impl Inner {
     /// records a would-be denial. It never asks the regional and never denies: it only shows
     /// what the limit would do. (Near the limit it reports from local knowledge, so it may
     /// report a denial the regional would not have made.)
-    fn shadow(&self, m: &Match<'_>, now: Nanos, cost: u64) {
+    fn shadow(&self, policy: &Policy, m: &Match<'_>, now: Nanos, cost: u64) {
         let limiter = m.limit.limiter();
         let Some(len) = local_window(limiter) else {
             return;
@@ -466,7 +589,7 @@ impl Inner {
         });
         if !fitted {
             self.stats.shadow_denials.add(1);
-            if let Some(counter) = self.stats.shadow_by_limit.get(&m.limit.id()) {
+            if let Some(counter) = policy.shadow_by_limit.get(&m.limit.id()) {
                 counter.add(1);
             }
         }
@@ -675,6 +798,38 @@ impl Inner {
         cold_allowance(value, self.config.near_limit_threshold, n)
     }
 
+    /// See [`Agent::set_rules`].
+    fn set_rules(&self, rules: RuleSet) -> bool {
+        let _replacing = self
+            .replacing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let old = self.policy.load_full();
+        if rules.version() <= old.rules.version() {
+            return false;
+        }
+        let new = Policy::new(rules, Some(&old));
+        let changes = changes(&old.rules, &new.rules);
+        self.policy.store(Arc::new(new));
+        if changes.is_empty() {
+            return true;
+        }
+        let mut returned = 0;
+        self.keys.retain(|key, state| {
+            let (limit, _) = split(key);
+            match changes.get(&limit) {
+                None => true,
+                Some(Change::Forget) => false,
+                Some(Change::Regrant) => {
+                    returned += state.limit_changed();
+                    true
+                }
+            }
+        });
+        self.stats.returned.fetch_add(returned, Ordering::Relaxed);
+        true
+    }
+
     fn mark_down(&self, now: Nanos) {
         let until = now + Nanos::from(self.config.upstream_backoff);
         self.down_until.fetch_max(until.as_u64(), Ordering::Relaxed);
@@ -734,9 +889,10 @@ impl Inner {
         let mut entries = Vec::new();
         let mut lost_total = 0;
         let mut returned = 0;
+        let rules = self.rules();
         self.keys.retain(|key, state| {
             let (limit, wire_key) = split(key);
-            let Some((_, l)) = self.rules.limit(limit) else {
+            let Some((_, l)) = rules.limit(limit) else {
                 return false; // the rule is gone
             };
             let len = l.limiter().window().as_u64().max(1);
@@ -775,6 +931,10 @@ impl Inner {
         self.stats.lost(lost_total);
         self.stats.returned.fetch_add(returned, Ordering::Relaxed);
         entries
+    }
+
+    fn rules(&self) -> Arc<RuleSet> {
+        self.policy.load().rules.clone()
     }
 
     fn apply(&self, ack: &SyncAck) {
@@ -864,8 +1024,6 @@ struct Stats {
     lost_windows: Striped,
     sync_failures: Striped,
     shadow_denials: Striped,
-    /// Per shadow limit, built once from the rules: the map itself is never written.
-    shadow_by_limit: HashMap<LimitId, Striped>,
     // The sync loop's, written by one flush at a time: plain atomics.
     syncs: AtomicU64,
     sync_entries: AtomicU64,
@@ -877,7 +1035,7 @@ struct Stats {
 
 impl Stats {
     /// Counters from zero, for an agent built at `now` (the sync lag counts from there).
-    fn new(rules: &RuleSet, now: Nanos) -> Stats {
+    fn new(now: Nanos) -> Stats {
         Stats {
             local: Striped::default(),
             exact: Striped::default(),
@@ -886,11 +1044,6 @@ impl Stats {
             lost_windows: Striped::default(),
             sync_failures: Striped::default(),
             shadow_denials: Striped::default(),
-            shadow_by_limit: rules
-                .limits()
-                .filter(|(rule, _)| rule.shadow())
-                .map(|(_, limit)| (limit.id(), Striped::default()))
-                .collect(),
             syncs: AtomicU64::new(0),
             sync_entries: AtomicU64::new(0),
             sync_sizes: Histogram::sizes(),

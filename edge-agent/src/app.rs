@@ -4,6 +4,12 @@
 //! Start-up reads the rules and the TLS files before binding anything, so a bad deployment
 //! fails at once with the file and field at fault. The regional need not be up: the QUIC
 //! client dials in the background, and until it answers each rule's failure mode decides.
+//!
+//! The rules file gives the rules the edge starts with. From then on the regional may push
+//! newer versions on the QUIC connection; the agent is attached to its upstream
+//! ([`QuicUpstream::attach`]), so a pushed rule set that validates is enforced from the next
+//! check on, and one that does not is refused with its located error while the running rules
+//! stay. The file is not read again.
 
 use std::{fmt, future::Future, net::SocketAddr, path::Path, sync::Arc};
 
@@ -100,14 +106,18 @@ pub async fn run(checked: Checked, shutdown: impl Future<Output = ()>) -> Result
         rules,
         identity,
     } = checked;
-    let upstream = QuicUpstream::connect(QuicConfig::new(
-        settings.regional_addresses.clone(),
-        settings.regional_name.clone(),
-        identity,
-        settings.node.clone(),
-        settings.region.clone(),
-    ))?;
+    let upstream = QuicUpstream::connect(QuicConfig {
+        rule_set_version: rules.version(),
+        ..QuicConfig::new(
+            settings.regional_addresses.clone(),
+            settings.regional_name.clone(),
+            identity,
+            settings.node.clone(),
+            settings.region.clone(),
+        )
+    })?;
     let agent = Arc::new(Agent::builder(settings.agent.clone(), rules, upstream.clone()).build()?);
+    upstream.attach(&agent);
     let sync = agent.spawn_sync_loop();
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await

@@ -223,9 +223,10 @@ fn parse(bytes: &[u8]) -> Result<CheckBody, String> {
 }
 
 fn answer(api: &Api, d: &Decision) -> Response<Full<Bytes>> {
+    let rules = api.agent.rules();
     let rule = d
         .rule
-        .and_then(|id| api.agent.rules().limit(id))
+        .and_then(|id| rules.limit(id))
         .map(|(rule, _)| rule.id());
     let denied = !d.allowed;
     let body = CheckAnswer {

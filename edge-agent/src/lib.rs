@@ -12,6 +12,11 @@
 //! reached through the [`Upstream`] trait, which [`QuicUpstream`] implements over QUIC; [`identity`](IdentityConfig) helpers turn headers
 //! and the socket address into a client identity.
 //!
+//! Rules change without a restart: [`Agent::set_rules`] swaps in a newer version for every
+//! later check (lock-free for `check`), and a [`QuicUpstream`] the agent is
+//! [attached](QuicUpstream::attach) to applies the rule sets its regional pushes that way,
+//! answering each push with the version taken or the located reason it was refused.
+//!
 //! # Example
 //!
 //! ```
@@ -46,13 +51,14 @@
 //!
 //! # Layout
 //!
-//! - `agent`: [`Agent`], `check` / `check_async`, the exact path, failure modes, the sync loop.
+//! - `agent`: [`Agent`], `check` / `check_async`, the exact path, failure modes, the sync loop,
+//!   and the rules in force (`set_rules`).
 //! - `local`: per-key state (grants, cold allowance, cached denials, counts to sync).
 //! - `decision`: [`Decision`] and [`DecisionPath`].
 //! - `config`: [`AgentConfig`] and its defaults.
 //! - `upstream`: the [`Upstream`] trait and [`UpstreamError`].
 //! - `quic`: [`QuicUpstream`], the real upstream: QUIC with mutual TLS to the regional,
-//!   failover and reconnection ([`QuicConfig`]).
+//!   failover and reconnection ([`QuicConfig`]), and the rule sets the regional pushes.
 //! - `identity`: client identity from headers and the socket (trusted proxies only).
 //! - `metrics`: [`EdgeMetrics`], the Prometheus metrics the binary serves at `/metrics`.
 //! - [`SystemClock`] is `shared`'s, re-exported: the wall clock the agent runs on.

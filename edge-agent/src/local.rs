@@ -341,6 +341,19 @@ impl KeyState {
     pub(crate) fn unsynced(&self) -> bool {
         self.cur.unsynced() || self.prev.unsynced()
     }
+
+    /// The key's limit changed value (a new rule set, same windows). Its grants and its cached
+    /// denial were sized under the old value, so the unused grants are handed back (the next
+    /// sync reports them) and the denial is dropped; what it counted stays. Returns the units
+    /// handed back.
+    pub(crate) fn limit_changed(&mut self) -> u64 {
+        self.denied_until = Nanos::ZERO;
+        [&mut self.prev, &mut self.cur]
+            .into_iter()
+            .filter(|win| win.index != NONE)
+            .map(Window::release_unused)
+            .sum()
+    }
 }
 
 #[cfg(test)]
@@ -433,6 +446,24 @@ mod tests {
         assert_eq!(s.cur.used, 0);
         assert!(!s.unsynced());
         assert_eq!(s.reserve(now, 0, 1, Strictness::Hard, 0).0, Local::Reserved);
+    }
+
+    #[test]
+    fn a_changed_limit_hands_back_its_grant_and_keeps_its_counts() {
+        let mut s = KeyState::new();
+        let now = Nanos::from_secs(1);
+        s.window(0);
+        s.raise_granted(0, 5);
+        for _ in 0..2 {
+            assert_eq!(s.reserve(now, 0, 1, Strictness::Hard, 0).0, Local::Reserved);
+            s.commit(now, 1);
+        }
+        s.denied_until = Nanos::from_secs(30);
+        assert_eq!(s.limit_changed(), 3, "the unused part of the grant");
+        assert_eq!((s.cur.used, s.cur.released), (2, 3));
+        assert_eq!(s.denied_until, Nanos::ZERO);
+        assert!(s.unsynced(), "the hand-back goes with the next sync");
+        assert_eq!(s.reserve(now, 0, 1, Strictness::Hard, 0).0, Local::Exact);
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! - What the caller records per decision, [`EdgeMetrics::record`]: checks by rule, result
 //!   and path, fallbacks by rule and mode, and the decision latency by path. Per-rule
 //!   counters are looked up once per rule and cached, so recording is a map lookup and two
-//!   atomic adds.
+//!   atomic adds. The cache follows the agent's rules: a decision by a limit it does not
+//!   know (a rule set pushed since) rebuilds it once from the rules in force, keeping the
+//!   counters of the limits that stay.
 //! - What the agent counts anyway ([`Agent::stats`] and friends), read at scrape time by a
 //!   collector: the local-decision ratio, shadow would-denials, sync batches, sizes and lag,
 //!   grant utilisation, lost windows, keys held, the rule set's version and whether the
@@ -21,6 +23,7 @@ use std::{
     time::Duration,
 };
 
+use arc_swap::ArcSwap;
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
@@ -43,9 +46,11 @@ pub struct EdgeMetrics {
     registry: Registry,
     checks: Family<CheckLabels, Counter>,
     fallbacks: Family<FallbackLabels, Counter>,
-    /// Per limit, the rule's name and its counters, resolved on first use. Looked up on
-    /// every decision: foldhash, as the agent's own key map.
-    rules: HashMap<LimitId, RuleCounters, foldhash::fast::RandomState>,
+    /// Per limit of the rules in force, the rule's name and its counters, resolved on first
+    /// use; rebuilt when a decision names a limit it lacks (see [`EdgeMetrics::refresh`]).
+    rules: ArcSwap<RuleTable>,
+    /// Where `rules` comes from.
+    agent: Arc<Agent>,
     /// Requests no rule applies to.
     unlimited: Counter,
     /// Decision latency, by [`path_index`].
@@ -75,12 +80,25 @@ struct RuleLabel {
     rule: String,
 }
 
+/// Looked up on every decision: foldhash, as the agent's own key map.
+type RuleTable = HashMap<LimitId, Arc<RuleCounters>, foldhash::fast::RandomState>;
+
 struct RuleCounters {
     rule: String,
     /// By `path_index · 2 + denied`.
     checks: [OnceLock<Counter>; PATHS * 2],
     /// By `mode_index`.
     fallbacks: [OnceLock<Counter>; 3],
+}
+
+impl RuleCounters {
+    fn new(rule: &str) -> RuleCounters {
+        RuleCounters {
+            rule: rule.to_owned(),
+            checks: Default::default(),
+            fallbacks: Default::default(),
+        }
+    }
 }
 
 /// The paths a decision can take, as label values; `Unlimited` is counted apart.
@@ -142,18 +160,7 @@ impl EdgeMetrics {
             "Keys per acknowledged sync batch",
             agent.sync_batch_sizes().clone(),
         );
-        let rules = agent
-            .rules()
-            .limits()
-            .map(|(rule, limit)| {
-                let counters = RuleCounters {
-                    rule: rule.id().to_owned(),
-                    checks: Default::default(),
-                    fallbacks: Default::default(),
-                };
-                (limit.id(), counters)
-            })
-            .collect();
+        let rules = ArcSwap::from_pointee(rule_table(&agent, &RuleTable::default()));
         let unlimited = checks
             .get_or_create(&CheckLabels {
                 rule: "none".to_owned(),
@@ -161,12 +168,16 @@ impl EdgeMetrics {
                 path: "unlimited",
             })
             .clone();
-        registry.register_collector(Box::new(AgentCollector { agent, upstream }));
+        registry.register_collector(Box::new(AgentCollector {
+            agent: agent.clone(),
+            upstream,
+        }));
         EdgeMetrics {
             registry,
             checks,
             fallbacks,
             rules,
+            agent,
             unlimited,
             latency,
         }
@@ -177,7 +188,18 @@ impl EdgeMetrics {
         let path = path_index(decision.path);
         let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
         self.latency[path].observe(nanos);
-        let Some(rule) = decision.rule.and_then(|id| self.rules.get(&id)) else {
+        let Some(id) = decision.rule else {
+            self.unlimited.inc();
+            return;
+        };
+        let mut rules = self.rules.load();
+        if !rules.contains_key(&id) {
+            self.refresh(&rules);
+            rules = self.rules.load();
+        }
+        let Some(rule) = rules.get(&id) else {
+            // Decided by a limit the rules in force no longer have: a decision made just as
+            // the rules changed.
             self.unlimited.inc();
             return;
         };
@@ -208,6 +230,12 @@ impl EdgeMetrics {
         }
     }
 
+    /// Rebuilds the per-limit table from the agent's rules in force, keeping the counters
+    /// `old` had resolved for the limits that stay.
+    fn refresh(&self, old: &RuleTable) {
+        self.rules.store(Arc::new(rule_table(&self.agent, old)));
+    }
+
     /// The registry, to render or to add to.
     pub fn registry(&self) -> &Registry {
         &self.registry
@@ -217,6 +245,22 @@ impl EdgeMetrics {
     pub fn render(&self) -> String {
         shared::metrics::render(&self.registry)
     }
+}
+
+/// The per-limit table for the agent's rules in force, taking over `old`'s entries.
+fn rule_table(agent: &Agent, old: &RuleTable) -> RuleTable {
+    agent
+        .rules()
+        .limits()
+        .map(|(rule, limit)| {
+            let id = limit.id();
+            let counters = old
+                .get(&id)
+                .cloned()
+                .unwrap_or_else(|| Arc::new(RuleCounters::new(rule.id())));
+            (id, counters)
+        })
+        .collect()
 }
 
 /// Reads the agent's own counters at scrape time.

@@ -12,6 +12,28 @@
 //! that the reply is the one the request expects. A call that finds the connection lost
 //! unpublishes it at once, so the calls after it fail fast too while the task reconnects.
 //!
+//! # Rule sets pushed by the regional
+//!
+//! The regional also opens streams of its own on the edge's connection, to push a new rule
+//! set. For every connection it establishes, the task starts `shared::net::answer` on it, which
+//! reads each such stream's one message and writes back the reply of `Link::answer`:
+//!
+//! 1. A [`RuleSetPush`] whose version the agent already runs (or a newer one) is acknowledged
+//!    at once with no error: pushes may be resent or overtaken.
+//! 2. Otherwise the YAML is parsed and validated with the same code as the edge's own rules
+//!    file ([`RuleSet::from_yaml`], stamped with the pushed version). A refused set is
+//!    acknowledged with its located error and the running rules stay.
+//! 3. An accepted set goes to [`Agent::set_rules`](crate::Agent::set_rules), which swaps it in
+//!    for every later check, and is acknowledged with no error.
+//!
+//! Parsing and the swap run on a blocking thread, not on the runtime's workers. The agent is
+//! reached through [`QuicUpstream::attach`]: the agent owns its upstream, so the upstream
+//! holds only a weak handle back to it, which the embedder sets right after building the
+//! agent. Every `Hello` names the version the agent runs when it is sent (before `attach`,
+//! [`QuicConfig::rule_set_version`]), so a regional knows on each connection whether to push.
+//! Anything but a `RuleSetPush` on such a stream is answered with an [`ErrorNotice`] of
+//! [`CloseCode::UnexpectedMessage`].
+//!
 //! # Reconnecting
 //!
 //! The addresses are tried in order, moving to the next after every failed attempt and every
@@ -25,23 +47,28 @@
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, OnceLock},
     time::{Duration, SystemTime},
 };
 
 use quinn::{Connection, Endpoint, VarInt};
 use shared::{
-    net::{self, Identity as TlsIdentity, NetError},
+    RuleSet,
+    net::{self, Identity as TlsIdentity, NetError, NetStats},
     wire::{
         Acquire, AcquireReply, CloseCode, ErrorNotice, Hello, Message, PROTOCOL_VERSION, Refusal,
-        Role, SyncAck, SyncBatch,
+        Role, RuleSetAck, RuleSetPush, SyncAck, SyncBatch,
     },
 };
 use thiserror::Error;
 use tokio::{runtime::Handle, sync::watch, task::JoinHandle};
 use tracing::{debug, error, info, warn};
 
-use crate::upstream::{Upstream, UpstreamError, UpstreamFuture};
+use crate::{
+    Agent,
+    agent::WeakAgent,
+    upstream::{Upstream, UpstreamError, UpstreamFuture},
+};
 
 /// The first pause after a round of failed connection attempts. Defaults to 100 ms.
 pub const DEFAULT_BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -71,8 +98,10 @@ pub struct QuicConfig {
     pub incarnation: u64,
     /// The region this edge belongs to; a regional of another region refuses it.
     pub region: String,
-    /// The version of the rule set the edge enforces, sent in the `Hello`. Defaults to 0
-    /// (none yet).
+    /// The version of the rule set the edge enforces, sent in the `Hello` until an agent is
+    /// [attached](QuicUpstream::attach); from then on every `Hello` names the version that
+    /// agent runs. Set it to the version of the rules the agent is built with, so that the
+    /// first `Hello` is right even when it goes out before `attach`. Defaults to 0 (none yet).
     pub rule_set_version: u64,
     /// The pause after the first round of failed attempts; it doubles every round. Defaults
     /// to 100 ms. Must not be zero.
@@ -142,6 +171,9 @@ pub enum QuicError {
 /// (wrong version, role, region, or a certificate that does not name this node) is logged at
 /// error level and retried at the maximum backoff.
 ///
+/// The regional may push rule sets on the connection; they are applied to the agent given to
+/// [`attach`](QuicUpstream::attach) (see the module documentation).
+///
 /// Dropping it stops reconnecting and closes the connection with
 /// [`CloseCode::ShuttingDown`].
 pub struct QuicUpstream {
@@ -170,13 +202,35 @@ impl QuicUpstream {
         };
         let endpoint = net::client_endpoint(bind, &config.identity)?;
         let (state, _) = watch::channel(None);
-        let link = Arc::new(Link { state });
+        let link = Arc::new(Link {
+            state,
+            agent: OnceLock::new(),
+            pushes: Arc::new(NetStats::default()),
+        });
         let task = runtime.spawn(run(link.clone(), endpoint.clone(), config));
         Ok(Arc::new(QuicUpstream {
             link,
             endpoint,
             task,
         }))
+    }
+
+    /// Applies the rule sets the regional pushes to `agent` from now on, and names the version
+    /// `agent` runs in every later `Hello`. Call it right after building the agent on this
+    /// upstream. An upstream serves one agent: a second call changes nothing and returns
+    /// false.
+    ///
+    /// Until it is called, pushes are refused with an error in their [`RuleSetAck`] (the
+    /// regional pushes again on the next connection). The upstream does not keep `agent`
+    /// alive: the agent owns the upstream, not the other way round.
+    pub fn attach(&self, agent: &Agent) -> bool {
+        self.link.agent.set(agent.downgrade()).is_ok()
+    }
+
+    /// What answering the regional's pushes has done: streams answered, and bad frames
+    /// refused by close code.
+    pub fn push_stats(&self) -> &NetStats {
+        &self.link.pushes
     }
 
     /// The address of the regional the edge is connected to now, or `None` while it is not
@@ -244,11 +298,16 @@ impl Upstream for QuicUpstream {
     }
 }
 
-/// What the calls and the connection task share: the connection, when there is one.
+/// What the calls, the connection task and the push handler share: the connection, when
+/// there is one, and the agent pushed rule sets go to, once attached.
 struct Link {
     /// The published connection. A `watch` so that [`QuicUpstream::connected`] can wait for
     /// a change; its lock is held only to clone or replace the value, never across an await.
     state: watch::Sender<Option<Live>>,
+    /// Set once by [`QuicUpstream::attach`].
+    agent: OnceLock<WeakAgent>,
+    /// Counters of the streams the regional opened (its pushes).
+    pushes: Arc<NetStats>,
 }
 
 /// An established connection and where it goes.
@@ -290,12 +349,97 @@ impl Link {
             reply => Ok(reply),
         }
     }
+
+    /// The attached agent, if it is attached and alive.
+    fn agent(&self) -> Option<Agent> {
+        self.agent.get().and_then(WeakAgent::upgrade)
+    }
+
+    /// The rule-set version to name in a `Hello` now.
+    fn rule_set_version(&self, configured: u64) -> u64 {
+        self.agent()
+            .map_or(configured, |agent| agent.rules().version())
+    }
+
+    /// The reply to one message the regional sent on a stream it opened. Blocking: it may
+    /// parse a rule set and walk the agent's keys.
+    fn answer(&self, message: Message) -> Message {
+        match message {
+            Message::RuleSetPush(push) => self.take_rules(push).into(),
+            other => ErrorNotice {
+                code: CloseCode::UnexpectedMessage,
+                message: format!("{} is not a push an edge takes", other.kind()),
+            }
+            .into(),
+        }
+    }
+
+    /// Validates a pushed rule set and hands it to the agent; see the module documentation.
+    fn take_rules(&self, push: RuleSetPush) -> RuleSetAck {
+        let version = push.version;
+        let Some(agent) = self.agent() else {
+            warn!(
+                version,
+                "a rule set was pushed before an agent was attached"
+            );
+            return RuleSetAck {
+                version,
+                error: Some("this edge has no agent to apply rule sets to yet".into()),
+            };
+        };
+        let running = agent.rules().version();
+        if version <= running {
+            debug!(
+                version,
+                running, "pushed rule set already in force or superseded"
+            );
+            return RuleSetAck {
+                version,
+                error: None,
+            };
+        }
+        let error = match RuleSet::from_yaml(&format!("rule set version {version}"), &push.yaml) {
+            Ok(rules) => {
+                if agent.set_rules(rules.with_version(version)) {
+                    info!(version, previous = running, "enforcing the pushed rule set");
+                }
+                None
+            }
+            Err(err) => {
+                warn!(version, error = %err, "refused the pushed rule set; the running one stays");
+                Some(err.to_string())
+            }
+        };
+        RuleSetAck { version, error }
+    }
 }
 
-/// The connection task: connect, publish, wait for the end, move on; forever (until the
-/// upstream is dropped and aborts it).
+/// Answers the regional's pushes on `conn` until it ends.
+async fn answer_pushes(link: Arc<Link>, conn: Connection) {
+    let stats = link.pushes.clone();
+    let handler = move |message: Message| {
+        let link = link.clone();
+        async move {
+            let kind = message.kind();
+            tokio::task::spawn_blocking(move || link.answer(message))
+                .await
+                .unwrap_or_else(|err| {
+                    error!(kind, error = %err, "answering a push failed");
+                    ErrorNotice {
+                        code: CloseCode::Internal,
+                        message: format!("the edge failed answering {kind}"),
+                    }
+                    .into()
+                })
+        }
+    };
+    net::answer(conn, handler, stats).await;
+}
+
+/// The connection task: connect, publish and answer pushes, wait for the end, move on;
+/// forever (until the upstream is dropped and aborts it).
 async fn run(link: Arc<Link>, endpoint: Endpoint, config: QuicConfig) {
-    let hello = Hello {
+    let mut hello = Hello {
         protocol_version: PROTOCOL_VERSION,
         node: config.node.clone(),
         incarnation: config.incarnation,
@@ -313,6 +457,7 @@ async fn run(link: Arc<Link>, endpoint: Endpoint, config: QuicConfig) {
             return;
         };
         next = (next + 1) % addresses.len();
+        hello.rule_set_version = link.rule_set_version(config.rule_set_version);
         let attempt = tokio::time::timeout(
             config.connect_timeout,
             net::connect(&endpoint, address, &config.server_name, &hello),
@@ -322,6 +467,9 @@ async fn run(link: Arc<Link>, endpoint: Endpoint, config: QuicConfig) {
         let error = match attempt {
             Ok((conn, welcome)) => {
                 info!(%address, regional = %welcome.node, "connected to the regional");
+                // For as long as the connection lives. A regional pushes as soon as it has
+                // welcomed an edge on an older version; its stream waits until accepted.
+                tokio::spawn(answer_pushes(link.clone(), conn.clone()));
                 let live = Live { conn, address };
                 link.state.send_replace(Some(live.clone()));
                 let reason = live.conn.closed().await;

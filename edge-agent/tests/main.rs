@@ -9,4 +9,5 @@ mod concurrency;
 mod decisions;
 mod failure_modes;
 mod quic;
+mod reload;
 mod sync;

@@ -1,7 +1,7 @@
 //! The QUIC upstream and `shared::net` end to end: real QUIC on loopback, real certificates
 //! from `shared::net::pki`, and the simulator's `WireRegional` served by `shared::net::serve`.
-//! Covers DESIGN §5 (frames, caps, close codes) and the §7 rows "untrusted peer", "bad
-//! frame" and "regional unreachable" as seen from the edge.
+//! Covers DESIGN §5 (frames, caps, close codes), the §7 rows "untrusted peer", "bad frame" and
+//! "regional unreachable" as seen from the edge, and rule sets the regional pushes (§2).
 
 use std::{
     collections::HashMap,
@@ -22,10 +22,12 @@ use rustls::pki_types::{CertificateDer, pem::PemObject};
 use shared::{
     Clock, LimitId, ManualClock,
     net::{self, Ca, Identity, NetError, NetStats, Peer, Service},
-    quota::EdgeId,
+    quota::{DEFAULT_THRESHOLD, EdgeId},
+    sim::WireRegional,
     wire::{
         Acquire, Check, CloseCode, ErrorNotice, Hello, MAX_KEY_LEN, MAX_KEYS_PER_BATCH, Message,
-        PROTOCOL_VERSION, Refusal, Refused, Role, SyncBatch, SyncEntry, Welcome, encode_frame,
+        PROTOCOL_VERSION, Refusal, Refused, Role, RuleSetAck, RuleSetPush, SyncBatch, SyncEntry,
+        Welcome, encode_frame,
     },
 };
 use tokio::task::JoinHandle;
@@ -398,6 +400,124 @@ async fn a_restarted_regional_is_reconnected_and_calls_fail_fast_meanwhile() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Rule sets pushed by the regional (DESIGN §2: rules change without a restart)
+
+/// What the regional pushes: `login` is gone, `search` is new (1 a minute).
+const PUSHED: &str = "rate_limits:\n  endpoints:\n    \
+    - { id: search, path: /search, limit: 1, window: 1m, key: ip, strictness: hard, on_failure: closed }\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_rule_set_is_acknowledged_and_enforced_and_a_bad_one_refused() {
+    let pki = Pki::new();
+    let running = rules(HARD).with_version(3);
+    let clock = ManualClock::new(T0);
+    let region = regional(&running, 1);
+    let service = SimRegional::new(&region, &clock);
+    let server = Server::start(&pki.regional, service.clone(), localhost()).await;
+    // As the binary does: the version of the rules the agent starts with.
+    let config = QuicConfig {
+        rule_set_version: running.version(),
+        ..pki.edge_config(vec![server.addr], "edge-eu-1")
+    };
+    let upstream = QuicUpstream::connect(config).unwrap();
+    let config = AgentConfig {
+        upstream_timeout: PATIENCE,
+        ..AgentConfig::default()
+    };
+    let agent = agent_with(config, &running, upstream.clone(), &clock);
+    assert!(upstream.attach(&agent));
+    assert!(!upstream.attach(&agent), "one agent per upstream");
+    tokio::time::timeout(PATIENCE, upstream.connected())
+        .await
+        .unwrap();
+    assert_eq!(service.hellos()[0].rule_set_version, 3);
+    let conn = service.connection();
+
+    let login = Request {
+        ip: Some("1.1.1.1"),
+        ..Request::new("POST", "/login")
+    };
+    let search = Request {
+        ip: Some("1.1.1.1"),
+        ..Request::new("GET", "/search")
+    };
+    let check = |request| agent.check_async(request, NonZeroU32::MIN);
+    assert_eq!(check(&search).await.path, DecisionPath::Unlimited);
+    assert_eq!(check(&login).await.path, DecisionPath::Exact);
+
+    // A regional takes a rule set itself before it pushes it to its edges.
+    let pushed = rules(PUSHED).with_version(4);
+    *region.lock().unwrap() = WireRegional::new(pushed.clone(), 1, DEFAULT_THRESHOLD);
+    let push = |version: u64, yaml: &str| {
+        let message = Message::from(RuleSetPush {
+            version,
+            yaml: yaml.into(),
+        });
+        let conn = conn.clone();
+        async move { net::call(&conn, &message).await.unwrap() }
+    };
+    let ack = |version, error| Message::from(RuleSetAck { version, error });
+    assert_eq!(push(4, PUSHED).await, ack(4, None));
+    assert_eq!(agent.rules().version(), 4);
+    let search_limit = Some(pushed.rule("search").unwrap().limits()[0].id());
+    let first = check(&search).await;
+    assert_eq!(
+        (first.allowed, first.rule),
+        (true, search_limit),
+        "{first:?}"
+    );
+    let second = check(&search).await;
+    assert_eq!(
+        (second.allowed, second.rule),
+        (false, search_limit),
+        "{second:?}"
+    );
+    assert_eq!(check(&login).await.path, DecisionPath::Unlimited, "gone");
+
+    // Resent, or overtaken by the one in force: acknowledged, nothing changes.
+    assert_eq!(push(4, HARD).await, ack(4, None));
+    assert_eq!(push(2, HARD).await, ack(2, None));
+    assert_eq!(agent.rules().version(), 4);
+
+    // A set that does not validate is refused with where and why; version 4 stays.
+    let bad = "rate_limits:\n  endpoints:\n    - { path: /search, limit: 1, window: 0s }\n";
+    let Message::RuleSetAck(refused) = push(5, bad).await else {
+        panic!("a rule set push is answered with an ack");
+    };
+    assert_eq!(refused.version, 5);
+    let error = refused.error.expect("a zero window is refused");
+    assert!(
+        error.contains("version 5") && error.contains("rate_limits.endpoints[0].window"),
+        "{error}"
+    );
+    assert_eq!(agent.rules().version(), 4);
+    let still = check(&search).await;
+    assert_eq!((still.allowed, still.rule), (false, search_limit));
+
+    // Anything else the regional sends on a stream of its own is refused.
+    let reply = net::call(&conn, &batch(1, 1)).await.unwrap();
+    assert!(
+        matches!(
+            &reply,
+            Message::Error(ErrorNotice {
+                code: CloseCode::UnexpectedMessage,
+                ..
+            })
+        ),
+        "{reply:?}"
+    );
+    eventually("every push answered", || {
+        upstream.push_stats().streams_served() == 5
+    })
+    .await;
+
+    // The next connection's Hello names the version the agent runs now.
+    conn.close(VarInt::from_u32(CloseCode::Normal.as_u32()), b"test");
+    eventually("the edge reconnects", || service.hellos().len() == 2).await;
+    assert_eq!(service.hellos()[1].rule_set_version, 4);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Helpers
 
 const CA_NAME: &str = "rate limiter test CA";
@@ -437,11 +557,13 @@ impl Pki {
 }
 
 /// The simulator's regional behind `shared::net::serve`: edges are numbered in the order they
-/// first connect.
+/// first connect. It keeps every `Hello` it welcomed and every connection, to push on.
 struct SimRegional {
     region: Regional,
     clock: ManualClock,
     edges: Mutex<Vec<String>>,
+    hellos: Mutex<Vec<Hello>>,
+    connections: Mutex<Vec<quinn::Connection>>,
 }
 
 impl SimRegional {
@@ -450,7 +572,25 @@ impl SimRegional {
             region: region.clone(),
             clock: clock.clone(),
             edges: Mutex::new(Vec::new()),
+            hellos: Mutex::new(Vec::new()),
+            connections: Mutex::new(Vec::new()),
         })
+    }
+
+    fn hellos(&self) -> Vec<Hello> {
+        self.hellos
+            .lock()
+            .expect("no panic while holding the lock")
+            .clone()
+    }
+
+    /// The connection welcomed last.
+    fn connection(&self) -> quinn::Connection {
+        let connections = self
+            .connections
+            .lock()
+            .expect("no panic while holding the lock");
+        connections.last().expect("an edge connected").clone()
     }
 }
 
@@ -486,7 +626,18 @@ impl Service for SimRegional {
         // `try_into` rather than a named width, so this stays right whatever integer `EdgeId`
         // wraps.
         let id = index.try_into().expect("a handful of edges");
+        self.hellos
+            .lock()
+            .expect("no panic while holding the lock")
+            .push(hello.clone());
         Ok((EdgeId(id), welcome))
+    }
+
+    fn connected(&self, _: &Arc<EdgeId>, connection: &quinn::Connection) {
+        self.connections
+            .lock()
+            .expect("no panic while holding the lock")
+            .push(connection.clone());
     }
 
     async fn handle(&self, edge: &Arc<EdgeId>, message: Message) -> Message {

@@ -13,11 +13,11 @@ use shared::{
     LimitId, Nanos,
     wire::{
         AckEntry, Acquire, AcquireReply, Check, CheckOutcome, CloseCode, Confirm, DecodeError,
-        EncodeError, ErrorNotice, Hello, HotKey, HotKeyDemand, KeyPartition, MAX_FRAME_LEN,
-        MAX_KEY_LEN, MAX_KEYS_PER_BATCH, Message, PROTOCOL_VERSION, Partitions, QuotaReply,
-        QuotaRequest, Refusal, Refused, Release, Report, Role, RuleDemand, RuleSetAck, RuleSetPush,
-        RuleShare, SyncAck, SyncBatch, SyncEntry, TransferGrant, Welcome, decode_frame,
-        encode_frame,
+        EdgeHolding, EncodeError, ErrorNotice, Hello, HotKey, HotKeyDemand, KeyHolding,
+        KeyPartition, KeyQuery, KeyReport, MAX_FRAME_LEN, MAX_KEY_LEN, MAX_KEYS_PER_BATCH, Message,
+        PROTOCOL_VERSION, Partitions, QuotaReply, QuotaRequest, Refusal, Refused, Release, Report,
+        ReportAck, Role, RuleDemand, RuleSetAck, RuleSetPush, RuleShare, SyncAck, SyncBatch,
+        SyncEntry, TransferGrant, Welcome, decode_frame, encode_frame,
     },
 };
 
@@ -131,7 +131,7 @@ fn frame_layout_is_pinned() {
         5,                // want
     ];
     assert_eq!(frame, expected);
-    assert_eq!(PROTOCOL_VERSION, 1);
+    assert_eq!(PROTOCOL_VERSION, 2);
 }
 
 #[test]
@@ -297,6 +297,7 @@ fn every_list_is_capped() {
     let report = Report {
         region: "eu".into(),
         interval: Nanos(1),
+        edges: 1,
         demand: vec![],
         hot_keys: vec![],
     };
@@ -403,7 +404,8 @@ fn every_list_is_capped() {
             rules: vec![
                 RuleShare {
                     limit,
-                    share_ppm: 1
+                    share_ppm: 1,
+                    from_window: 0
                 };
                 over
             ],
@@ -624,6 +626,7 @@ fn the_largest_messages_the_caps_allow_fit_in_a_frame() {
         Report {
             region: key(),
             interval: Nanos::MAX,
+            edges: u32::MAX,
             demand: vec![
                 RuleDemand {
                     limit,
@@ -652,7 +655,8 @@ fn the_largest_messages_the_caps_allow_fit_in_a_frame() {
             rules: vec![
                 RuleShare {
                     limit,
-                    share_ppm: u32::MAX
+                    share_ppm: u32::MAX,
+                    from_window: u64::MAX
                 };
                 n
             ],
@@ -874,6 +878,13 @@ fn message() -> impl Strategy<Value = Message> {
         }
         .into()),
         report().prop_map(Message::from),
+        (any::<u64>(), any::<u64>()).prop_map(|(rule_set_version, partitions_version)| {
+            ReportAck {
+                rule_set_version,
+                partitions_version,
+            }
+            .into()
+        }),
         (any::<u64>(), list(rule_share()), list(key_partition())).prop_map(
             |(version, rules, keys)| Partitions {
                 version,
@@ -944,7 +955,39 @@ fn message() -> impl Strategy<Value = Message> {
         }
         .into()),
         (close_code(), text()).prop_map(|(code, message)| ErrorNotice { code, message }.into()),
+        key().prop_map(|key| KeyQuery { key }.into()),
+        (key(), list(key_holding()))
+            .prop_map(|(region, holdings)| KeyReport { region, holdings }.into()),
     ]
+}
+
+fn key_holding() -> impl Strategy<Value = KeyHolding> {
+    let edge = (key(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
+        |(edge, granted, released, used)| EdgeHolding {
+            edge,
+            granted,
+            released,
+            used,
+        },
+    );
+    (
+        limit(),
+        any::<u64>(),
+        any::<u64>(),
+        any::<u64>(),
+        any::<u64>(),
+        list(edge),
+    )
+        .prop_map(
+            |(limit, window, partition, total, exact, edges)| KeyHolding {
+                limit,
+                window,
+                partition,
+                total,
+                exact,
+                edges,
+            },
+        )
 }
 
 fn list<T: std::fmt::Debug>(item: impl Strategy<Value = T>) -> impl Strategy<Value = Vec<T>> {
@@ -1170,18 +1213,23 @@ fn report() -> impl Strategy<Value = Report> {
                 partition,
             },
         );
-    (text(), nanos(), list(demand), list(hot)).prop_map(|(region, interval, demand, hot_keys)| {
-        Report {
+    (text(), nanos(), any::<u32>(), list(demand), list(hot)).prop_map(
+        |(region, interval, edges, demand, hot_keys)| Report {
             region,
             interval,
+            edges,
             demand,
             hot_keys,
-        }
-    })
+        },
+    )
 }
 
 fn rule_share() -> impl Strategy<Value = RuleShare> {
-    (limit(), any::<u32>()).prop_map(|(limit, share_ppm)| RuleShare { limit, share_ppm })
+    (limit(), any::<u32>(), any::<u64>()).prop_map(|(limit, share_ppm, from_window)| RuleShare {
+        limit,
+        share_ppm,
+        from_window,
+    })
 }
 
 fn key_partition() -> impl Strategy<Value = KeyPartition> {

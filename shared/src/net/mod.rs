@@ -88,7 +88,8 @@
 //! - [`tls`]: [`Identity`] and the quinn server and client configs, transport settings.
 //! - `peer`: [`Peer`], the verified certificate behind a connection, and the node-name check.
 //! - [`frame`]: messages on streams: [`write_message`], [`read_message`], [`call`].
-//! - `server`: [`serve`], the [`Service`] trait, [`NetStats`], [`server_endpoint`].
+//! - `server`: [`serve`], the [`Service`] trait, [`NetStats`], [`server_endpoint`], and
+//!   [`answer`], the client's side of streams the server opens (pushes down the tree).
 //! - `client`: [`client_endpoint`] and [`connect`].
 //! - `error`: [`NetError`].
 //!
@@ -111,7 +112,7 @@ pub use self::{
     frame::{call, read_message, write_message},
     peer::Peer,
     pki::{Ca, NodeCert, PkiError, write_pki},
-    server::{HANDSHAKE_TIMEOUT, NetStats, Service, serve, server_endpoint},
+    server::{HANDSHAKE_TIMEOUT, NetStats, Service, answer, serve, server_endpoint},
     tls::{
         ALPN, IDLE_TIMEOUT, Identity, KEEP_ALIVE_INTERVAL, MAX_CONCURRENT_STREAMS, TlsError,
         client_config, server_config,

@@ -90,6 +90,30 @@ pub trait Service: Send + Sync + 'static {
     fn closed(&self, session: &Self::Session) {
         let _ = session;
     }
+
+    /// The handshake of `session` is done and its `Welcome` sent. A service that pushes to its
+    /// clients (the coordinator its rule sets and partitions to regionals, a regional its rule
+    /// sets to edges) keeps `connection` and opens streams on it with
+    /// [`call`](crate::net::call); the client answers them with [`answer`]. Default: nothing.
+    fn connected(&self, session: &Arc<Self::Session>, connection: &Connection) {
+        let _ = (session, connection);
+    }
+}
+
+/// Serves the streams a *server* opens on a client's `connection` (its pushes), one frame in
+/// and `handler`'s reply out on each, every stream in its own task, until the connection
+/// ends. As in [`serve`], a frame that does not decode closes only its stream, with its
+/// [`CloseCode`], counted in `stats`.
+pub async fn answer<H, F>(connection: Connection, handler: H, stats: Arc<NetStats>)
+where
+    H: Fn(Message) -> F + Send + Sync + 'static,
+    F: Future<Output = Message> + Send + 'static,
+{
+    let handler = Arc::new(handler);
+    while let Ok((send, recv)) = connection.accept_bi().await {
+        let (handler, stats) = (handler.clone(), stats.clone());
+        tokio::spawn(async move { request(send, recv, &stats, |m| handler(m)).await });
+    }
 }
 
 /// What the accept loop has done, for `/metrics`: counters only ever grow.
@@ -191,11 +215,14 @@ async fn connection<S: Service>(incoming: Incoming, service: Arc<S>, stats: Arc<
             return;
         }
     };
+    service.connected(&session, &conn);
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
                 let (service, session, stats) = (service.clone(), session.clone(), stats.clone());
-                tokio::spawn(async move { request(send, recv, &*service, &session, &stats).await });
+                tokio::spawn(async move {
+                    request(send, recv, &stats, |m| service.handle(&session, m)).await
+                });
             }
             Err(err) => {
                 info!(%remote, reason = %err, "connection ended");
@@ -289,12 +316,11 @@ fn greet<S: Service>(
 }
 
 /// One request stream: a frame in, the service's reply out.
-async fn request<S: Service>(
+async fn request<F: Future<Output = Message>>(
     mut send: SendStream,
     mut recv: RecvStream,
-    service: &S,
-    session: &Arc<S::Session>,
     stats: &NetStats,
+    handle: impl FnOnce(Message) -> F,
 ) {
     let mut buf = Vec::new();
     let message = match read_message(&mut recv, &mut buf).await {
@@ -314,7 +340,7 @@ async fn request<S: Service>(
             return refuse(&mut send, &mut recv, code, stats);
         }
     };
-    let reply = service.handle(session, message).await;
+    let reply = handle(message).await;
     match write_message(&mut send, &reply).await {
         Ok(()) => {
             let _ = send.finish();

@@ -584,6 +584,7 @@ mod tests {
         let report = crate::wire::Report {
             region: "r".repeat(2 * MAX_FRAME_LEN),
             interval: crate::Nanos(1),
+            edges: 0,
             demand: vec![],
             hot_keys: vec![
                 crate::wire::HotKeyDemand {

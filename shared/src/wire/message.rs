@@ -52,6 +52,8 @@ pub enum Message {
     RuleSetAck(RuleSetAck),
     /// Regional → coordinator: demand over the last reporting interval.
     Report(Report),
+    /// Coordinator → regional: the answer to one [`Report`].
+    ReportAck(ReportAck),
     /// Coordinator → regional: the region's partitions, whole.
     Partitions(Partitions),
     /// Coordinator → giving regional: first phase of a transfer.
@@ -66,6 +68,10 @@ pub enum Message {
     QuotaReply(QuotaReply),
     /// Either way, on any link: why the sender is about to close the stream.
     Error(ErrorNotice),
+    /// Coordinator → regional: what the region holds for one key (the admin API's debug view).
+    KeyQuery(KeyQuery),
+    /// Regional → coordinator: the answer to one [`KeyQuery`].
+    KeyReport(KeyReport),
 }
 
 impl Message {
@@ -83,6 +89,7 @@ impl Message {
             Message::RuleSetPush(_) => "rule_set_push",
             Message::RuleSetAck(_) => "rule_set_ack",
             Message::Report(_) => "report",
+            Message::ReportAck(_) => "report_ack",
             Message::Partitions(_) => "partitions",
             Message::Release(_) => "release",
             Message::Confirm(_) => "confirm",
@@ -90,6 +97,8 @@ impl Message {
             Message::QuotaRequest(_) => "quota_request",
             Message::QuotaReply(_) => "quota_reply",
             Message::Error(_) => "error",
+            Message::KeyQuery(_) => "key_query",
+            Message::KeyReport(_) => "key_report",
         }
     }
 }
@@ -461,6 +470,8 @@ pub struct Report {
     /// The span of time the counts cover, on the regional's clock: the coordinator divides by
     /// it to compare regions whose intervals drift.
     pub interval: Nanos,
+    /// The edges connected to the reporting regional now, for the operators' status view.
+    pub edges: u32,
     /// One line per limit with traffic in the interval, at most
     /// [`MAX_KEYS_PER_BATCH`](crate::wire::MAX_KEYS_PER_BATCH).
     #[serde(with = "crate::wire::codec::cap::list")]
@@ -469,6 +480,16 @@ pub struct Report {
     /// [`MAX_KEYS_PER_BATCH`](crate::wire::MAX_KEYS_PER_BATCH), hottest first (top-K).
     #[serde(with = "crate::wire::codec::cap::list")]
     pub hot_keys: Vec<HotKeyDemand>,
+}
+
+/// The answer to one [`Report`]: the versions the coordinator holds for the region, so the
+/// regional can tell (and log) that it lags. The coordinator pushes what is newer itself.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ReportAck {
+    /// The coordinator's rule-set version.
+    pub rule_set_version: u64,
+    /// The version of the region's partitions the coordinator holds.
+    pub partitions_version: u64,
 }
 
 /// One limit's demand in one region over one reporting interval, summed over its keys.
@@ -507,13 +528,20 @@ pub struct HotKeyDemand {
     pub partition: u64,
 }
 
-/// Coordinator → regional: the region's partitions, whole.
+/// Coordinator → regional: the region's partitions, whole; and regional → coordinator, as the
+/// answer to one, what the region has committed to.
 ///
 /// A `Partitions` replaces the previous one entirely; it is not a delta, so the last one
 /// received is the truth. A regional applies it only if `version` is newer than the one it
-/// holds, so pushes may be resent or reordered. A change of a rule's share takes effect at that
-/// limit's next window boundary (token buckets: at once, as rate); a per-key partition applies
-/// to the window it names.
+/// holds, so pushes may be resent or reordered. A rule's share applies from the window its
+/// [`RuleShare::from_window`] names; a per-key partition applies to the window it names.
+///
+/// The regional answers with the shares it now holds, each with the window it actually applies
+/// from: a *lower* share never applies to a window that has already begun (what was admitted
+/// in it under the higher share stays admitted), so the regional moves its `from_window` past
+/// its current window when needed. The coordinator raises another region's share only from
+/// the window every lowering region has confirmed, so `Σ_r P_r ≤ L` holds in every window, even
+/// when a push is late or lost.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Partitions {
     /// Increasing with every allocation the coordinator makes.
@@ -540,6 +568,10 @@ pub struct RuleShare {
     /// coordinator keeps the sum over regions at most 1,000,000, and a receiver treats a larger
     /// value as 1,000,000.
     pub share_ppm: u32,
+    /// The first window index (of this limit's window length) the share applies to; earlier
+    /// windows keep the share the region held before. 0: every window, which is how a limit
+    /// the region had no share of gets its first one.
+    pub from_window: u64,
 }
 
 /// A per-key partition: one region's absolute share of one key's limit in one window.
@@ -659,6 +691,63 @@ pub struct ErrorNotice {
     pub message: String,
 }
 
+// ---------------------------------------------------------------------------------------------
+// Debugging
+
+/// Coordinator → regional: report every ledger of this key in the current windows, for the
+/// admin API's `GET /api/v1/debug/{key}`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct KeyQuery {
+    /// The key, in every limit; at most [`MAX_KEY_LEN`](crate::wire::MAX_KEY_LEN) bytes.
+    #[serde(with = "crate::wire::codec::cap::key")]
+    pub key: String,
+}
+
+/// Regional → coordinator: what one region holds for a key, limit by limit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyReport {
+    /// The region answering.
+    #[serde(with = "crate::wire::codec::cap::key")]
+    pub region: String,
+    /// One line per limit with a ledger for the key in its current window, at most
+    /// [`MAX_KEYS_PER_BATCH`](crate::wire::MAX_KEYS_PER_BATCH).
+    #[serde(with = "crate::wire::codec::cap::list")]
+    pub holdings: Vec<KeyHolding>,
+}
+
+/// One region's ledger for one (limit, key, window).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct KeyHolding {
+    /// The limit.
+    pub limit: LimitId,
+    /// The window index.
+    pub window: u64,
+    /// `P_r` for the key in that window, with what transfers added or took.
+    pub partition: u64,
+    /// `T`: what the region has admitted for the key in that window.
+    pub total: u64,
+    /// What the regional admitted itself, on the exact path (part of `T`).
+    pub exact: u64,
+    /// Each edge's counters, at most [`MAX_KEYS_PER_BATCH`](crate::wire::MAX_KEYS_PER_BATCH).
+    #[serde(with = "crate::wire::codec::cap::list")]
+    pub edges: Vec<EdgeHolding>,
+}
+
+/// One edge's counters for a key, as the regional's store holds them.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct EdgeHolding {
+    /// The edge's node name when it is connected to the answering regional, else its counter
+    /// identity in hexadecimal (`edge-3f2a…`).
+    #[serde(with = "crate::wire::codec::cap::key")]
+    pub edge: String,
+    /// `granted_e`.
+    pub granted: u64,
+    /// `released_e`.
+    pub released: u64,
+    /// `used_e`.
+    pub used: u64,
+}
+
 /// `impl From<$ty> for Message` for every payload struct, so `batch.into()` builds a frame.
 macro_rules! from_payload {
     ($($variant:ident($ty:ty)),* $(,)?) => {$(
@@ -681,6 +770,7 @@ from_payload! {
     RuleSetPush(RuleSetPush),
     RuleSetAck(RuleSetAck),
     Report(Report),
+    ReportAck(ReportAck),
     Partitions(Partitions),
     Release(Release),
     Confirm(Confirm),
@@ -688,4 +778,6 @@ from_payload! {
     QuotaRequest(QuotaRequest),
     QuotaReply(QuotaReply),
     Error(ErrorNotice),
+    KeyQuery(KeyQuery),
+    KeyReport(KeyReport),
 }

@@ -63,10 +63,11 @@ pub use self::{
     code::{CloseCode, UnknownCloseCode},
     codec::{DecodeError, EncodeError, decode_frame, encode_frame},
     message::{
-        AckEntry, Acquire, AcquireReply, Check, CheckOutcome, Confirm, ErrorNotice, Hello, HotKey,
-        HotKeyDemand, KeyPartition, Message, Partitions, QuotaReply, QuotaRequest, Refusal,
-        Refused, Release, Report, Role, RuleDemand, RuleSetAck, RuleSetPush, RuleShare, SyncAck,
-        SyncBatch, SyncEntry, TransferGrant, Welcome,
+        AckEntry, Acquire, AcquireReply, Check, CheckOutcome, Confirm, EdgeHolding, ErrorNotice,
+        Hello, HotKey, HotKeyDemand, KeyHolding, KeyPartition, KeyQuery, KeyReport, Message,
+        Partitions, QuotaReply, QuotaRequest, Refusal, Refused, Release, Report, ReportAck, Role,
+        RuleDemand, RuleSetAck, RuleSetPush, RuleShare, SyncAck, SyncBatch, SyncEntry,
+        TransferGrant, Welcome,
     },
 };
 
@@ -74,7 +75,7 @@ pub use self::{
 ///
 /// Starts at 1 so that a zeroed buffer is never mistaken for a valid frame. See "The version
 /// rule" in the module documentation for what bumps it.
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 
 /// The largest value a frame's length prefix may hold: the version byte plus the payload, in
 /// bytes (a whole frame is at most 4 bytes more). 1 MiB.
