@@ -14,8 +14,12 @@
 //! | `POST /api/v1/partitions/{rule}/pin` | JSON body `{"eu": 0.7, "us": 0.3}` |
 //! | `DELETE /api/v1/partitions/{rule}/pin` | the rule follows demand again |
 //! | `POST /api/v1/rebalance` | recompute every unpinned rule's shares now |
-//! | `GET /api/v1/regions` | the regions and their floors |
+//! | `GET /api/v1/regions` | the regions, their floors, connected regionals and edges, last report age |
+//! | `GET /api/v1/debug/{key}` | what every connected region holds for that key: partition, usage, each edge's counters |
 //! | `GET /api/v1/metrics` | the same counters as `/metrics`, as JSON |
+//!
+//! Every change that is applied is then pushed to the regionals: a new rule set at once, new
+//! shares by the partition protocol of [`link`](crate::link).
 
 use std::{
     collections::BTreeMap,
@@ -40,7 +44,10 @@ use shared::{
     metrics::{counter, gauge},
 };
 
-use crate::coordinator::{ChangeError, Coordinator};
+use crate::{
+    coordinator::{ChangeError, Coordinator},
+    link::Links,
+};
 
 /// The largest body read: a rule set of a few thousand rules.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -48,6 +55,7 @@ pub const MAX_BODY: usize = 1024 * 1024;
 /// What the API answers with.
 pub struct Admin {
     coordinator: Arc<Coordinator>,
+    links: Arc<Links>,
     token: String,
     stats: Arc<AdminStats>,
     registry: Registry,
@@ -64,15 +72,17 @@ pub struct AdminStats {
 
 impl Admin {
     /// Answers for `coordinator`, to holders of `token`.
-    pub fn new(coordinator: Arc<Coordinator>, token: String) -> Admin {
+    pub fn new(coordinator: Arc<Coordinator>, links: Arc<Links>, token: String) -> Admin {
         let stats = Arc::new(AdminStats::default());
         let mut registry = Registry::with_prefix("coordinator");
         registry.register_collector(Box::new(CoordinatorCollector {
             coordinator: coordinator.clone(),
+            links: links.clone(),
             stats: stats.clone(),
         }));
         Admin {
             coordinator,
+            links,
             token,
             stats,
             registry,
@@ -160,21 +170,25 @@ impl Admin {
             }),
             (&Method::POST, ["rebalance"]) => c.rebalance().map(|()| ok(&partitions(c))),
             (&Method::GET, ["regions"]) => {
+                let status = self.links.status();
                 let regions: Vec<_> = c
                     .regions()
                     .iter()
-                    .map(|r| {
+                    .zip(status)
+                    .map(|(r, s)| {
                         json!({
                             "name": r.name,
                             "floor": f64::from(r.floor_ppm) / 1e6,
-                            // Regionals report over QUIC (not built yet): none is connected.
-                            "connected": false,
-                            "last_report_age_seconds": null,
+                            "connected": s.regionals > 0,
+                            "regionals": s.regionals,
+                            "edges": s.edges,
+                            "last_report_age_seconds": s.last_report_age_seconds,
                         })
                     })
                     .collect();
                 Ok(ok(&json!({ "regions": regions })))
             }
+            (&Method::GET, ["debug", key]) => Ok(ok(&self.debug(key).await)),
             (&Method::GET, ["metrics"]) => Ok(ok(&self.metrics_json())),
             _ => {
                 return error(
@@ -189,6 +203,14 @@ impl Admin {
                 if method != Method::GET && !dry_run {
                     self.stats.changes.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(%method, %path, "admin change applied");
+                    let (links, rules) =
+                        (self.links.clone(), segments.first() == Some(&"rate-limits"));
+                    tokio::spawn(async move {
+                        if rules {
+                            links.push_rules().await;
+                        }
+                        links.sync().await;
+                    });
                 }
                 r
             }
@@ -208,6 +230,45 @@ impl Admin {
                 }
             }
         }
+    }
+
+    /// `GET /api/v1/debug/{key}`: every connected region's ledgers of `key`, with rule ids.
+    async fn debug(&self, key: &str) -> serde_json::Value {
+        let rules = self.coordinator.rules();
+        let reports = self.links.key_reports(key).await;
+        let regions: BTreeMap<String, serde_json::Value> = reports
+            .into_iter()
+            .map(|(region, report)| {
+                let value = match report {
+                    Err(e) => json!({ "error": e }),
+                    Ok(r) => {
+                        let holdings: Vec<_> = r
+                            .holdings
+                            .iter()
+                            .map(|h| {
+                                json!({
+                                    "rule": rules.limit(h.limit).map(|(rule, _)| rule.id()),
+                                    "limit_id": h.limit.0,
+                                    "window": h.window,
+                                    "partition": h.partition,
+                                    "used": h.total,
+                                    "exact": h.exact,
+                                    "edges": h.edges.iter().map(|e| json!({
+                                        "edge": e.edge,
+                                        "granted": e.granted,
+                                        "released": e.released,
+                                        "used": e.used,
+                                    })).collect::<Vec<_>>(),
+                                })
+                            })
+                            .collect();
+                        json!({ "holdings": holdings })
+                    }
+                };
+                (region, value)
+            })
+            .collect();
+        json!({ "key": key, "regions": regions })
     }
 
     fn authorized(&self, request: &Request<Incoming>) -> bool {
@@ -247,6 +308,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 fn partitions(c: &Coordinator) -> serde_json::Value {
     let rules = c.rules();
     let shares = c.shares();
+    let demand = c.demand_now();
     let list: Vec<_> = rules
         .rules()
         .iter()
@@ -264,10 +326,19 @@ fn partitions(c: &Coordinator) -> serde_json::Value {
                     })
                 })
                 .collect();
+            let usage: BTreeMap<&str, u64> = c
+                .regions()
+                .iter()
+                .map(|r| {
+                    let d = demand.get(&(rule.id().to_owned(), r.name.clone()));
+                    (r.name.as_str(), d.copied().unwrap_or(0))
+                })
+                .collect();
             Some(json!({
                 "rule": rule.id(),
                 "pinned": pinned,
                 "shares": ppm_map(shares),
+                "demand_per_second": usage,
                 "limits": limits,
             }))
         })
@@ -289,6 +360,7 @@ fn ok(body: &impl Serialize) -> Response<Full<Bytes>> {
 /// `/metrics`: read at scrape time.
 struct CoordinatorCollector {
     coordinator: Arc<Coordinator>,
+    links: Arc<Links>,
     stats: Arc<AdminStats>,
 }
 
@@ -333,6 +405,44 @@ impl Collector for CoordinatorCollector {
         )?;
         counter(e, "admin_changes", "Changes applied.", load(&s.changes))?;
         counter(e, "admin_refused", "Changes refused.", load(&s.refused))?;
+        let l = self.links.stats();
+        counter(
+            e,
+            "reports",
+            "Demand reports received from regionals.",
+            load(&l.reports),
+        )?;
+        counter(
+            e,
+            "escalations",
+            "Escalations answered (two-phase transfers run).",
+            load(&l.escalations),
+        )?;
+        counter(
+            e,
+            "transferred_units",
+            "Units moved between regions by transfers.",
+            load(&l.transferred),
+        )?;
+        counter(
+            e,
+            "partition_pushes",
+            "Partitions pushed to regionals.",
+            load(&l.pushes),
+        )?;
+        let connected = self
+            .links
+            .status()
+            .iter()
+            .filter(|r| r.regionals > 0)
+            .count();
+        gauge(
+            e,
+            "regions_connected",
+            "Regions with at least one regional connected.",
+            None,
+            i64::try_from(connected).unwrap_or(i64::MAX),
+        )?;
         Ok(())
     }
 }

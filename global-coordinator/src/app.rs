@@ -3,12 +3,13 @@
 
 use std::{fmt, future::Future, net::SocketAddr, path::Path, sync::Arc};
 
-use shared::{ConfigError, RuleSet};
+use shared::{ConfigError, RuleSet, net::Identity};
 
 use crate::{
     admin::Admin,
     config::Config,
     coordinator::{Coordinator, LoadError},
+    link::{Links, RegionalService},
 };
 
 /// The environment variable that holds the admin token, over the config's `token_file`.
@@ -23,6 +24,12 @@ pub enum StartError {
     /// The durable state could not be opened.
     #[error("{0}")]
     State(#[from] LoadError),
+    /// A TLS file is missing or does not hold what it should.
+    #[error("{0}")]
+    Tls(#[from] shared::net::TlsError),
+    /// The QUIC endpoint could not be bound.
+    #[error("{0}")]
+    Net(#[from] shared::net::NetError),
     /// The admin address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -41,6 +48,8 @@ pub struct Checked {
     pub token: String,
     /// The first rule set, read only while there is no state file yet.
     pub first_rules: Option<RuleSet>,
+    /// The TLS identity regionals see, when the link is configured.
+    pub identity: Option<Identity>,
 }
 
 impl fmt::Display for Checked {
@@ -95,10 +104,19 @@ pub fn check(path: &Path, env_token: Option<String>) -> Result<Checked, StartErr
     } else {
         Some(shared::process::load_rules(&config.rules)?)
     };
+    let identity = match &config.link {
+        None => None,
+        Some(link) => {
+            let identity = Identity::from_files(&link.tls_ca, &link.tls_cert, &link.tls_key)?;
+            shared::net::server_config(&identity)?;
+            Some(identity)
+        }
+    };
     Ok(Checked {
         config,
         token,
         first_rules,
+        identity,
     })
 }
 
@@ -113,6 +131,7 @@ pub async fn run(checked: Checked, shutdown: impl Future<Output = ()>) -> Result
         config,
         token,
         first_rules,
+        identity,
     } = checked;
     // Without a state file the rules file is the start; read in `check`, or now if a state
     // file seen there has gone since.
@@ -128,19 +147,52 @@ pub async fn run(checked: Checked, shutdown: impl Future<Output = ()>) -> Result
             source,
         })?;
     let admin_addr = listener.local_addr().unwrap_or(config.admin);
+    let links = Links::new(coordinator.clone(), config.node.clone());
+    let endpoint = match (&config.link, &identity) {
+        (Some(link), Some(identity)) => {
+            let endpoint = shared::net::server_endpoint(link.listen, identity)?;
+            let bound = endpoint.local_addr().unwrap_or(link.listen);
+            let service = Arc::new(RegionalService::new(links.clone()));
+            tokio::spawn(shared::net::serve(
+                endpoint.clone(),
+                service,
+                Arc::new(shared::net::NetStats::default()),
+            ));
+            Some((endpoint, bound))
+        }
+        _ => None,
+    };
+    let ticking = tokio::spawn(links.clone().run(config.rebalance_interval));
     let rules = coordinator.rules();
-    tracing::info!(
-        admin = %admin_addr,
-        rule_set_version = rules.version(),
-        rules = rules.rules().len(),
-        "{summary}"
-    );
-    let admin = Arc::new(Admin::new(coordinator, token));
+    match &endpoint {
+        Some((_, quic)) => tracing::info!(
+            admin = %admin_addr,
+            %quic,
+            rule_set_version = rules.version(),
+            rules = rules.rules().len(),
+            "{summary}"
+        ),
+        None => tracing::info!(
+            admin = %admin_addr,
+            rule_set_version = rules.version(),
+            rules = rules.rules().len(),
+            "{summary}"
+        ),
+    }
+    let admin = Arc::new(Admin::new(coordinator, links, token));
     let handler = move |_peer, request| {
         let admin = admin.clone();
         async move { admin.handle(request).await }
     };
     shared::http::serve(listener, handler, shutdown).await;
+    ticking.abort();
+    if let Some((endpoint, _)) = endpoint {
+        endpoint.close(
+            quinn::VarInt::from_u32(shared::wire::CloseCode::ShuttingDown.as_u32()),
+            b"coordinator shutting down",
+        );
+        endpoint.wait_idle().await;
+    }
     tracing::info!("shut down");
     Ok(())
 }

@@ -8,6 +8,12 @@
 //! token_file: admin.token        # the admin API's bearer token; COORDINATOR_TOKEN overrides
 //! state: state/coordinator.json  # rules, pins and partitions, rewritten atomically
 //! rules: rules.yaml              # the first rule set, read only while no state file exists
+//! listen: 127.0.0.1:7500         # QUIC, for regionals; absent (with tls): no regional link
+//! tls:                           # the deployment CA, and this node's certificate and key
+//!   ca: pki/ca.pem
+//!   cert: pki/coordinator-1.pem
+//!   key: pki/coordinator-1.key
+//! rebalance_interval: 1s         # how often shares follow demand and partitions are pushed
 //! regions:                       # the regions limits are partitioned across
 //!   - { name: eu, floor: 0.1 }   # floor: the least share a region keeps, whatever its demand
 //!   - { name: us }               # floor defaults to 0.1
@@ -21,6 +27,7 @@ use std::{
     collections::HashSet,
     net::SocketAddr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use serde::Deserialize;
@@ -46,6 +53,34 @@ pub struct Config {
     pub rules: PathBuf,
     /// The regions, in the file's order.
     pub regions: Vec<RegionConfig>,
+    /// The regionals' QUIC link, when configured.
+    pub link: Option<LinkConfig>,
+    /// How often shares follow demand and partitions are pushed.
+    pub rebalance_interval: Duration,
+}
+
+/// Where regionals connect, with what identity.
+#[derive(Clone, Debug)]
+pub struct LinkConfig {
+    /// The QUIC address.
+    pub listen: SocketAddr,
+    /// The deployment CA's certificate.
+    pub tls_ca: PathBuf,
+    /// This node's certificate.
+    pub tls_cert: PathBuf,
+    /// This node's private key.
+    pub tls_key: PathBuf,
+}
+
+/// Default [`Config::rebalance_interval`].
+pub const DEFAULT_REBALANCE_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 /// One region limits are partitioned across.
@@ -67,6 +102,12 @@ struct RawConfig {
     state: PathBuf,
     rules: PathBuf,
     regions: Vec<RawRegion>,
+    #[serde(default)]
+    listen: Option<SocketAddr>,
+    #[serde(default)]
+    tls: Option<RawTls>,
+    #[serde(default, deserialize_with = "shared::config::optional_duration")]
+    rebalance_interval: Option<Duration>,
 }
 
 #[derive(Deserialize)]
@@ -150,6 +191,34 @@ impl Config {
             ));
         }
         let dir = path.parent().unwrap_or(Path::new(""));
+        let link = match (raw.listen, raw.tls) {
+            (None, None) => None,
+            (Some(listen), Some(tls)) => Some(LinkConfig {
+                listen,
+                tls_ca: dir.join(tls.ca),
+                tls_cert: dir.join(tls.cert),
+                tls_key: dir.join(tls.key),
+            }),
+            (Some(_), None) => {
+                return Err(invalid(
+                    "tls".into(),
+                    "is missing: regionals connect over mutual TLS".into(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "listen".into(),
+                    "is missing: where do regionals connect?".into(),
+                ));
+            }
+        };
+        let rebalance_interval = raw.rebalance_interval.unwrap_or(DEFAULT_REBALANCE_INTERVAL);
+        if rebalance_interval.is_zero() {
+            return Err(invalid(
+                "rebalance_interval".into(),
+                "must be more than 0".into(),
+            ));
+        }
         Ok(Config {
             file: path.to_owned(),
             node: raw.node,
@@ -158,6 +227,8 @@ impl Config {
             state: dir.join(raw.state),
             rules: dir.join(raw.rules),
             regions,
+            link,
+            rebalance_interval,
         })
     }
 }

@@ -9,7 +9,10 @@
 //!
 //! Shares are per rule, in parts per million of each of its limits, from
 //! [`shared::quota::split`]: pins first, then each region's floor, then the rest by
-//! demand (equally while no region has reported any). A region's partition of a limit `L` is
+//! smoothed demand (equally while no region has reported any). Demand comes from the regions'
+//! reports; [`Coordinator::follow_demand`] moves shares when it has moved enough. What each
+//! region confirmed it holds is kept here too ([`Coordinator::held`]): the link to the
+//! regions raises a share only when the others' confirmed holdings leave room for it. A region's partition of a limit `L` is
 //! its share of `L`, apportioned so that `Σ_r P_r = L` exactly.
 
 use std::{
@@ -23,7 +26,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use shared::{
     ConfigError, RuleSet,
-    quota::{RegionShare, split},
+    quota::{DemandSmoother, RegionShare, split},
 };
 
 use crate::config::RegionConfig;
@@ -83,7 +86,15 @@ struct Durable {
     pins: BTreeMap<String, BTreeMap<String, u32>>,
     /// The shares in force: rule id → region → share in ppm.
     shares: BTreeMap<String, BTreeMap<String, u32>>,
+    /// What each regional last confirmed it holds: region → node → limit id → (share in ppm,
+    /// first window). Kept across restarts so that a coordinator that comes back before a
+    /// region reconnects still counts what that region may be admitting.
+    #[serde(default)]
+    held: BTreeMap<String, BTreeMap<String, Held>>,
 }
+
+/// What one region holds of each limit: limit id → (share in ppm, the window it applies from).
+pub type Held = BTreeMap<u64, (u32, u64)>;
 
 /// One region's share of one rule, in ppm; absent regions hold nothing.
 pub type Shares = BTreeMap<String, u32>;
@@ -94,7 +105,17 @@ pub struct Coordinator {
     path: PathBuf,
     regions: Vec<RegionConfig>,
     state: Mutex<Live>,
+    /// Smoothed demand per (rule id, region), in cost units per second. Not durable: a
+    /// restarted coordinator relearns it from the next reports.
+    demand: Mutex<BTreeMap<(String, String), DemandSmoother>>,
 }
+
+/// The weight of each new demand sample: 0.3, so demand that moved shows within a few reports.
+pub const DEMAND_ALPHA_PPM: u32 = 300_000;
+
+/// Shares are recomputed from demand only when one moves by more than this (2 % of the limit),
+/// so noise in the reports does not rewrite the state file and push partitions every interval.
+pub const REBALANCE_STEP_PPM: u32 = 20_000;
 
 struct Live {
     durable: Durable,
@@ -143,6 +164,7 @@ impl Coordinator {
                 durable,
                 rules: Arc::new(rules),
             }),
+            demand: Mutex::new(BTreeMap::new()),
         };
         match fs::read(path) {
             Ok(bytes) => {
@@ -162,9 +184,10 @@ impl Coordinator {
                     rules: rules.source().to_owned(),
                     pins: BTreeMap::new(),
                     shares: BTreeMap::new(),
+                    held: BTreeMap::new(),
                 };
                 let rules = rules.with_version(version);
-                durable.shares = shares_for(&rules, &regions, &durable.pins);
+                durable.shares = shares_for(&rules, &regions, &durable.pins, &BTreeMap::new());
                 write_atomically(path, &durable)?;
                 Ok(coordinator(durable, rules))
             }
@@ -248,7 +271,7 @@ impl Coordinator {
         durable.rules = yaml.to_owned();
         let rules = rules.with_version(durable.version);
         durable.pins.retain(|id, _| rules.rule(id).is_some());
-        durable.shares = shares_for(&rules, &self.regions, &durable.pins);
+        durable.shares = shares_for(&rules, &self.regions, &durable.pins, &self.demand_now());
         self.commit(live, durable, rules)?;
         Ok((live.durable.version, diff))
     }
@@ -331,7 +354,12 @@ impl Coordinator {
     pub fn rebalance(&self) -> Result<(), ChangeError> {
         let mut live = self.live();
         let mut durable = live.durable.clone();
-        durable.shares = shares_for(&live.rules, &self.regions, &durable.pins);
+        durable.shares = shares_for(
+            &live.rules,
+            &self.regions,
+            &durable.pins,
+            &self.demand_now(),
+        );
         let rules = RuleSet::clone(&live.rules);
         self.commit(&mut live, durable, rules)
     }
@@ -347,10 +375,128 @@ impl Coordinator {
         }
         let mut durable = live.durable.clone();
         edit(&mut durable.pins);
-        durable.shares = shares_for(&live.rules, &self.regions, &durable.pins);
+        durable.shares = shares_for(
+            &live.rules,
+            &self.regions,
+            &durable.pins,
+            &self.demand_now(),
+        );
         let rules = RuleSet::clone(&live.rules);
         self.commit(&mut live, durable, rules)?;
         Ok(live.durable.shares.get(id).cloned().unwrap_or_default())
+    }
+
+    /// Folds one report's demand for rule `rule` in region `region` (cost per second, admitted
+    /// and denied) into its smoothed demand.
+    pub fn observe_demand(&self, region: &str, rule: &str, per_second: u64) {
+        let mut demand = self.demand.lock().unwrap_or_else(|e| e.into_inner());
+        demand
+            .entry((rule.to_owned(), region.to_owned()))
+            .or_insert_with(|| DemandSmoother::new(DEMAND_ALPHA_PPM))
+            .observe(per_second);
+    }
+
+    /// Smoothed demand per (rule id, region).
+    pub fn demand_now(&self) -> BTreeMap<(String, String), u64> {
+        self.demand
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, d)| (k.clone(), d.value()))
+            .collect()
+    }
+
+    /// Recomputes unpinned shares from demand when one would move by more than
+    /// [`REBALANCE_STEP_PPM`] and the rule's demand is at least a twentieth of its limit's
+    /// rate; true when the shares changed.
+    ///
+    /// # Errors
+    ///
+    /// The state file could not be written; nothing changed.
+    pub fn follow_demand(&self) -> Result<bool, ChangeError> {
+        let mut live = self.live();
+        let demand = self.demand_now();
+        let mut next = shares_for(&live.rules, &self.regions, &live.durable.pins, &demand);
+        // A rule whose traffic is a trickle keeps its shares: a handful of requests says
+        // nothing about where demand is, and every move strands quota for a window.
+        for rule in live.rules.rules() {
+            let rate: u64 = self
+                .regions
+                .iter()
+                .map(|r| {
+                    demand
+                        .get(&(rule.id().to_owned(), r.name.clone()))
+                        .copied()
+                        .unwrap_or(0)
+                })
+                .sum();
+            let floor_rate = rule
+                .limits()
+                .iter()
+                .map(|l| {
+                    let secs = (l.limiter().window().as_u64() / 1_000_000_000).max(1);
+                    l.limiter().limit() / secs / 20
+                })
+                .max()
+                .unwrap_or(0);
+            if rate < floor_rate.max(1)
+                && let Some(current) = live.durable.shares.get(rule.id())
+            {
+                next.insert(rule.id().to_owned(), current.clone());
+            }
+        }
+        let moved = next.iter().any(|(rule, shares)| {
+            let before = live.durable.shares.get(rule);
+            shares.iter().any(|(region, &ppm)| {
+                let old = before.and_then(|b| b.get(region)).copied().unwrap_or(0);
+                ppm.abs_diff(old) > REBALANCE_STEP_PPM
+            }) || before.is_none()
+        });
+        if !moved {
+            return Ok(false);
+        }
+        let mut durable = live.durable.clone();
+        durable.shares = next;
+        let rules = RuleSet::clone(&live.rules);
+        self.commit(&mut live, durable, rules)?;
+        Ok(true)
+    }
+
+    /// What region `region` may be holding of each limit: per limit, the largest share any of
+    /// its regionals confirmed, with the latest window it applies from. `None` for a region no
+    /// regional of which ever confirmed anything.
+    pub fn held(&self, region: &str) -> Option<Held> {
+        let live = self.live();
+        let nodes = live.durable.held.get(region)?;
+        let mut out = Held::new();
+        for held in nodes.values() {
+            for (&limit, &(ppm, from)) in held {
+                let slot = out.entry(limit).or_insert((0, 0));
+                *slot = (slot.0.max(ppm), slot.1.max(from));
+            }
+        }
+        Some(out)
+    }
+
+    /// Records what regional `node` of `region` confirmed it holds, and writes it if it changed.
+    ///
+    /// # Errors
+    ///
+    /// The state file could not be written.
+    pub fn record_held(&self, region: &str, node: &str, held: Held) -> Result<(), ChangeError> {
+        let mut live = self.live();
+        let current = live.durable.held.get(region).and_then(|n| n.get(node));
+        if current == Some(&held) {
+            return Ok(());
+        }
+        let mut durable = live.durable.clone();
+        durable
+            .held
+            .entry(region.to_owned())
+            .or_default()
+            .insert(node.to_owned(), held);
+        let rules = RuleSet::clone(&live.rules);
+        self.commit(&mut live, durable, rules)
     }
 
     /// Writes `durable` and, once it is on disk, makes it the state in force.
@@ -372,12 +518,13 @@ impl Coordinator {
     }
 }
 
-/// Every rule's shares: its pin, or floors plus an equal split of the rest (no region has
-/// reported demand yet).
+/// Every rule's shares: its pin, or floors plus the rest by smoothed demand (equally while no
+/// region has any).
 fn shares_for(
     rules: &RuleSet,
     regions: &[RegionConfig],
     pins: &BTreeMap<String, Shares>,
+    demand: &BTreeMap<(String, String), u64>,
 ) -> BTreeMap<String, Shares> {
     rules
         .rules()
@@ -387,20 +534,56 @@ fn shares_for(
             let input: Vec<RegionShare> = regions
                 .iter()
                 .map(|r| RegionShare {
-                    demand: 0,
+                    demand: demand
+                        .get(&(rule.id().to_owned(), r.name.clone()))
+                        .copied()
+                        .unwrap_or(0),
                     floor_ppm: r.floor_ppm,
                     pinned_ppm: pin.map(|p| p.get(&r.name).copied().unwrap_or(0)),
                 })
                 .collect();
-            let ppm = split(u64::from(WHOLE), &input);
+            // Split whole steps of the rule's granularity, so that each region's
+            // `⌊L · share / 10⁶⌋` is exact and the partitions add up to the whole limit.
+            let step = granularity(rule.limits().iter().map(|l| l.limiter().limit()));
+            let units = split(u64::from(WHOLE / step), &input);
             let shares = regions
                 .iter()
-                .zip(ppm)
-                .map(|(r, p)| (r.name.clone(), u32::try_from(p).unwrap_or(WHOLE)))
+                .zip(units)
+                .map(|(r, u)| {
+                    let ppm = u.saturating_mul(u64::from(step));
+                    (r.name.clone(), u32::try_from(ppm).unwrap_or(WHOLE))
+                })
                 .collect();
             (rule.id().to_owned(), shares)
         })
         .collect()
+}
+
+/// The coarsest step, in ppm, at which every share gives each of these limits a whole number
+/// of units: `10⁶ / gcd(10⁶, L)` for each limit `L`, and their least common multiple (a divisor
+/// of 10⁶ like them). A region's partition is `⌊L · share / 10⁶⌋`, so shares off this grid
+/// would strand up to one unit per region per key and window, which no region could admit.
+/// A step coarser than 5 % is not worth its loss of resolution (a limit of 7 allows only 0 or
+/// 100 %): such rules use 1 ppm, and may strand those units.
+fn granularity(limits: impl Iterator<Item = u64>) -> u32 {
+    const COARSEST: u64 = 50_000;
+    let whole = u64::from(WHOLE);
+    let mut step = 1u64;
+    for limit in limits {
+        let own = whole / gcd(whole, limit.max(1));
+        step = step / gcd(step, own) * own;
+        if step > COARSEST {
+            return 1;
+        }
+    }
+    u32::try_from(step).unwrap_or(1)
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
 }
 
 /// Which rules `new` adds, removes or changes relative to `old`, by id.
@@ -493,4 +676,25 @@ fn write_atomically(path: &Path, durable: &Durable) -> Result<(), ChangeError> {
             .map_err(failed)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_step_so_that_every_partition_is_whole() {
+        assert_eq!(granularity([1000].into_iter()), 1000);
+        assert_eq!(granularity([100].into_iter()), 10_000);
+        assert_eq!(granularity([100, 1000].into_iter()), 10_000);
+        assert_eq!(granularity([600].into_iter()), 5000);
+        assert_eq!(granularity([7].into_iter()), 1, "too coarse: 1 ppm");
+        assert_eq!(granularity([1_000_000_000].into_iter()), 1);
+        // A 1000-limit split 55/45 gives 550 + 450: nothing stranded.
+        let step = granularity([1000].into_iter());
+        for ppm in [550_000u64, 450_000, 123_000] {
+            assert_eq!(ppm % u64::from(step), 0);
+            assert_eq!((1000 * ppm) % 1_000_000, 0);
+        }
+    }
 }

@@ -104,7 +104,8 @@ impl Client {
     }
 }
 
-/// `ctl status`: regions, then per rule its limits, shares and partitions.
+/// `ctl status`: regions (regionals and edges connected, last report), then per rule its
+/// limits, each region's partition, share and smoothed usage (admitted and denied per second).
 ///
 /// # Errors
 ///
@@ -130,18 +131,16 @@ pub fn status(client: &Client) -> Result<String, CtlError> {
     let mut table = vec![vec![
         "REGION".to_owned(),
         "FLOOR".to_owned(),
-        "CONNECTED".to_owned(),
+        "REGIONALS".to_owned(),
+        "EDGES".to_owned(),
         "LAST REPORT".to_owned(),
     ]];
     for r in regions["regions"].as_array().into_iter().flatten() {
         table.push(vec![
             r["name"].as_str().unwrap_or("?").to_owned(),
             percent(r["floor"].as_f64().unwrap_or(0.0)),
-            if r["connected"].as_bool() == Some(true) {
-                "yes".into()
-            } else {
-                "no".into()
-            },
+            r["regionals"].as_u64().unwrap_or(0).to_string(),
+            r["edges"].as_u64().unwrap_or(0).to_string(),
             r["last_report_age_seconds"]
                 .as_f64()
                 .map_or("never".into(), |s| format!("{s:.1}s ago")),
@@ -170,7 +169,8 @@ pub fn status(client: &Client) -> Result<String, CtlError> {
             for name in &names {
                 let p = &limit["partitions"][name];
                 let share = rule["shares"][name].as_f64().unwrap_or(0.0);
-                row.push(format!("{p} ({})", percent(share)));
+                let demand = rule["demand_per_second"][name].as_u64().unwrap_or(0);
+                row.push(format!("{p} ({}) {demand}/s", percent(share)));
             }
             table.push(row);
         }

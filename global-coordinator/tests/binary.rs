@@ -325,10 +325,16 @@ fn ctl_drives_the_coordinator_and_says_clearly_what_went_wrong() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let table = text(&out.stdout);
     assert!(table.contains("rule set version 4"), "{table}");
-    assert_eq!(row(&table, "eu"), ["eu", "10%", "no", "never"], "{table}");
+    assert_eq!(
+        row(&table, "eu"),
+        ["eu", "10%", "0", "0", "never"],
+        "{table}"
+    );
     assert_eq!(
         row(&table, "login"),
-        ["login", "100/1m", "no", "50", "(50%)", "50", "(50%)"],
+        [
+            "login", "100/1m", "no", "50", "(50%)", "0/s", "50", "(50%)", "0/s"
+        ],
         "{table}"
     );
 
@@ -353,7 +359,9 @@ fn ctl_drives_the_coordinator_and_says_clearly_what_went_wrong() {
     );
     assert_eq!(
         row(&text(&ctl(addr, &["status"]).stdout), "login"),
-        ["login", "200/1m", "yes", "50", "(25%)", "150", "(75%)"]
+        [
+            "login", "200/1m", "yes", "50", "(25%)", "0/s", "150", "(75%)", "0/s"
+        ]
     );
     let out = ctl(addr, &["unpin", "login"]);
     assert!(text(&out.stdout).contains("unpinned login: eu 50%, us 50%"));

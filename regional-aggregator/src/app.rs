@@ -24,6 +24,7 @@ use crate::{
     config::Config,
     server::EdgeService,
     store::{MemoryStore, RedisStore, RedisTopology, Store, StoreError},
+    uplink::Uplink,
 };
 
 /// Why the regional could not start.
@@ -187,6 +188,21 @@ pub async fn run(checked: Checked, shutdown: impl Future<Output = ()>) -> Result
     ));
     let net_stats = Arc::new(NetStats::default());
     let endpoint = net::server_endpoint(config.listen, &identity)?;
+    let uplink = match &config.coordinator {
+        None => None,
+        Some(link) => {
+            let uplink = Uplink::new(
+                regional.clone(),
+                service.clone(),
+                link.clone(),
+                config.node.clone(),
+                config.region.clone(),
+            );
+            regional.set_escalation(uplink.clone());
+            let client = net::client_endpoint(([0, 0, 0, 0], 0).into(), &identity)?;
+            Some(tokio::spawn(uplink.run(client)))
+        }
+    };
     let listen = endpoint.local_addr().unwrap_or(config.listen);
     // The metrics port is bound before the start-up line, so the line can name it.
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -221,6 +237,9 @@ pub async fn run(checked: Checked, shutdown: impl Future<Output = ()>) -> Result
         quinn::VarInt::from_u32(shared::wire::CloseCode::ShuttingDown.as_u32()),
         b"regional shutting down",
     );
+    if let Some(uplink) = uplink {
+        uplink.abort();
+    }
     let _ = serving.await;
     endpoint.wait_idle().await;
     Ok(())

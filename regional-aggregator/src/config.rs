@@ -16,6 +16,11 @@
 //!   timeout: 25ms                # one store call; past it the breaker counts a failure
 //!   failures: 5                  # failures in a row that open the breaker
 //!   cooldown: 60s                # open this long before a probe
+//! coordinator:                   # absent: this region owns every limit whole
+//!   addr: 127.0.0.1:7500         # the coordinator's QUIC address
+//!   name: coordinator-1          # the name its certificate carries
+//!   report_interval: 1s          # demand reports; partitions follow within a few
+//!   escalation_budget: 100ms     # how long an exact denial may wait for other regions' quota
 //! threshold: 0.8                 # θ: grants stop at θ·P
 //! hold: 100ms                    # how long an edge caches a denial caused by others' grants
 //! ```
@@ -58,6 +63,8 @@ pub struct Config {
     pub tls_key: PathBuf,
     /// Redis, or `None` for the in-memory store.
     pub redis: Option<RedisConfig>,
+    /// The global coordinator, or `None`: the region owns every limit whole.
+    pub coordinator: Option<CoordinatorLink>,
     /// How decisions are made.
     pub regional: RegionalConfig,
 }
@@ -70,6 +77,35 @@ pub struct RedisConfig {
     /// The breaker: failures, cooldown, and the per-call timeout (also Redis's connect and
     /// response timeout).
     pub breaker: BreakerConfig,
+}
+
+/// Where the coordinator is and how this regional talks to it.
+#[derive(Clone, Debug)]
+pub struct CoordinatorLink {
+    /// Its QUIC address.
+    pub addr: SocketAddr,
+    /// The name its certificate carries.
+    pub name: String,
+    /// How often demand is reported. Default 1 s.
+    pub report_interval: Duration,
+    /// How long an escalation may take before the request is denied. Default 100 ms.
+    pub escalation_budget: Duration,
+}
+
+/// Default [`CoordinatorLink::report_interval`].
+pub const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(1);
+/// Default [`CoordinatorLink::escalation_budget`] (DESIGN §4).
+pub const DEFAULT_ESCALATION_BUDGET: Duration = Duration::from_millis(100);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCoordinator {
+    addr: SocketAddr,
+    name: String,
+    #[serde(default, deserialize_with = "optional_duration")]
+    report_interval: Option<Duration>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    escalation_budget: Option<Duration>,
 }
 
 /// The file as written.
@@ -85,6 +121,8 @@ struct RawConfig {
     metrics: Option<SocketAddr>,
     #[serde(default)]
     redis: Option<RawRedis>,
+    #[serde(default)]
+    coordinator: Option<RawCoordinator>,
     #[serde(default)]
     threshold: Option<f64>,
     #[serde(default, deserialize_with = "optional_duration")]
@@ -165,6 +203,31 @@ impl Config {
             regional.hold = hold.into();
         }
         let redis = raw.redis.map(|r| redis_config(r, &invalid)).transpose()?;
+        let coordinator = raw
+            .coordinator
+            .map(|c| {
+                if !is_dns_name(&c.name) {
+                    return Err(invalid(
+                        "coordinator.name",
+                        format!("{:?} is not a DNS name", c.name),
+                    ));
+                }
+                let report_interval = c.report_interval.unwrap_or(DEFAULT_REPORT_INTERVAL);
+                if report_interval.is_zero() {
+                    return Err(invalid(
+                        "coordinator.report_interval",
+                        "must be more than 0".to_owned(),
+                    ));
+                }
+                Ok(CoordinatorLink {
+                    addr: c.addr,
+                    name: c.name,
+                    report_interval,
+                    escalation_budget: c.escalation_budget.unwrap_or(DEFAULT_ESCALATION_BUDGET),
+                })
+            })
+            .transpose()?;
+        regional.coordinated = coordinator.is_some();
         let dir = path.parent().unwrap_or(Path::new(""));
         Ok(Config {
             file: path.to_owned(),
@@ -177,6 +240,7 @@ impl Config {
             tls_cert: dir.join(raw.tls.cert),
             tls_key: dir.join(raw.tls.key),
             redis,
+            coordinator,
             regional,
         })
     }

@@ -18,6 +18,12 @@
 //!
 //! - [`server`]: the QUIC service edges connect to (`shared::net` does the transport).
 //!
+//! - [`partition`]: this region's partition of every limit, as the coordinator hands them out
+//!   and transfers move them.
+//!
+//! - [`uplink`]: the link to the global coordinator: demand reports up; rule sets, partitions
+//!   and transfers down; escalation before a denial.
+//!
 //! - [`metrics`]: `/metrics`, read at scrape time from what the parts above count.
 //!
 //! - [`config`] and [`app`]: the `regional-aggregator` binary. Its configuration file, and
@@ -28,8 +34,10 @@ pub mod app;
 pub mod breaker;
 pub mod config;
 pub mod metrics;
+pub mod partition;
 pub mod regional;
 pub mod server;
 pub mod store;
+pub mod uplink;
 
-pub use self::regional::{Regional, RegionalConfig, RegionalStats};
+pub use self::regional::{Escalation, Regional, RegionalConfig, RegionalStats};

@@ -9,9 +9,16 @@
 //! per (edge, request id) for a while, so a resent request is answered again without
 //! consuming twice.
 //!
-//! The bounds of every ledger op come from the rules: `P` is the limit (this region's whole share
-//! until the coordinator hands out partitions), θ from the configuration, `n` the edges
-//! connected now.
+//! The bounds of every ledger op come from the rules and the coordinator: `P` is this region's
+//! partition of the limit for that key and window ([`PartitionTable`]; the whole limit when no
+//! coordinator is configured), θ from the configuration, `n` the edges connected now.
+//!
+//! Under a coordinator, an exact request denied because the region's partition is spent (not
+//! because edges hold grants) is escalated before it is denied (DESIGN §4): the regional asks
+//! the coordinator, through its [`Escalation`], for more of that key's limit, within a budget,
+//! and decides once more with what came back. The other half of a transfer,
+//! [`Regional::release`], gives away unused partition by consuming it on the exact path, so
+//! giving it and admitting with it are one atomic check against the same `T + G`.
 //!
 //! An [`Acquire`] may mix algorithms. Its window checks (fixed and sliding window) become
 //! [`ExactOp`]s on ledgers, decided in the window that is current here; its token bucket,
@@ -51,6 +58,7 @@ use shared::{
     },
 };
 
+use crate::partition::PartitionTable;
 use crate::store::{
     Bounds, ExactOp, ExactReply, LedgerKey, Refund, StateKey, StateLimiter, StateOp, StateRefund,
     StateReply, Store, StoreError, SyncOp,
@@ -67,6 +75,10 @@ pub struct RegionalConfig {
     /// How long an exact answer is remembered for a resend. Default 10 s, far beyond any
     /// edge's timeout.
     pub replay_window: Nanos,
+    /// Whether a coordinator hands out this region's partitions. Without one the region owns
+    /// every limit whole; with one it holds nothing until the coordinator's first
+    /// `Partitions`. Default false.
+    pub coordinated: bool,
 }
 
 impl Default for RegionalConfig {
@@ -75,6 +87,7 @@ impl Default for RegionalConfig {
             threshold: DEFAULT_THRESHOLD,
             hold: Nanos::from_millis(100),
             replay_window: Nanos::from_secs(10),
+            coordinated: false,
         }
     }
 }
@@ -102,7 +115,67 @@ pub struct RegionalStats {
     pub unsupported: AtomicU64,
     /// Store calls that failed.
     pub store_errors: AtomicU64,
+    /// Exact requests escalated to the coordinator before a denial.
+    pub escalations: AtomicU64,
+    /// Escalations that brought back quota.
+    pub escalations_granted: AtomicU64,
+    /// Units this region gave away to transfers.
+    pub released_units: AtomicU64,
 }
+
+/// How a regional asks the coordinator for more of a key's limit before denying it
+/// (DESIGN §4, escalation). The uplink to the coordinator implements it.
+pub trait Escalation: Send + Sync + 'static {
+    /// Asks for `wanted` more units of `limit` for `key` in `window`; answers what was added
+    /// to this region's partition (0 when nothing could be), within the escalation budget.
+    fn request(
+        &self,
+        limit: LimitId,
+        key: &str,
+        window: u64,
+        wanted: u64,
+    ) -> std::pin::Pin<Box<dyn Future<Output = u64> + Send + '_>>;
+}
+
+/// One limit's demand since the last report.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LimitDemand {
+    /// Cost admitted (growth of `T` seen here).
+    pub used: u64,
+    /// Cost denied on the exact path.
+    pub denied: u64,
+    /// The highest `T / P` seen in a current window, in ppm.
+    pub utilisation_ppm: u32,
+}
+
+/// A key near or past its partition since the last report.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HotDemand {
+    /// The limit.
+    pub limit: LimitId,
+    /// The key.
+    pub key: String,
+    /// Its window.
+    pub window: u64,
+    /// `T` last seen.
+    pub used: u64,
+    /// Cost denied.
+    pub denied: u64,
+    /// `P_r` last used.
+    pub partition: u64,
+}
+
+/// What the regional saw since the last report: per limit, and the keys near their partition.
+#[derive(Default)]
+struct Demand {
+    limits: HashMap<LimitId, LimitDemand>,
+    /// Per (limit, key): the window and `T` last seen, for the growth of `T`.
+    seen: HashMap<(LimitId, String), (u64, u64)>,
+    hot: HashMap<(LimitId, String), HotDemand>,
+}
+
+/// The most hot keys one report carries.
+pub const REPORT_HOT_KEYS: usize = 64;
 
 /// One region's decision-maker. Share it behind an `Arc`; every method takes `&self`.
 pub struct Regional {
@@ -114,7 +187,15 @@ pub struct Regional {
     replies: Mutex<Replies>,
     hot: Mutex<HashMap<(LimitId, String), u64>>,
     stats: RegionalStats,
+    partitions: PartitionTable,
+    escalation: RwLock<Option<Arc<dyn Escalation>>>,
+    demand: Mutex<Demand>,
+    /// Transfers already released: id → (when, units), so a resent `Release` gives once.
+    released: Mutex<HashMap<u64, (Nanos, u64)>>,
 }
+
+/// The counter identity a released transfer is consumed under (exact path, no edge's).
+const TRANSFER: EdgeId = EdgeId(0);
 
 #[derive(Default)]
 struct Replies {
@@ -201,6 +282,7 @@ impl Regional {
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock + Send + Sync>,
     ) -> Regional {
+        let config_coordinated = config.coordinated;
         Regional {
             config,
             rules: RwLock::new(Arc::new(rules)),
@@ -210,7 +292,45 @@ impl Regional {
             replies: Mutex::new(Replies::default()),
             hot: Mutex::new(HashMap::new()),
             stats: RegionalStats::default(),
+            partitions: if config_coordinated {
+                PartitionTable::coordinated()
+            } else {
+                PartitionTable::whole()
+            },
+            escalation: RwLock::new(None),
+            demand: Mutex::new(Demand::default()),
+            released: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// This region's partitions.
+    pub fn partitions(&self) -> &PartitionTable {
+        &self.partitions
+    }
+
+    /// Escalates through `escalation` from now on.
+    pub fn set_escalation(&self, escalation: Arc<dyn Escalation>) {
+        *self.escalation.write().unwrap_or_else(|e| e.into_inner()) = Some(escalation);
+    }
+
+    fn escalation(&self) -> Option<Arc<dyn Escalation>> {
+        self.escalation
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The current window of every window limit, for [`PartitionTable::apply`].
+    pub fn current_window(&self, limit: LimitId) -> Option<u64> {
+        let rules = self.rules();
+        let (_, l) = rules.limit(limit)?;
+        let w = window_of(l.limiter())?;
+        Some(self.clock.now().as_u64() / w.length.as_u64())
+    }
+
+    /// `P` for `key` of `limit` (whole `whole`) in `window`.
+    fn partition(&self, limit: LimitId, key: &str, window: u64, whole: u64) -> u64 {
+        self.partitions.partition(limit, key, window, whole)
     }
 
     /// The rules in force.
@@ -288,6 +408,7 @@ impl Regional {
             } else {
                 0
             };
+            let partition = self.partition(e.limit, &e.key, e.window, w.limit);
             ops.push(SyncOp {
                 at: LedgerKey {
                     limit: e.limit,
@@ -298,7 +419,7 @@ impl Regional {
                 released: e.released,
                 // A past window gets its counts merged, never a grant.
                 want: if is_current { e.want } else { 0 },
-                bounds: Bounds::new(w.limit, self.config.threshold, n, carry),
+                bounds: Bounds::new(partition, self.config.threshold, n, carry),
                 expire_at: expiry(e.window, w.length),
             });
         }
@@ -309,6 +430,14 @@ impl Regional {
         self.stats
             .entries
             .fetch_add(ops.len() as u64, Ordering::Relaxed);
+        if self.partitions.is_coordinated() {
+            let mut demand = self.demand.lock().unwrap_or_else(|e| e.into_inner());
+            for ((op, r), current) in ops.iter().zip(&replies).zip(&is_current_op) {
+                if *current {
+                    demand.observe(&op.at, r.total, op.bounds.partition, 0);
+                }
+            }
+        }
         let mut entries = Vec::with_capacity(ops.len());
         let mut hot = self.hot.lock().unwrap_or_else(|e| e.into_inner());
         for ((op, r), is_current) in ops.into_iter().zip(replies).zip(is_current_op) {
@@ -348,15 +477,42 @@ impl Regional {
             self.stats.replayed.fetch_add(1, Ordering::Relaxed);
             return Ok(reply);
         }
-        let plan = match self.plan(request, now) {
+        let mut plan = match self.plan(request, now) {
             Ok(plan) => plan,
             Err(denied) => return Ok(denied),
         };
-        let (exact, state) = self.decide(edge, now, &plan).await?;
-        let allowed =
+        let (mut exact, mut state) = self.decide(edge, now, &plan).await?;
+        let mut allowed =
             exact.iter().all(|r| r.allowed) && state.iter().all(|r| r.outcome.is_allowed());
         if !allowed {
             self.refund(now, &plan, &exact, &state).await;
+            if self.escalate(&plan, &exact, &state).await {
+                // Decided once more, with the partitions the coordinator just raised.
+                plan = match self.plan(request, now) {
+                    Ok(plan) => plan,
+                    Err(denied) => return Ok(denied),
+                };
+                (exact, state) = self.decide(edge, now, &plan).await?;
+                allowed =
+                    exact.iter().all(|r| r.allowed) && state.iter().all(|r| r.outcome.is_allowed());
+                if !allowed {
+                    self.refund(now, &plan, &exact, &state).await;
+                }
+            }
+        }
+        if self.partitions.is_coordinated() {
+            let mut demand = self.demand.lock().unwrap_or_else(|e| e.into_inner());
+            for (op, r) in plan.exact.iter().zip(&exact) {
+                let denied = if allowed { 0 } else { op.cost };
+                let total = if allowed {
+                    r.total
+                } else {
+                    r.total.saturating_sub(if r.allowed { op.cost } else { 0 })
+                };
+                demand.observe(&op.at, total, op.bounds.partition, denied);
+            }
+        }
+        if !allowed {
             self.stats.denied.fetch_add(1, Ordering::Relaxed);
         }
         self.stats.exact.fetch_add(1, Ordering::Relaxed);
@@ -371,6 +527,226 @@ impl Regional {
         let reply = AcquireReply::from_checks(request.request_id, now, outcomes);
         self.remember(edge, now, &reply);
         Ok(reply)
+    }
+
+    /// Asks the coordinator for more of every key whose partition alone denied the request
+    /// (not grants other edges hold: those come back by themselves); true when any came back.
+    /// Only when every denial is of that kind: a limiter state that denied cannot be helped.
+    async fn escalate(&self, plan: &Plan, exact: &[ExactReply], state: &[StateReply]) -> bool {
+        let Some(escalation) = self.escalation() else {
+            return false;
+        };
+        if state.iter().any(|r| !r.outcome.is_allowed()) {
+            return false;
+        }
+        let spent: Vec<&ExactOp> = plan
+            .exact
+            .iter()
+            .zip(exact)
+            .filter(|(_, r)| !r.allowed)
+            .map(|(op, _)| op)
+            .collect();
+        if spent.is_empty() || exact.iter().any(|r| !r.allowed && r.held) {
+            return false;
+        }
+        self.stats.escalations.fetch_add(1, Ordering::Relaxed);
+        // Ask for a twentieth of the whole limit at a time, so a key moving its traffic to
+        // this region escalates a few times per window, not once per request.
+        let asks = spent.iter().map(|op| {
+            let whole = self
+                .rules()
+                .limit(op.at.limit)
+                .and_then(|(_, l)| window_of(l.limiter()))
+                .map_or(op.cost, |w| w.limit);
+            let wanted = op.cost.max(whole / 20);
+            escalation.request(op.at.limit, &op.at.key, op.at.window, wanted)
+        });
+        let granted = futures_util::future::join_all(asks).await;
+        for (op, &units) in spent.iter().zip(&granted) {
+            if units > 0 {
+                self.partitions.add(
+                    op.at.limit,
+                    &op.at.key,
+                    op.at.window,
+                    units,
+                    op.at.window.saturating_sub(1),
+                );
+            }
+        }
+        if granted.iter().any(|&u| u > 0) {
+            self.stats
+                .escalations_granted
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        // Decide again when every spent key's partition grew, by this escalation or by
+        // another one that ran meanwhile (a burst escalates many requests at once, and the
+        // one that lands the transfer must not be the only one that uses it).
+        spent.iter().all(|op| {
+            let whole = self
+                .rules()
+                .limit(op.at.limit)
+                .and_then(|(_, l)| window_of(l.limiter()))
+                .map_or(0, |w| w.limit);
+            self.partition(op.at.limit, &op.at.key, op.at.window, whole) > op.bounds.partition
+        })
+    }
+
+    /// Gives away up to `amount` of this region's unused partition of `key` in `window`, for
+    /// transfer `transfer` (phase one, DESIGN §4): at most `P − T − G`, consumed on the exact
+    /// path so nothing admitted here can use it any more. A transfer id is released once; a
+    /// resent `Release` is answered with the same amount.
+    ///
+    /// # Errors
+    ///
+    /// The store failed; nothing was released.
+    pub async fn release(
+        &self,
+        transfer: u64,
+        limit: LimitId,
+        key: &str,
+        window: u64,
+        amount: u64,
+    ) -> Result<u64, StoreError> {
+        let now = self.clock.now();
+        if let Some(&(_, units)) = self
+            .released
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&transfer)
+        {
+            return Ok(units);
+        }
+        let rules = self.rules();
+        let Some(w) = rules.limit(limit).and_then(|(_, l)| window_of(l.limiter())) else {
+            return Ok(0);
+        };
+        let current = now.as_u64() / w.length.as_u64();
+        if window != current {
+            // A past window's quota is of no use to anyone; a future one's is not ours yet.
+            return Ok(0);
+        }
+        let carry = if w.sliding {
+            carry_weight_ppm(w.length, Nanos(now.as_u64() % w.length.as_u64()))
+        } else {
+            0
+        };
+        let mut op = ExactOp {
+            at: LedgerKey {
+                limit,
+                key: key.to_owned(),
+                window,
+            },
+            cost: amount,
+            want: 0,
+            bounds: Bounds::new(
+                self.partition(limit, key, window, w.limit),
+                self.config.threshold,
+                self.edges(),
+                carry,
+            ),
+            expire_at: expiry(window, w.length),
+        };
+        // Consume what is unused: the first try asks for all of `amount`; a denial says what
+        // was left, which the second try takes (unless edges took it meanwhile).
+        let mut released = 0;
+        for _ in 0..3 {
+            if op.cost == 0 {
+                break;
+            }
+            let reply = self
+                .store
+                .exact(TRANSFER, now, std::slice::from_ref(&op))
+                .await
+                .inspect_err(|_| {
+                    self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                })?;
+            let Some(reply) = reply.first() else { break };
+            if reply.allowed {
+                released = op.cost;
+                break;
+            }
+            op.cost = op.cost.min(reply.remaining);
+        }
+        self.stats
+            .released_units
+            .fetch_add(released, Ordering::Relaxed);
+        let mut done = self.released.lock().unwrap_or_else(|e| e.into_inner());
+        let keep = self.config.replay_window;
+        done.retain(|_, (at, _)| now.saturating_sub(*at) < keep);
+        done.insert(transfer, (now, released));
+        Ok(released)
+    }
+
+    /// What this region saw since the last call: per limit, and the hot keys (hottest first,
+    /// at most [`REPORT_HOT_KEYS`]). Starts the next interval.
+    pub fn take_demand(&self) -> (Vec<(LimitId, LimitDemand)>, Vec<HotDemand>) {
+        let mut demand = self.demand.lock().unwrap_or_else(|e| e.into_inner());
+        let limits = std::mem::take(&mut demand.limits).into_iter().collect();
+        let mut hot: Vec<HotDemand> = std::mem::take(&mut demand.hot).into_values().collect();
+        hot.sort_by_key(|h| std::cmp::Reverse((h.denied, h.used)));
+        hot.truncate(REPORT_HOT_KEYS);
+        // Forget keys of windows that have passed.
+        let rules = self.rules();
+        let now = self.clock.now().as_u64();
+        demand.seen.retain(|(limit, _), (window, _)| {
+            rules
+                .limit(*limit)
+                .and_then(|(_, l)| window_of(l.limiter()))
+                .is_some_and(|w| *window + 1 >= now / w.length.as_u64())
+        });
+        (limits, hot)
+    }
+
+    /// Every ledger of `key` in its limits' current windows, with this region's partition
+    /// (the admin API's debug view). `names` maps connected edges' ids to their node names.
+    ///
+    /// # Errors
+    ///
+    /// The store failed.
+    pub async fn key_holdings(
+        &self,
+        key: &str,
+        names: &HashMap<EdgeId, String>,
+    ) -> Result<Vec<shared::wire::KeyHolding>, StoreError> {
+        let rules = self.rules();
+        let now = self.clock.now().as_u64();
+        let mut out = Vec::new();
+        for (_, limit) in rules.limits() {
+            let Some(w) = window_of(limit.limiter()) else {
+                continue;
+            };
+            let window = now / w.length.as_u64();
+            let at = LedgerKey {
+                limit: limit.id(),
+                key: key.to_owned(),
+                window,
+            };
+            let Some(view) = self.store.ledger(&at).await? else {
+                continue;
+            };
+            out.push(shared::wire::KeyHolding {
+                limit: limit.id(),
+                window,
+                partition: self.partition(limit.id(), key, window, w.limit),
+                total: view.total(),
+                exact: view.exact,
+                edges: view
+                    .edges
+                    .iter()
+                    .take(MAX_KEYS_PER_BATCH)
+                    .map(|(id, c)| shared::wire::EdgeHolding {
+                        edge: names
+                            .get(id)
+                            .cloned()
+                            .unwrap_or_else(|| format!("edge-{:016x}", id.0)),
+                        granted: c.granted,
+                        released: c.released,
+                        used: c.used,
+                    })
+                    .collect(),
+            });
+        }
+        Ok(out)
     }
 
     /// Runs `plan`'s ops: its ledger ops and its limiter-state ops are separate store calls
@@ -494,7 +870,12 @@ impl Regional {
                 },
                 cost: u64::from(c.cost.get()),
                 want: if c.window == current { c.want } else { 0 },
-                bounds: Bounds::new(w.limit, self.config.threshold, n, carry),
+                bounds: Bounds::new(
+                    self.partition(c.limit, &c.key, current, w.limit),
+                    self.config.threshold,
+                    n,
+                    carry,
+                ),
                 expire_at: expiry(current, w.length),
             });
         }
@@ -565,6 +946,50 @@ impl Regional {
         replies
             .by_request
             .insert((edge, reply.request_id), (now, reply.clone()));
+    }
+}
+
+impl Demand {
+    /// Notes `T = total` for a ledger of a current window under partition `partition`, and
+    /// `denied` units refused on it.
+    fn observe(&mut self, at: &LedgerKey, total: u64, partition: u64, denied: u64) {
+        let seen = self
+            .seen
+            .entry((at.limit, at.key.clone()))
+            .or_insert((at.window, 0));
+        if seen.0 != at.window {
+            *seen = (at.window, 0);
+        }
+        let grown = total.saturating_sub(seen.1);
+        seen.1 = seen.1.max(total);
+        let limit = self.limits.entry(at.limit).or_default();
+        limit.used = limit.used.saturating_add(grown);
+        limit.denied = limit.denied.saturating_add(denied);
+        let ppm = u128::from(total) * 1_000_000 / u128::from(partition.max(1));
+        limit.utilisation_ppm = limit
+            .utilisation_ppm
+            .max(u32::try_from(ppm).unwrap_or(u32::MAX));
+        // Near the partition (θ = 0.8 is the default; a key at 80 % is a candidate) or denied.
+        if denied > 0 || total.saturating_mul(5) >= partition.saturating_mul(4) {
+            let hot = self
+                .hot
+                .entry((at.limit, at.key.clone()))
+                .or_insert_with(|| HotDemand {
+                    limit: at.limit,
+                    key: at.key.clone(),
+                    window: at.window,
+                    used: 0,
+                    denied: 0,
+                    partition,
+                });
+            if hot.window != at.window {
+                hot.window = at.window;
+                hot.denied = 0;
+            }
+            hot.used = total;
+            hot.partition = partition;
+            hot.denied = hot.denied.saturating_add(denied);
+        }
     }
 }
 

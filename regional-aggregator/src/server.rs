@@ -6,14 +6,27 @@
 //! under [`EdgeId::of`] its node name and incarnation, which every replica computes the same
 //! way, so an edge may fail over between replicas mid-window and its counts stay one edge's.
 //! Connected edges are `n` in the grant math while their connection lives.
+//!
+//! A new rule set flows down through here: [`EdgeService::push_rules`] sends it to every
+//! connected edge on a stream the regional opens, and an edge whose `Hello` names an older
+//! version than the regional runs gets the current one as soon as it is welcomed.
 
-use std::sync::Arc;
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
+use quinn::Connection;
 use shared::{
-    net::{Peer, Service},
+    net::{self, Peer, Service},
     quota::EdgeId,
     wire::{
-        CloseCode, ErrorNotice, Hello, Message, PROTOCOL_VERSION, Refusal, Refused, Role, Welcome,
+        CloseCode, ErrorNotice, Hello, Message, PROTOCOL_VERSION, Refusal, Refused, Role,
+        RuleSetPush, Welcome,
     },
 };
 
@@ -24,7 +37,14 @@ pub struct EdgeService {
     regional: Arc<Regional>,
     node: String,
     region: String,
+    next_session: AtomicU64,
+    /// Connected edges by session: name, counter identity, connection (for pushes).
+    connections: Mutex<HashMap<u64, (String, EdgeId, Connection)>>,
 }
+
+/// How long a push to one edge may take before it is given up (the edge gets the rule set
+/// again when it reconnects, from its `Hello`).
+const PUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One connected edge. It counts in `n` from its `Welcome` until the session is dropped,
 /// which happens however the connection ends (even when the `Welcome` never got out).
@@ -33,6 +53,9 @@ pub struct EdgeSession {
     pub node: String,
     /// Where its counters are filed.
     pub edge: EdgeId,
+    /// The rule-set version its `Hello` named.
+    pub rule_set_version: u64,
+    id: u64,
     regional: Arc<Regional>,
 }
 
@@ -53,7 +76,56 @@ impl EdgeService {
             regional,
             node: node.into(),
             region: region.into(),
+            next_session: AtomicU64::new(0),
+            connections: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn connections(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (String, EdgeId, Connection)>> {
+        self.connections.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The connected edges' names by counter identity, for the debug view.
+    pub fn names(&self) -> HashMap<EdgeId, String> {
+        self.connections()
+            .values()
+            .map(|(name, id, _)| (*id, name.clone()))
+            .collect()
+    }
+
+    /// Sends `push` to every connected edge, at once, and logs each refusal. Returns how many
+    /// edges now run it.
+    pub async fn push_rules(&self, push: &RuleSetPush) -> usize {
+        let targets: Vec<(String, Connection)> = self
+            .connections()
+            .values()
+            .map(|(name, _, conn)| (name.clone(), conn.clone()))
+            .collect();
+        let message = Message::from(push.clone());
+        let calls = targets.iter().map(|(name, conn)| {
+            let message = &message;
+            async move { (name, push_one(conn, message).await) }
+        });
+        let mut accepted = 0;
+        for (name, outcome) in futures_util::future::join_all(calls).await {
+            match outcome {
+                Ok(()) => accepted += 1,
+                Err(reason) => tracing::warn!(
+                    edge = %name, version = push.version, %reason, "edge did not take the rule set"
+                ),
+            }
+        }
+        accepted
+    }
+}
+
+/// Sends one rule set to one edge and reads its answer.
+async fn push_one(conn: &Connection, message: &Message) -> Result<(), String> {
+    match tokio::time::timeout(PUSH_TIMEOUT, net::call(conn, message)).await {
+        Err(_) => Err("no answer in time".into()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Ok(Message::RuleSetAck(ack))) => ack.error.map_or(Ok(()), Err),
+        Ok(Ok(other)) => Err(format!("answered {}", other.kind())),
     }
 }
 
@@ -88,6 +160,8 @@ impl Service for EdgeService {
         let session = EdgeSession {
             node: hello.node.clone(),
             edge: EdgeId::of(&hello.node, hello.incarnation),
+            rule_set_version: hello.rule_set_version,
+            id: self.next_session.fetch_add(1, Ordering::Relaxed),
             regional: self.regional.clone(),
         };
         let welcome = Welcome {
@@ -129,7 +203,28 @@ impl Service for EdgeService {
         })
     }
 
+    fn connected(&self, session: &Arc<EdgeSession>, connection: &Connection) {
+        self.connections().insert(
+            session.id,
+            (session.node.clone(), session.edge, connection.clone()),
+        );
+        let rules = self.regional.rules();
+        if session.rule_set_version < rules.version() {
+            let (conn, node) = (connection.clone(), session.node.clone());
+            let message = Message::from(RuleSetPush {
+                version: rules.version(),
+                yaml: rules.source().to_owned(),
+            });
+            tokio::spawn(async move {
+                if let Err(reason) = push_one(&conn, &message).await {
+                    tracing::warn!(edge = %node, %reason, "edge did not take the rule set");
+                }
+            });
+        }
+    }
+
     fn closed(&self, session: &EdgeSession) {
+        self.connections().remove(&session.id);
         tracing::info!(edge = %session.node, "edge disconnected");
     }
 }

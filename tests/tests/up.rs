@@ -56,7 +56,7 @@ fn up_starts_the_topology_answers_the_readme_curl_and_stops_on_ctrl_c() {
     };
     assert_eq!(
         cells("REGION"),
-        ["REGION", "FLOOR", "CONNECTED", "LAST", "REPORT"]
+        ["REGION", "FLOOR", "REGIONALS", "EDGES", "LAST", "REPORT"]
     );
     assert_eq!(cells("us")[..2], ["us", "10%"]);
     assert_eq!(cells("login")[..3], ["login", "5/1m", "no"]);

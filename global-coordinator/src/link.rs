@@ -1,0 +1,700 @@
+//! The coordinator's QUIC service for regionals (DESIGN §4 across regions, §5): the same
+//! transport and CA as the edges' link, with the regionals as clients.
+//!
+//! A regional says `Hello` as [`Role::Regional`] of a configured region. Right after the
+//! `Welcome` the coordinator asks what it holds (a `Partitions` of version 0, which changes
+//! nothing and is answered with the region's shares) and pushes the rule set when the
+//! regional's is older. From then on:
+//!
+//! - the regional's [`Report`]s feed the demand each rule's shares follow;
+//! - [`Links::sync`] (every tick, and after every change) pushes each region the
+//!   `Partitions` it should hold. A lower share goes out at once (the regional applies it from
+//!   its next window and confirms which); a higher one only once every other region's
+//!   confirmed share leaves room for it, and only from the window the last of those cuts
+//!   applies from. So `Σ_r P_r ≤ L` holds in every window, whatever is late or lost; a region
+//!   that does not confirm only delays the others' raises.
+//! - a [`QuotaRequest`] (escalation) runs a two-phase transfer: every other connected region is
+//!   asked to [`Release`] up to what is wanted of that key, each gives at most its unused
+//!   partition and confirms, and the requester is answered with exactly the sum confirmed.
+//! - rule sets the admin API accepts are pushed to every regional ([`Links::push_rules`]).
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use quinn::Connection;
+use shared::{
+    net::{self, Peer, Service},
+    wire::{
+        CloseCode, ErrorNotice, Hello, KeyQuery, KeyReport, Message, PROTOCOL_VERSION, Partitions,
+        QuotaReply, QuotaRequest, Refusal, Refused, Release, Report, ReportAck, Role, RuleSetPush,
+        RuleShare, Welcome,
+    },
+};
+
+use crate::coordinator::{Coordinator, Held, WHOLE};
+
+/// How long one push or one release may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a transfer waits for the giving regions (inside the requester's 100 ms budget).
+const RELEASE_TIMEOUT: Duration = Duration::from_millis(80);
+
+/// The connected regionals, and what the coordinator knows of each region.
+pub struct Links {
+    coordinator: Arc<Coordinator>,
+    node: String,
+    regions: Mutex<HashMap<String, Region>>,
+    /// Per region, shares offered and not yet confirmed (raises count as held meanwhile).
+    pending: Mutex<HashMap<String, Held>>,
+    next_session: AtomicU64,
+    /// Partitions versions: seeded from the clock so a restarted coordinator's pushes are
+    /// newer than the last run's.
+    next_version: AtomicU64,
+    next_transfer: AtomicU64,
+    stats: LinkStats,
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct LinkStats {
+    /// Reports received.
+    pub reports: AtomicU64,
+    /// Escalations answered.
+    pub escalations: AtomicU64,
+    /// Units moved by transfers.
+    pub transferred: AtomicU64,
+    /// Partitions pushed.
+    pub pushes: AtomicU64,
+}
+
+#[derive(Default)]
+struct Region {
+    replicas: HashMap<u64, Replica>,
+    last_report: Option<Instant>,
+    edges: u32,
+}
+
+struct Replica {
+    node: String,
+    conn: Connection,
+    /// The last `Partitions` it confirmed in this connection.
+    confirmed: Option<Partitions>,
+    /// A push to it is out and not yet answered.
+    in_flight: bool,
+}
+
+/// One connected regional.
+pub struct Session {
+    id: u64,
+    node: String,
+    region: String,
+    rule_set_version: u64,
+}
+
+/// A region as the admin API shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RegionStatus {
+    /// Its name.
+    pub name: String,
+    /// Regionals connected now.
+    pub regionals: usize,
+    /// Edges connected to them, as last reported.
+    pub edges: u32,
+    /// Seconds since the last report, if any.
+    pub last_report_age_seconds: Option<f64>,
+}
+
+impl Links {
+    /// The links of `coordinator`, node `node`.
+    pub fn new(coordinator: Arc<Coordinator>, node: String) -> Arc<Links> {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2));
+        Arc::new(Links {
+            coordinator,
+            node,
+            regions: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
+            next_session: AtomicU64::new(1),
+            next_version: AtomicU64::new(seed),
+            next_transfer: AtomicU64::new(seed),
+            stats: LinkStats::default(),
+        })
+    }
+
+    fn regions(&self) -> MutexGuard<'_, HashMap<String, Region>> {
+        self.regions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &LinkStats {
+        &self.stats
+    }
+
+    /// Every configured region's link status.
+    pub fn status(&self) -> Vec<RegionStatus> {
+        let regions = self.regions();
+        self.coordinator
+            .regions()
+            .iter()
+            .map(|r| {
+                let link = regions.get(&r.name);
+                RegionStatus {
+                    name: r.name.clone(),
+                    regionals: link.map_or(0, |l| l.replicas.len()),
+                    edges: link.map_or(0, |l| l.edges),
+                    last_report_age_seconds: link
+                        .and_then(|l| l.last_report)
+                        .map(|at| at.elapsed().as_secs_f64()),
+                }
+            })
+            .collect()
+    }
+
+    /// Pushes the rule set in force to every connected regional; returns how many took it.
+    pub async fn push_rules(&self) -> usize {
+        let rules = self.coordinator.rules();
+        let message = Message::from(RuleSetPush {
+            version: rules.version(),
+            yaml: rules.source().to_owned(),
+        });
+        let targets: Vec<(String, Connection)> = self
+            .regions()
+            .values()
+            .flat_map(|r| r.replicas.values())
+            .map(|r| (r.node.clone(), r.conn.clone()))
+            .collect();
+        let calls = targets.iter().map(|(node, conn)| {
+            let message = &message;
+            async move { (node, call(conn, message).await) }
+        });
+        let mut took = 0;
+        for (node, answer) in futures_util::future::join_all(calls).await {
+            match answer {
+                Ok(Message::RuleSetAck(ack)) if ack.error.is_none() => took += 1,
+                Ok(Message::RuleSetAck(ack)) => tracing::warn!(
+                    regional = %node, version = ack.version,
+                    error = ack.error.as_deref().unwrap_or(""), "a regional refused the rule set"
+                ),
+                Ok(other) => {
+                    tracing::warn!(regional = %node, kind = other.kind(), "odd answer to a rule set")
+                }
+                Err(e) => tracing::warn!(regional = %node, error = %e, "rule set not delivered"),
+            }
+        }
+        took
+    }
+
+    /// What every connected region should be offered now, per limit of the rule set: its
+    /// target share when that is a cut, or a raise that fits beside what every other region
+    /// may be holding (its confirmed share, or a raise already offered to it); otherwise what
+    /// it holds. Regions are visited in order and each raise offered counts against the
+    /// next ones, so offers made at once never sum past the whole.
+    fn offers(&self, connected: &[String]) -> HashMap<String, Vec<RuleShare>> {
+        let rules = self.coordinator.rules();
+        let shares = self.coordinator.shares();
+        let pending = self.pending();
+        // What each region may be holding of each limit, from the windows every confirmed
+        // change applies from: max(confirmed, raise in flight).
+        let mut assumed: BTreeMap<String, Held> = self
+            .coordinator
+            .regions()
+            .iter()
+            .map(|r| {
+                let mut held = self.coordinator.held(&r.name).unwrap_or_default();
+                for (&limit, &(ppm, from)) in pending.get(&r.name).into_iter().flatten() {
+                    let slot = held.entry(limit).or_insert((0, 0));
+                    *slot = (slot.0.max(ppm), slot.1.max(from));
+                }
+                (r.name.clone(), held)
+            })
+            .collect();
+        drop(pending);
+        let mut out = HashMap::new();
+        for region in connected {
+            let mut offer = Vec::new();
+            for rule in rules.rules() {
+                let target = shares
+                    .get(rule.id())
+                    .and_then(|(s, _)| s.get(region))
+                    .copied()
+                    .unwrap_or(0);
+                for limit in rule.limits() {
+                    let id = limit.id().0;
+                    let (held, held_from) = self
+                        .coordinator
+                        .held(region)
+                        .and_then(|h| h.get(&id).copied())
+                        .unwrap_or((0, 0));
+                    if target <= held {
+                        offer.push(RuleShare {
+                            limit: limit.id(),
+                            share_ppm: target,
+                            from_window: 0,
+                        });
+                        continue;
+                    }
+                    let (mut taken, mut from) = (0u64, 0u64);
+                    for (name, held) in &assumed {
+                        if name != region {
+                            let (ppm, f) = held.get(&id).copied().unwrap_or((0, 0));
+                            taken += u64::from(ppm);
+                            from = from.max(f);
+                        }
+                    }
+                    let share = if taken + u64::from(target) <= u64::from(WHOLE) {
+                        let slot = assumed
+                            .entry(region.clone())
+                            .or_default()
+                            .entry(id)
+                            .or_insert((0, 0));
+                        *slot = (slot.0.max(target), slot.1.max(from));
+                        RuleShare {
+                            limit: limit.id(),
+                            share_ppm: target,
+                            from_window: from,
+                        }
+                    } else {
+                        RuleShare {
+                            limit: limit.id(),
+                            share_ppm: held,
+                            from_window: held_from,
+                        }
+                    };
+                    offer.push(share);
+                }
+            }
+            out.insert(region.clone(), offer);
+        }
+        out
+    }
+
+    fn pending(&self) -> MutexGuard<'_, HashMap<String, Held>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Pushes every connected regional the partitions it should hold, where they differ from
+    /// what it confirmed, one push per regional at a time; again at once while a round made
+    /// room (its cuts were confirmed), so raises follow cuts within milliseconds rather than a
+    /// tick, and quota is not left unowned across a window boundary.
+    pub async fn sync(&self) {
+        for _ in 0..3 {
+            if self.sync_once().await == 0 {
+                break;
+            }
+        }
+    }
+
+    /// One round of [`sync`](Links::sync); returns how many pushes were confirmed.
+    async fn sync_once(&self) -> usize {
+        let targets: Vec<(String, u64, Connection, Vec<RuleShare>)> = {
+            let connected: Vec<String> = {
+                let mut names: Vec<String> = self
+                    .regions()
+                    .iter()
+                    .filter(|(_, r)| !r.replicas.is_empty())
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                names.sort();
+                names
+            };
+            let offers = self.offers(&connected);
+            let mut regions = self.regions();
+            let mut pending = self.pending();
+            let mut out = Vec::new();
+            for (name, offer) in offers {
+                let Some(region) = regions.get_mut(&name) else {
+                    continue;
+                };
+                if region.replicas.values().any(|r| r.in_flight) {
+                    continue;
+                }
+                for (&id, replica) in region.replicas.iter_mut() {
+                    let same = replica.confirmed.as_ref().is_some_and(|c| holds(c, &offer));
+                    if !same {
+                        replica.in_flight = true;
+                        let slot = pending.entry(name.clone()).or_default();
+                        for s in &offer {
+                            let e = slot.entry(s.limit.0).or_insert((0, 0));
+                            *e = (e.0.max(s.share_ppm), e.1.max(s.from_window));
+                        }
+                        out.push((name.clone(), id, replica.conn.clone(), offer.clone()));
+                    }
+                }
+            }
+            out
+        };
+        let pushes = targets
+            .into_iter()
+            .map(|(region, id, conn, rules)| async move {
+                let version = self.next_version.fetch_add(1, Ordering::Relaxed);
+                let push = Message::from(Partitions {
+                    version,
+                    rules,
+                    keys: Vec::new(),
+                });
+                self.stats.pushes.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%region, ?push, "pushing partitions");
+                let answer = call(&conn, &push).await;
+                tracing::debug!(%region, ?answer, "partitions answered");
+                let ok = matches!(answer, Ok(Message::Partitions(_)));
+                self.confirmed(&region, id, answer);
+                ok
+            });
+        futures_util::future::join_all(pushes)
+            .await
+            .into_iter()
+            .filter(|&ok| ok)
+            .count()
+    }
+
+    /// Takes a regional's answer to a `Partitions` push (or the version-0 probe).
+    fn confirmed(&self, region: &str, id: u64, answer: Result<Message, String>) {
+        let node = {
+            let mut regions = self.regions();
+            let Some(replica) = regions
+                .get_mut(region)
+                .and_then(|r| r.replicas.get_mut(&id))
+            else {
+                return;
+            };
+            replica.in_flight = false;
+            match answer {
+                Ok(Message::Partitions(p)) => {
+                    replica.confirmed = Some(p);
+                    replica.node.clone()
+                }
+                Ok(other) => {
+                    tracing::warn!(regional = %replica.node, kind = other.kind(), "odd answer to partitions");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(regional = %replica.node, error = %e, "partitions not delivered");
+                    return;
+                }
+            }
+        };
+        let held: Held = {
+            let regions = self.regions();
+            regions
+                .get(region)
+                .and_then(|r| r.replicas.get(&id))
+                .and_then(|r| r.confirmed.as_ref())
+                .map(|p| {
+                    p.rules
+                        .iter()
+                        .map(|s| (s.limit.0, (s.share_ppm, s.from_window)))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        if let Err(e) = self.coordinator.record_held(region, &node, held) {
+            // Kept as pending: the raise still counts against the others.
+            tracing::error!(error = %e, "cannot record what a region holds");
+            return;
+        }
+        // Confirmed is now the truth for this region, unless another push to it is out.
+        let quiet = self
+            .regions()
+            .get(region)
+            .is_none_or(|r| r.replicas.values().all(|rep| !rep.in_flight));
+        if quiet {
+            self.pending().remove(region);
+        }
+    }
+
+    /// Runs a two-phase transfer for `request` from `region`: every other region releases up
+    /// to what is wanted (at most its unused partition) and confirms; the sum confirmed is the
+    /// grant.
+    async fn transfer(&self, region: &str, request: &QuotaRequest) -> u64 {
+        let givers: Vec<(String, Connection)> = self
+            .regions()
+            .iter()
+            .filter(|(name, _)| name.as_str() != region)
+            .filter_map(|(name, r)| {
+                r.replicas
+                    .values()
+                    .next()
+                    .map(|rep| (name.clone(), rep.conn.clone()))
+            })
+            .collect();
+        let transfer = self.next_transfer.fetch_add(1, Ordering::Relaxed);
+        let release = Message::from(Release {
+            transfer,
+            limit: request.limit,
+            key: request.key.clone(),
+            window: request.window,
+            amount: request.wanted,
+        });
+        let calls = givers.iter().map(|(name, conn)| {
+            let release = &release;
+            async move {
+                let answer = tokio::time::timeout(RELEASE_TIMEOUT, net::call(conn, release)).await;
+                match answer {
+                    Ok(Ok(Message::Confirm(c))) if c.transfer == transfer => {
+                        // Never more than asked: a confused giver must not mint quota.
+                        c.released.min(request.wanted)
+                    }
+                    Ok(Ok(other)) => {
+                        tracing::warn!(region = %name, kind = other.kind(), "odd answer to a release");
+                        0
+                    }
+                    // A release whose confirm is lost stays released: a false reject, never
+                    // an overshoot (DESIGN §7).
+                    Ok(Err(e)) => {
+                        tracing::debug!(region = %name, error = %e, "release failed");
+                        0
+                    }
+                    Err(_) => 0,
+                }
+            }
+        });
+        let granted: u64 = futures_util::future::join_all(calls)
+            .await
+            .into_iter()
+            .sum();
+        self.stats.escalations.fetch_add(1, Ordering::Relaxed);
+        self.stats.transferred.fetch_add(granted, Ordering::Relaxed);
+        tracing::debug!(
+            %region, limit = request.limit.0, key = %request.key, wanted = request.wanted,
+            granted, "transfer"
+        );
+        granted
+    }
+
+    /// Asks one regional of every connected region what it holds for `key`.
+    pub async fn key_reports(&self, key: &str) -> BTreeMap<String, Result<KeyReport, String>> {
+        let targets: Vec<(String, Connection)> = self
+            .regions()
+            .iter()
+            .filter_map(|(name, r)| {
+                r.replicas
+                    .values()
+                    .next()
+                    .map(|rep| (name.clone(), rep.conn.clone()))
+            })
+            .collect();
+        let query = Message::from(KeyQuery {
+            key: key.to_owned(),
+        });
+        let calls = targets.iter().map(|(name, conn)| {
+            let query = &query;
+            async move {
+                let answer = match call(conn, query).await {
+                    Ok(Message::KeyReport(r)) => Ok(r),
+                    Ok(Message::Error(e)) => Err(e.message),
+                    Ok(other) => Err(format!("answered {}", other.kind())),
+                    Err(e) => Err(e),
+                };
+                (name.clone(), answer)
+            }
+        });
+        futures_util::future::join_all(calls)
+            .await
+            .into_iter()
+            .collect()
+    }
+
+    /// Runs [`sync`](Links::sync) and follows demand every `interval`, until dropped.
+    pub async fn run(self: Arc<Self>, interval: Duration) {
+        loop {
+            tokio::time::sleep(interval).await;
+            match self.coordinator.follow_demand() {
+                Ok(true) => tracing::info!("shares moved towards demand"),
+                Ok(false) => {}
+                Err(e) => tracing::error!(error = %e, "cannot move shares"),
+            }
+            self.sync().await;
+        }
+    }
+}
+
+/// Whether `confirmed` holds exactly `offer`'s shares (ignoring windows that already passed).
+fn holds(confirmed: &Partitions, offer: &[RuleShare]) -> bool {
+    let held: HashMap<u64, u32> = confirmed
+        .rules
+        .iter()
+        .map(|s| (s.limit.0, s.share_ppm))
+        .collect();
+    held.len() == offer.len()
+        && offer
+            .iter()
+            .all(|s| held.get(&s.limit.0) == Some(&s.share_ppm))
+}
+
+async fn call(conn: &Connection, message: &Message) -> Result<Message, String> {
+    match tokio::time::timeout(CALL_TIMEOUT, net::call(conn, message)).await {
+        Err(_) => Err("no answer in time".into()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Ok(m)) => Ok(m),
+    }
+}
+
+/// The QUIC service regionals connect to.
+pub struct RegionalService {
+    links: Arc<Links>,
+}
+
+impl RegionalService {
+    /// Serves `links`.
+    pub fn new(links: Arc<Links>) -> RegionalService {
+        RegionalService { links }
+    }
+}
+
+impl Service for RegionalService {
+    type Session = Session;
+
+    fn hello(&self, _: &Peer, hello: &Hello) -> Result<(Session, Welcome), Refused> {
+        if hello.role != Role::Regional {
+            return Err(Refused {
+                reason: Refusal::WrongRole,
+                message: format!(
+                    "{} connected as {:?}; the coordinator serves regionals",
+                    hello.node, hello.role
+                ),
+            });
+        }
+        let known = self.links.coordinator.regions();
+        if !known.iter().any(|r| r.name == hello.region) {
+            let names: Vec<&str> = known.iter().map(|r| r.name.as_str()).collect();
+            return Err(Refused {
+                reason: Refusal::WrongRegion,
+                message: format!(
+                    "{} serves region {:?}; the coordinator knows {}",
+                    hello.node,
+                    hello.region,
+                    names.join(", ")
+                ),
+            });
+        }
+        let session = Session {
+            id: self.links.next_session.fetch_add(1, Ordering::Relaxed),
+            node: hello.node.clone(),
+            region: hello.region.clone(),
+            rule_set_version: hello.rule_set_version,
+        };
+        let welcome = Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            node: self.links.node.clone(),
+            role: Role::Coordinator,
+            region: String::new(),
+            rule_set_version: self.links.coordinator.rules().version(),
+        };
+        Ok((session, welcome))
+    }
+
+    fn connected(&self, session: &Arc<Session>, connection: &Connection) {
+        tracing::info!(regional = %session.node, region = %session.region, "regional connected");
+        self.links
+            .regions()
+            .entry(session.region.clone())
+            .or_default()
+            .replicas
+            .insert(
+                session.id,
+                Replica {
+                    node: session.node.clone(),
+                    conn: connection.clone(),
+                    confirmed: None,
+                    in_flight: true,
+                },
+            );
+        let (links, session, conn) = (self.links.clone(), session.clone(), connection.clone());
+        tokio::spawn(async move {
+            let rules = links.coordinator.rules();
+            if session.rule_set_version < rules.version() {
+                let push = Message::from(RuleSetPush {
+                    version: rules.version(),
+                    yaml: rules.source().to_owned(),
+                });
+                match call(&conn, &push).await {
+                    Ok(Message::RuleSetAck(ack)) if ack.error.is_none() => {}
+                    other => {
+                        tracing::warn!(regional = %session.node, answer = ?other.map(|m| m.kind()), "rule set not taken")
+                    }
+                }
+            }
+            // Ask what it holds (version 0 changes nothing), then give it what it should.
+            let probe = Message::from(Partitions {
+                version: 0,
+                rules: Vec::new(),
+                keys: Vec::new(),
+            });
+            let answer = call(&conn, &probe).await;
+            links.confirmed(&session.region, session.id, answer);
+            links.sync().await;
+        });
+    }
+
+    async fn handle(&self, session: &Arc<Session>, message: Message) -> Message {
+        match message {
+            Message::Report(report) => self.report(session, &report),
+            Message::QuotaRequest(request) => {
+                let granted = self.links.transfer(&session.region, &request).await;
+                QuotaReply {
+                    request_id: request.request_id,
+                    granted,
+                }
+                .into()
+            }
+            other => ErrorNotice {
+                code: CloseCode::UnexpectedMessage,
+                message: format!("{} is not a request a regional sends", other.kind()),
+            }
+            .into(),
+        }
+    }
+
+    fn closed(&self, session: &Session) {
+        tracing::info!(regional = %session.node, region = %session.region, "regional disconnected");
+        if let Some(region) = self.links.regions().get_mut(&session.region) {
+            region.replicas.remove(&session.id);
+        }
+    }
+}
+
+impl RegionalService {
+    fn report(&self, session: &Session, report: &Report) -> Message {
+        let links = &self.links;
+        links.stats.reports.fetch_add(1, Ordering::Relaxed);
+        let rules = links.coordinator.rules();
+        // Demand per rule: the largest of its limits' (admitted + denied) per second.
+        let secs = (report.interval.as_u64() as f64 / 1e9).max(1e-3);
+        let mut per_rule: BTreeMap<&str, u64> = BTreeMap::new();
+        for d in &report.demand {
+            if let Some((rule, _)) = rules.limit(d.limit) {
+                let rate = (d.used.saturating_add(d.denied) as f64 / secs) as u64;
+                let slot = per_rule.entry(rule.id()).or_insert(0);
+                *slot = (*slot).max(rate);
+            }
+        }
+        for rule in rules.rules() {
+            let rate = per_rule.get(rule.id()).copied().unwrap_or(0);
+            links
+                .coordinator
+                .observe_demand(&session.region, rule.id(), rate);
+        }
+        let partitions_version = {
+            let mut regions = links.regions();
+            let region = regions.entry(session.region.clone()).or_default();
+            region.last_report = Some(Instant::now());
+            region.edges = report.edges;
+            region
+                .replicas
+                .get(&session.id)
+                .and_then(|r| r.confirmed.as_ref())
+                .map_or(0, |p| p.version)
+        };
+        ReportAck {
+            rule_set_version: rules.version(),
+            partitions_version,
+        }
+        .into()
+    }
+}

@@ -1,0 +1,291 @@
+//! This region's partition `P_r` of every limit (DESIGN §4, across regions): the shares the
+//! coordinator pushed, and what transfers moved for single keys.
+//!
+//! Without a coordinator a region owns every limit whole (`P = L`). With one, `P_r` of a key in
+//! a window is `⌊L · share / 10⁶⌋` for the share in force in that window, plus what
+//! escalations and transfers granted this region for that key and window. Quota a region gives
+//! away is not subtracted here: it is consumed in the store, on the exact path, so giving it
+//! and admitting with it are one atomic check against the same `T + G` (see
+//! [`Regional::release`](crate::Regional::release)).
+//!
+//! Shares change by window, so that `Σ_r P_r ≤ L` holds in every window although regions apply
+//! a push at slightly different moments: a lower share never applies to a window that has
+//! already begun here (what it admitted under the higher one stays admitted), while a higher
+//! one may apply at once, because the coordinator sends it only from the window every lowering
+//! region confirmed. [`PartitionTable::apply`] answers with what the region committed to.
+
+use std::{
+    collections::HashMap,
+    sync::{Mutex, MutexGuard},
+};
+
+use shared::{
+    LimitId, RuleSet,
+    wire::{Partitions, RuleShare},
+};
+
+/// Parts per million: a whole limit.
+pub const WHOLE: u32 = 1_000_000;
+
+/// The partitions this region holds. Every method takes `&self`.
+pub struct PartitionTable {
+    inner: Mutex<Table>,
+}
+
+struct Table {
+    /// `None`: no coordinator; every limit is this region's whole.
+    coordinated: Option<Coordinated>,
+}
+
+struct Coordinated {
+    /// The version of the last `Partitions` applied.
+    version: u64,
+    /// Per limit, `(from_window, ppm)` ascending by window: the share from that window on.
+    shares: HashMap<LimitId, Vec<(u64, u32)>>,
+    /// What transfers added, per (limit, key, window).
+    extra: HashMap<(LimitId, String, u64), u64>,
+}
+
+impl PartitionTable {
+    /// A region that owns every limit whole: no coordinator.
+    pub fn whole() -> PartitionTable {
+        PartitionTable {
+            inner: Mutex::new(Table { coordinated: None }),
+        }
+    }
+
+    /// A region under a coordinator, holding nothing until its first `Partitions`: a false
+    /// reject before the coordinator answers, never an overshoot.
+    pub fn coordinated() -> PartitionTable {
+        PartitionTable {
+            inner: Mutex::new(Table {
+                coordinated: Some(Coordinated {
+                    version: 0,
+                    shares: HashMap::new(),
+                    extra: HashMap::new(),
+                }),
+            }),
+        }
+    }
+
+    fn table(&self) -> MutexGuard<'_, Table> {
+        // Every change below is complete before the guard drops.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether a coordinator hands out the partitions.
+    pub fn is_coordinated(&self) -> bool {
+        self.table().coordinated.is_some()
+    }
+
+    /// The version of the last `Partitions` applied (0: none yet, or no coordinator).
+    pub fn version(&self) -> u64 {
+        self.table().coordinated.as_ref().map_or(0, |c| c.version)
+    }
+
+    /// `P_r` of `key` under limit `limit` (whose whole is `whole`) in window `window`.
+    pub fn partition(&self, limit: LimitId, key: &str, window: u64, whole: u64) -> u64 {
+        let table = self.table();
+        let Some(c) = &table.coordinated else {
+            return whole;
+        };
+        let ppm = share_at(c.shares.get(&limit).map(Vec::as_slice), window);
+        let base = u128::from(whole) * u128::from(ppm.min(WHOLE)) / u128::from(WHOLE);
+        let extra = if c.extra.is_empty() {
+            0
+        } else {
+            c.extra
+                .get(&(limit, key.to_owned(), window))
+                .copied()
+                .unwrap_or(0)
+        };
+        u64::try_from(base)
+            .unwrap_or(u64::MAX)
+            .saturating_add(extra)
+    }
+
+    /// The share of `limit` in force in `window`, in ppm.
+    pub fn share(&self, limit: LimitId, window: u64) -> u32 {
+        match &self.table().coordinated {
+            None => WHOLE,
+            Some(c) => share_at(c.shares.get(&limit).map(Vec::as_slice), window),
+        }
+    }
+
+    /// Adds `amount` to this region's partition of `key` in `window` (a transfer's second
+    /// phase, or an escalation's answer). Only windows at or after `oldest` are kept.
+    pub fn add(&self, limit: LimitId, key: &str, window: u64, amount: u64, oldest: u64) {
+        let mut table = self.table();
+        let Some(c) = &mut table.coordinated else {
+            return;
+        };
+        c.extra.retain(|(_, _, w), _| *w >= oldest);
+        let slot = c.extra.entry((limit, key.to_owned(), window)).or_insert(0);
+        *slot = slot.saturating_add(amount);
+    }
+
+    /// Applies a pushed `Partitions` at the current windows (`current(limit)`, `None` for a
+    /// limit the rules do not have) and answers with the shares held now, each with the window
+    /// it applies from. A push not newer than the one held changes nothing.
+    pub fn apply(&self, push: &Partitions, current: impl Fn(LimitId) -> Option<u64>) -> Partitions {
+        let mut table = self.table();
+        let Some(c) = &mut table.coordinated else {
+            return Partitions {
+                version: 0,
+                rules: Vec::new(),
+                keys: Vec::new(),
+            };
+        };
+        if push.version > c.version {
+            c.version = push.version;
+            let pushed: HashMap<LimitId, &RuleShare> =
+                push.rules.iter().map(|r| (r.limit, r)).collect();
+            // A limit left out of the push has no share any more: a lowering to 0.
+            let mut limits: Vec<LimitId> = c.shares.keys().copied().collect();
+            limits.extend(pushed.keys().copied());
+            limits.sort_unstable();
+            limits.dedup();
+            for limit in limits {
+                let Some(now) = current(limit) else {
+                    c.shares.remove(&limit);
+                    continue;
+                };
+                let (ppm, from) = pushed
+                    .get(&limit)
+                    .map_or((0, now), |r| (r.share_ppm.min(WHOLE), r.from_window));
+                let schedule = c.shares.entry(limit).or_default();
+                schedule_change(schedule, now, ppm, from);
+            }
+        }
+        let rules = c
+            .shares
+            .iter()
+            .filter_map(|(&limit, s)| {
+                s.last().map(|&(from_window, share_ppm)| RuleShare {
+                    limit,
+                    share_ppm,
+                    from_window,
+                })
+            })
+            .collect();
+        Partitions {
+            version: c.version,
+            rules,
+            keys: Vec::new(),
+        }
+    }
+
+    /// Forgets shares of limits `rules` no longer has.
+    pub fn retain_rules(&self, rules: &RuleSet) {
+        if let Some(c) = &mut self.table().coordinated {
+            c.shares.retain(|limit, _| rules.limit(*limit).is_some());
+            c.extra
+                .retain(|(limit, _, _), _| rules.limit(*limit).is_some());
+        }
+    }
+}
+
+/// The share in force in `window` under `schedule` (0 before its first entry).
+fn share_at(schedule: Option<&[(u64, u32)]>, window: u64) -> u32 {
+    schedule
+        .and_then(|s| s.iter().rev().find(|(from, _)| *from <= window))
+        .map_or(0, |&(_, ppm)| ppm)
+}
+
+/// Schedules `ppm` from window `from` in a schedule whose current window is `now`: a lower
+/// share than the one in force now moves to the next window at the earliest; a higher one may
+/// start now. Entries no window at or after `now` reads are dropped.
+fn schedule_change(schedule: &mut Vec<(u64, u32)>, now: u64, ppm: u32, from: u64) {
+    let in_force = share_at(Some(schedule), now);
+    let from = if ppm < in_force {
+        from.max(now + 1)
+    } else {
+        from.max(now)
+    };
+    schedule.retain(|(f, _)| *f < from);
+    schedule.push((from, ppm));
+    // Keep the entry in force now and every later one.
+    if let Some(first) = schedule.iter().rposition(|(f, _)| *f <= now) {
+        schedule.drain(..first);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn push(version: u64, shares: &[(u64, u32, u64)]) -> Partitions {
+        Partitions {
+            version,
+            rules: shares
+                .iter()
+                .map(|&(limit, share_ppm, from_window)| RuleShare {
+                    limit: LimitId(limit),
+                    share_ppm,
+                    from_window,
+                })
+                .collect(),
+            keys: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn without_a_coordinator_a_region_owns_every_limit() {
+        let t = PartitionTable::whole();
+        assert_eq!(t.partition(LimitId(1), "k", 5, 1000), 1000);
+    }
+
+    #[test]
+    fn a_coordinated_region_holds_nothing_before_its_first_partitions() {
+        let t = PartitionTable::coordinated();
+        assert_eq!(t.partition(LimitId(1), "k", 5, 1000), 0);
+    }
+
+    #[test]
+    fn a_raise_applies_at_once_and_a_cut_from_the_next_window() {
+        let t = PartitionTable::coordinated();
+        let at = |_| Some(10);
+        let held = t.apply(&push(1, &[(1, 500_000, 0)]), at);
+        assert_eq!(held.rules[0].from_window, 10, "a first share starts now");
+        assert_eq!(t.partition(LimitId(1), "k", 10, 1000), 500);
+        // A cut asked for this window is moved to the next one.
+        let held = t.apply(&push(2, &[(1, 300_000, 10)]), at);
+        assert_eq!(held.rules[0].from_window, 11);
+        assert_eq!(t.partition(LimitId(1), "k", 10, 1000), 500);
+        assert_eq!(t.partition(LimitId(1), "k", 11, 1000), 300);
+        // A raise from a named window starts there, not before.
+        t.apply(&push(3, &[(1, 700_000, 12)]), at);
+        assert_eq!(t.partition(LimitId(1), "k", 11, 1000), 300);
+        assert_eq!(t.partition(LimitId(1), "k", 12, 1000), 700);
+        // A stale push changes nothing.
+        let held = t.apply(&push(2, &[(1, 0, 0)]), at);
+        assert_eq!(held.version, 3);
+        assert_eq!(t.partition(LimitId(1), "k", 12, 1000), 700);
+    }
+
+    #[test]
+    fn a_limit_left_out_of_a_push_is_cut_to_nothing_from_the_next_window() {
+        let t = PartitionTable::coordinated();
+        let at = |_| Some(4);
+        t.apply(&push(1, &[(1, 400_000, 0), (2, 600_000, 0)]), at);
+        t.apply(&push(2, &[(2, 600_000, 0)]), at);
+        assert_eq!(t.partition(LimitId(1), "k", 4, 100), 40);
+        assert_eq!(t.partition(LimitId(1), "k", 5, 100), 0);
+    }
+
+    #[test]
+    fn transfers_add_to_one_key_and_window_only() {
+        let t = PartitionTable::coordinated();
+        t.apply(&push(1, &[(1, 500_000, 0)]), |_| Some(3));
+        t.add(LimitId(1), "alice", 3, 200, 3);
+        assert_eq!(t.partition(LimitId(1), "alice", 3, 1000), 700);
+        assert_eq!(t.partition(LimitId(1), "bob", 3, 1000), 500);
+        assert_eq!(t.partition(LimitId(1), "alice", 4, 1000), 500);
+        t.add(LimitId(1), "bob", 5, 1, 5);
+        assert_eq!(
+            t.partition(LimitId(1), "alice", 3, 1000),
+            500,
+            "old windows are forgotten"
+        );
+    }
+}
