@@ -232,10 +232,13 @@ impl Links {
                         .and_then(|h| h.get(&id).copied())
                         .unwrap_or((0, 0));
                     if target <= held {
+                        // A cut from what it confirmed, no earlier than that entry's window:
+                        // before it the region may hold less than `target` (a raise already
+                        // scheduled), and the share must not rise there without room.
                         offer.push(RuleShare {
                             limit: limit.id(),
                             share_ppm: target,
-                            from_window: 0,
+                            from_window: held_from,
                         });
                         continue;
                     }

@@ -34,6 +34,10 @@ const WINDOW: u64 = 4;
 
 static NEXT_REQUEST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
+/// One world at a time: each runs three runtimes and a process on two cores, and a starved
+/// escalation (100 ms budget) is a denial by design, which would make the counts flaky.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn rules(limit: u64) -> String {
     format!(
         "version: 1\nrate_limits:\n  endpoints:\n    - {{ id: login, path: /api/login, method: POST, \
@@ -58,6 +62,8 @@ struct World {
     regionals: BTreeMap<&'static str, Regional>,
     limit: LimitId,
     quic: u16,
+    /// Last, so it is released after everything else is dropped.
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
 
 struct Regional {
@@ -68,6 +74,7 @@ struct Regional {
 
 impl World {
     fn start(tag: &str, limit: u64) -> World {
+        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let dir = std::env::temp_dir().join(format!("rl-regions-{tag}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).expect("temp is writable");
@@ -117,6 +124,7 @@ impl World {
             regionals: BTreeMap::new(),
             limit,
             quic,
+            _serial: serial,
         };
         world.start_coordinator(quic);
         for region in ["eu", "us"] {
@@ -428,8 +436,9 @@ fn merge(into: &mut BTreeMap<u64, u64>, from: BTreeMap<u64, u64>) {
 /// intervals, and in every window the two regions together admit at most the limit, share
 /// moves and escalations included.
 #[test]
-#[ignore = "one run under a loaded machine admitted 461 of 400 in one window while shares \
-            moved (sliding window, default algorithm); passes alone; under investigation"]
+#[ignore = "admitted 461 of 400 in one window under load (sliding window) before the fix \
+            that sends cuts from the region's confirmed window; passed 5 of 5 since; to be \
+            re-enabled after more runs"]
 fn shares_follow_demand_and_the_hard_limit_holds_globally() {
     let world = World::start("demand", 400);
     let mut by_window = BTreeMap::new();
