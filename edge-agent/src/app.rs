@@ -85,7 +85,7 @@ impl fmt::Display for Checked {
 pub fn check(path: &Path) -> Result<Checked, StartError> {
     let settings = Settings::load(path)?;
     let rules = shared::process::load_rules(&settings.rules)?;
-    let identity = Identity::from_files(&settings.tls_ca, &settings.tls_cert, &settings.tls_key)?;
+    let identity = Identity::from_files(&settings.tls.ca, &settings.tls.cert, &settings.tls.key)?;
     net::client_config(&identity)?;
     Ok(Checked {
         settings,

@@ -33,7 +33,11 @@ use std::{
 };
 
 use serde::Deserialize;
-use shared::{ConfigError, config::optional_duration, quota::Threshold};
+use shared::{
+    ConfigError,
+    config::{TlsFiles, optional_duration},
+    quota::Threshold,
+};
 
 use crate::{AgentConfig, IdentityConfig};
 
@@ -54,12 +58,8 @@ pub struct Settings {
     pub regional_addresses: Vec<SocketAddr>,
     /// The name the regional's certificates carry.
     pub regional_name: String,
-    /// The deployment CA's certificate.
-    pub tls_ca: PathBuf,
-    /// This node's certificate.
-    pub tls_cert: PathBuf,
-    /// This node's private key.
-    pub tls_key: PathBuf,
+    /// The deployment CA, this node's certificate and key.
+    pub tls: TlsFiles,
     /// How a client's identity is read.
     pub identity: IdentityConfig,
     /// The agent's knobs.
@@ -74,7 +74,7 @@ struct RawSettings {
     listen: SocketAddr,
     rules: PathBuf,
     regional: RawRegional,
-    tls: RawTls,
+    tls: TlsFiles,
     #[serde(default)]
     identity: Option<RawIdentity>,
     #[serde(default, deserialize_with = "optional_duration")]
@@ -90,14 +90,6 @@ struct RawSettings {
 struct RawRegional {
     addresses: Vec<SocketAddr>,
     name: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTls {
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
 }
 
 #[derive(Deserialize)]
@@ -186,9 +178,7 @@ impl Settings {
             rules: dir.join(raw.rules),
             regional_addresses: raw.regional.addresses,
             regional_name: raw.regional.name,
-            tls_ca: dir.join(raw.tls.ca),
-            tls_cert: dir.join(raw.tls.cert),
-            tls_key: dir.join(raw.tls.key),
+            tls: raw.tls.relative_to(dir),
             identity,
             agent,
         })
@@ -223,7 +213,7 @@ threshold: 0.9
         assert_eq!(s.regional_addresses.len(), 2);
         assert_eq!(s.regional_name, "regional-eu-1");
         assert_eq!(s.rules, Path::new("/etc/rl/rules.yaml"));
-        assert_eq!(s.tls_cert, Path::new("/etc/rl/pki/e.pem"));
+        assert_eq!(s.tls.cert, Path::new("/etc/rl/pki/e.pem"));
         assert_eq!(s.identity.user_id_header, "x-user");
         assert_eq!(s.identity.api_key_header, "x-api-key", "default kept");
         assert!(s.identity.is_trusted_proxy("10.1.2.3".parse().unwrap()));

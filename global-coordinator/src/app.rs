@@ -107,7 +107,7 @@ pub fn check(path: &Path, env_token: Option<String>) -> Result<Checked, StartErr
     let identity = match &config.link {
         None => None,
         Some(link) => {
-            let identity = Identity::from_files(&link.tls_ca, &link.tls_cert, &link.tls_key)?;
+            let identity = Identity::from_files(&link.tls.ca, &link.tls.cert, &link.tls.key)?;
             shared::net::server_config(&identity)?;
             Some(identity)
         }
@@ -162,7 +162,10 @@ pub async fn run(checked: Checked, shutdown: impl Future<Output = ()>) -> Result
         }
         _ => None,
     };
-    let ticking = tokio::spawn(links.clone().run(config.rebalance_interval));
+    // Without regionals there is no demand to follow and nobody to push to.
+    let ticking = endpoint
+        .is_some()
+        .then(|| tokio::spawn(links.clone().run(config.rebalance_interval)));
     let rules = coordinator.rules();
     match &endpoint {
         Some((_, quic)) => tracing::info!(
@@ -185,7 +188,9 @@ pub async fn run(checked: Checked, shutdown: impl Future<Output = ()>) -> Result
         async move { admin.handle(request).await }
     };
     shared::http::serve(listener, handler, shutdown).await;
-    ticking.abort();
+    if let Some(ticking) = ticking {
+        ticking.abort();
+    }
     if let Some((endpoint, _)) = endpoint {
         endpoint.close(
             quinn::VarInt::from_u32(shared::wire::CloseCode::ShuttingDown.as_u32()),

@@ -31,7 +31,7 @@ use std::{
 };
 
 use serde::Deserialize;
-use shared::ConfigError;
+use shared::{ConfigError, config::TlsFiles};
 
 /// The floor a region gets when its entry names none: a tenth of every limit.
 pub const DEFAULT_FLOOR: f64 = 0.1;
@@ -64,24 +64,12 @@ pub struct Config {
 pub struct LinkConfig {
     /// The QUIC address.
     pub listen: SocketAddr,
-    /// The deployment CA's certificate.
-    pub tls_ca: PathBuf,
-    /// This node's certificate.
-    pub tls_cert: PathBuf,
-    /// This node's private key.
-    pub tls_key: PathBuf,
+    /// The deployment CA, this node's certificate and key.
+    pub tls: TlsFiles,
 }
 
 /// Default [`Config::rebalance_interval`].
 pub const DEFAULT_REBALANCE_INTERVAL: Duration = Duration::from_secs(1);
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTls {
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
-}
 
 /// One region limits are partitioned across.
 #[derive(Clone, Debug, PartialEq)]
@@ -105,7 +93,7 @@ struct RawConfig {
     #[serde(default)]
     listen: Option<SocketAddr>,
     #[serde(default)]
-    tls: Option<RawTls>,
+    tls: Option<TlsFiles>,
     #[serde(default, deserialize_with = "shared::config::optional_duration")]
     rebalance_interval: Option<Duration>,
 }
@@ -195,9 +183,7 @@ impl Config {
             (None, None) => None,
             (Some(listen), Some(tls)) => Some(LinkConfig {
                 listen,
-                tls_ca: dir.join(tls.ca),
-                tls_cert: dir.join(tls.cert),
-                tls_key: dir.join(tls.key),
+                tls: tls.relative_to(dir),
             }),
             (Some(_), None) => {
                 return Err(invalid(

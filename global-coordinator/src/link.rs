@@ -158,11 +158,7 @@ impl Links {
 
     /// Pushes the rule set in force to every connected regional; returns how many took it.
     pub async fn push_rules(&self) -> usize {
-        let rules = self.coordinator.rules();
-        let message = Message::from(RuleSetPush {
-            version: rules.version(),
-            yaml: rules.source().to_owned(),
-        });
+        let message = Message::from(RuleSetPush::of(&self.coordinator.rules()));
         let targets: Vec<(String, Connection)> = self
             .regions()
             .values()
@@ -171,20 +167,15 @@ impl Links {
             .collect();
         let calls = targets.iter().map(|(node, conn)| {
             let message = &message;
-            async move { (node, call(conn, message).await) }
+            async move { (node, net::push_rule_set(conn, message, CALL_TIMEOUT).await) }
         });
         let mut took = 0;
         for (node, answer) in futures_util::future::join_all(calls).await {
             match answer {
-                Ok(Message::RuleSetAck(ack)) if ack.error.is_none() => took += 1,
-                Ok(Message::RuleSetAck(ack)) => tracing::warn!(
-                    regional = %node, version = ack.version,
-                    error = ack.error.as_deref().unwrap_or(""), "a regional refused the rule set"
-                ),
-                Ok(other) => {
-                    tracing::warn!(regional = %node, kind = other.kind(), "odd answer to a rule set")
+                Ok(()) => took += 1,
+                Err(reason) => {
+                    tracing::warn!(regional = %node, %reason, "a regional did not take the rule set")
                 }
-                Err(e) => tracing::warn!(regional = %node, error = %e, "rule set not delivered"),
             }
         }
         took
@@ -217,6 +208,9 @@ impl Links {
         drop(pending);
         let mut out = HashMap::new();
         for region in connected {
+            // What it confirmed (not what it is assumed to hold: its own raises in flight
+            // are not cuts to make).
+            let own = self.coordinator.held(region).unwrap_or_default();
             let mut offer = Vec::new();
             for rule in rules.rules() {
                 let target = shares
@@ -226,11 +220,7 @@ impl Links {
                     .unwrap_or(0);
                 for limit in rule.limits() {
                     let id = limit.id().0;
-                    let (held, held_from) = self
-                        .coordinator
-                        .held(region)
-                        .and_then(|h| h.get(&id).copied())
-                        .unwrap_or((0, 0));
+                    let (held, held_from) = own.get(&id).copied().unwrap_or((0, 0));
                     if target <= held {
                         // A cut from what it confirmed, no earlier than that entry's window:
                         // before it the region may hold less than `target` (a raise already
@@ -358,7 +348,7 @@ impl Links {
 
     /// Takes a regional's answer to a `Partitions` push (or the version-0 probe).
     fn confirmed(&self, region: &str, id: u64, answer: Result<Message, String>) {
-        let node = {
+        let (node, held) = {
             let mut regions = self.regions();
             let Some(replica) = regions
                 .get_mut(region)
@@ -369,8 +359,13 @@ impl Links {
             replica.in_flight = false;
             match answer {
                 Ok(Message::Partitions(p)) => {
+                    let held: Held = p
+                        .rules
+                        .iter()
+                        .map(|s| (s.limit.0, (s.share_ppm, s.from_window)))
+                        .collect();
                     replica.confirmed = Some(p);
-                    replica.node.clone()
+                    (replica.node.clone(), held)
                 }
                 Ok(other) => {
                     tracing::warn!(regional = %replica.node, kind = other.kind(), "odd answer to partitions");
@@ -381,20 +376,6 @@ impl Links {
                     return;
                 }
             }
-        };
-        let held: Held = {
-            let regions = self.regions();
-            regions
-                .get(region)
-                .and_then(|r| r.replicas.get(&id))
-                .and_then(|r| r.confirmed.as_ref())
-                .map(|p| {
-                    p.rules
-                        .iter()
-                        .map(|s| (s.limit.0, (s.share_ppm, s.from_window)))
-                        .collect()
-                })
-                .unwrap_or_default()
         };
         if let Err(e) = self.coordinator.record_held(region, &node, held) {
             // Kept as pending: the raise still counts against the others.
@@ -411,21 +392,24 @@ impl Links {
         }
     }
 
+    /// A connection to one regional of every connected region: replicas share their store,
+    /// so any one of them speaks for the region's ledgers.
+    fn one_regional_per_region(&self) -> Vec<(String, Connection)> {
+        self.regions()
+            .iter()
+            .filter_map(|(name, r)| {
+                let replica = r.replicas.values().next()?;
+                Some((name.clone(), replica.conn.clone()))
+            })
+            .collect()
+    }
+
     /// Runs a two-phase transfer for `request` from `region`: every other region releases up
     /// to what is wanted (at most its unused partition) and confirms; the sum confirmed is the
     /// grant.
     async fn transfer(&self, region: &str, request: &QuotaRequest) -> u64 {
-        let givers: Vec<(String, Connection)> = self
-            .regions()
-            .iter()
-            .filter(|(name, _)| name.as_str() != region)
-            .filter_map(|(name, r)| {
-                r.replicas
-                    .values()
-                    .next()
-                    .map(|rep| (name.clone(), rep.conn.clone()))
-            })
-            .collect();
+        let mut givers = self.one_regional_per_region();
+        givers.retain(|(name, _)| name != region);
         let transfer = self.next_transfer.fetch_add(1, Ordering::Relaxed);
         let release = Message::from(Release {
             transfer,
@@ -437,23 +421,21 @@ impl Links {
         let calls = givers.iter().map(|(name, conn)| {
             let release = &release;
             async move {
-                let answer = tokio::time::timeout(RELEASE_TIMEOUT, net::call(conn, release)).await;
-                match answer {
-                    Ok(Ok(Message::Confirm(c))) if c.transfer == transfer => {
+                match net::call_within(conn, release, RELEASE_TIMEOUT).await {
+                    Ok(Message::Confirm(c)) if c.transfer == transfer => {
                         // Never more than asked: a confused giver must not mint quota.
                         c.released.min(request.wanted)
                     }
-                    Ok(Ok(other)) => {
+                    Ok(other) => {
                         tracing::warn!(region = %name, kind = other.kind(), "odd answer to a release");
                         0
                     }
                     // A release whose confirm is lost stays released: a false reject, never
                     // an overshoot (DESIGN §7).
-                    Ok(Err(e)) => {
+                    Err(e) => {
                         tracing::debug!(region = %name, error = %e, "release failed");
                         0
                     }
-                    Err(_) => 0,
                 }
             }
         });
@@ -472,16 +454,7 @@ impl Links {
 
     /// Asks one regional of every connected region what it holds for `key`.
     pub async fn key_reports(&self, key: &str) -> BTreeMap<String, Result<KeyReport, String>> {
-        let targets: Vec<(String, Connection)> = self
-            .regions()
-            .iter()
-            .filter_map(|(name, r)| {
-                r.replicas
-                    .values()
-                    .next()
-                    .map(|rep| (name.clone(), rep.conn.clone()))
-            })
-            .collect();
+        let targets = self.one_regional_per_region();
         let query = Message::from(KeyQuery {
             key: key.to_owned(),
         });
@@ -531,11 +504,9 @@ fn holds(confirmed: &Partitions, offer: &[RuleShare]) -> bool {
 }
 
 async fn call(conn: &Connection, message: &Message) -> Result<Message, String> {
-    match tokio::time::timeout(CALL_TIMEOUT, net::call(conn, message)).await {
-        Err(_) => Err("no answer in time".into()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Ok(Ok(m)) => Ok(m),
-    }
+    net::call_within(conn, message, CALL_TIMEOUT)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// The QUIC service regionals connect to.
@@ -612,15 +583,9 @@ impl Service for RegionalService {
         tokio::spawn(async move {
             let rules = links.coordinator.rules();
             if session.rule_set_version < rules.version() {
-                let push = Message::from(RuleSetPush {
-                    version: rules.version(),
-                    yaml: rules.source().to_owned(),
-                });
-                match call(&conn, &push).await {
-                    Ok(Message::RuleSetAck(ack)) if ack.error.is_none() => {}
-                    other => {
-                        tracing::warn!(regional = %session.node, answer = ?other.map(|m| m.kind()), "rule set not taken")
-                    }
+                let push = Message::from(RuleSetPush::of(&rules));
+                if let Err(reason) = net::push_rule_set(&conn, &push, CALL_TIMEOUT).await {
+                    tracing::warn!(regional = %session.node, %reason, "rule set not taken");
                 }
             }
             // Ask what it holds (version 0 changes nothing), then give it what it should.

@@ -144,7 +144,7 @@ pub fn check(path: &Path, redis: Option<&str>) -> Result<Checked, StartError> {
             })?;
     }
     let rules = shared::process::load_rules(&config.rules)?;
-    let identity = Identity::from_files(&config.tls_ca, &config.tls_cert, &config.tls_key)?;
+    let identity = Identity::from_files(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
     // Builds the rustls config, so a key that is not the certificate's is caught here.
     net::server_config(&identity)?;
     Ok(Checked {
@@ -200,7 +200,7 @@ pub async fn run(checked: Checked, shutdown: impl Future<Output = ()>) -> Result
             );
             regional.set_escalation(uplink.clone());
             let client = net::client_endpoint(([0, 0, 0, 0], 0).into(), &identity)?;
-            Some(tokio::spawn(uplink.run(client)))
+            Some((uplink.clone(), tokio::spawn(uplink.run(client))))
         }
     };
     let listen = endpoint.local_addr().unwrap_or(config.listen);
@@ -217,6 +217,7 @@ pub async fn run(checked: Checked, shutdown: impl Future<Output = ()>) -> Result
                 regional,
                 breaker,
                 net_stats.clone(),
+                uplink.as_ref().map(|(u, _)| u.clone()),
             ));
             let stopped = async {
                 let _ = metrics_stopped.await;
@@ -237,8 +238,8 @@ pub async fn run(checked: Checked, shutdown: impl Future<Output = ()>) -> Result
         quinn::VarInt::from_u32(shared::wire::CloseCode::ShuttingDown.as_u32()),
         b"regional shutting down",
     );
-    if let Some(uplink) = uplink {
-        uplink.abort();
+    if let Some((_, link)) = uplink {
+        link.abort();
     }
     let _ = serving.await;
     endpoint.wait_idle().await;

@@ -36,7 +36,11 @@ use std::{
 };
 
 use serde::Deserialize;
-use shared::{ConfigError, config::optional_duration, quota::Threshold};
+use shared::{
+    ConfigError,
+    config::{TlsFiles, optional_duration},
+    quota::Threshold,
+};
 
 use crate::{RegionalConfig, breaker::BreakerConfig, store::RedisTopology};
 
@@ -55,12 +59,8 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// The rules file.
     pub rules: PathBuf,
-    /// The deployment CA's certificate.
-    pub tls_ca: PathBuf,
-    /// This node's certificate.
-    pub tls_cert: PathBuf,
-    /// This node's private key.
-    pub tls_key: PathBuf,
+    /// The deployment CA, this node's certificate and key.
+    pub tls: TlsFiles,
     /// Redis, or `None` for the in-memory store.
     pub redis: Option<RedisConfig>,
     /// The global coordinator, or `None`: the region owns every limit whole.
@@ -116,7 +116,7 @@ struct RawConfig {
     region: String,
     listen: SocketAddr,
     rules: PathBuf,
-    tls: RawTls,
+    tls: TlsFiles,
     #[serde(default)]
     metrics: Option<SocketAddr>,
     #[serde(default)]
@@ -127,14 +127,6 @@ struct RawConfig {
     threshold: Option<f64>,
     #[serde(default, deserialize_with = "optional_duration")]
     hold: Option<Duration>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTls {
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
 }
 
 #[derive(Deserialize)]
@@ -236,9 +228,7 @@ impl Config {
             listen: raw.listen,
             metrics: raw.metrics,
             rules: dir.join(raw.rules),
-            tls_ca: dir.join(raw.tls.ca),
-            tls_cert: dir.join(raw.tls.cert),
-            tls_key: dir.join(raw.tls.key),
+            tls: raw.tls.relative_to(dir),
             redis,
             coordinator,
             regional,
@@ -371,7 +361,7 @@ hold: 200ms
         assert_eq!(c.listen, "127.0.0.1:7401".parse().unwrap());
         assert_eq!(c.metrics, Some("127.0.0.1:9401".parse().unwrap()));
         assert_eq!(c.rules, Path::new("/etc/rl/rules.yaml"));
-        assert_eq!(c.tls_key, Path::new("/etc/rl/pki/r.key"));
+        assert_eq!(c.tls.key, Path::new("/etc/rl/pki/r.key"));
         let redis = c.redis.unwrap();
         assert!(
             matches!(redis.topology, RedisTopology::Single(ref u) if u == "redis://127.0.0.1:6379")

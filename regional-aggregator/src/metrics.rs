@@ -19,20 +19,23 @@ use shared::{
     wire::CloseCode,
 };
 
-use crate::{Regional, breaker::GuardedStore};
+use crate::{Regional, breaker::GuardedStore, uplink::Uplink};
 
 /// The regional's registry: `regional_*` metrics read from `regional`, its breaker (when its
-/// store is Redis behind one) and its QUIC accept loop.
+/// store is Redis behind one), its QUIC accept loop and its link to the coordinator (when it
+/// has one).
 pub fn registry(
     regional: Arc<Regional>,
     breaker: Option<GuardedStore>,
     net: Arc<NetStats>,
+    uplink: Option<Arc<Uplink>>,
 ) -> Registry {
     let mut registry = Registry::with_prefix("regional");
     registry.register_collector(Box::new(RegionalCollector {
         regional,
         breaker,
         net,
+        uplink,
     }));
     registry
 }
@@ -41,6 +44,7 @@ struct RegionalCollector {
     regional: Arc<Regional>,
     breaker: Option<GuardedStore>,
     net: Arc<NetStats>,
+    uplink: Option<Arc<Uplink>>,
 }
 
 impl fmt::Debug for RegionalCollector {
@@ -117,6 +121,39 @@ impl Collector for RegionalCollector {
             None,
             i64::try_from(self.regional.rules().version()).unwrap_or(i64::MAX),
         )?;
+        if let Some(uplink) = &self.uplink {
+            gauge(
+                e,
+                "coordinator_connected",
+                "1 while the link to the global coordinator is up.",
+                None,
+                i64::from(uplink.is_connected()),
+            )?;
+            counter(
+                e,
+                "coordinator_reports",
+                "Demand reports the coordinator answered.",
+                uplink.reports(),
+            )?;
+            counter(
+                e,
+                "escalations",
+                "Exact requests escalated to the coordinator before a denial.",
+                load(&s.escalations),
+            )?;
+            counter(
+                e,
+                "escalations_granted",
+                "Escalations that brought back quota from other regions.",
+                load(&s.escalations_granted),
+            )?;
+            counter(
+                e,
+                "released_units",
+                "Units of this region's partitions given to other regions by transfers.",
+                load(&s.released_units),
+            )?;
+        }
         if let Some(breaker) = &self.breaker {
             let b = breaker.stats();
             gauge(

@@ -16,7 +16,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{Mutex, MutexGuard},
+    sync::{RwLock, RwLockReadGuard, RwLockWriteGuard},
 };
 
 use shared::{
@@ -27,30 +27,31 @@ use shared::{
 /// Parts per million: a whole limit.
 pub const WHOLE: u32 = 1_000_000;
 
-/// The partitions this region holds. Every method takes `&self`.
+/// The partitions this region holds. Every method takes `&self`; deciding reads it once per
+/// ledger op, so a region without a coordinator takes no lock at all and one with a coordinator
+/// a shared read lock, allocation-free.
 pub struct PartitionTable {
-    inner: Mutex<Table>,
+    /// Whether a coordinator hands out the partitions; fixed at start.
+    coordinated: bool,
+    inner: RwLock<Table>,
 }
 
+#[derive(Default)]
 struct Table {
-    /// `None`: no coordinator; every limit is this region's whole.
-    coordinated: Option<Coordinated>,
-}
-
-struct Coordinated {
     /// The version of the last `Partitions` applied.
     version: u64,
     /// Per limit, `(from_window, ppm)` ascending by window: the share from that window on.
     shares: HashMap<LimitId, Vec<(u64, u32)>>,
-    /// What transfers added, per (limit, key, window).
-    extra: HashMap<(LimitId, String, u64), u64>,
+    /// What transfers added, per (limit, window), then per key: looked up by `&str`.
+    extra: HashMap<(LimitId, u64), HashMap<String, u64>>,
 }
 
 impl PartitionTable {
     /// A region that owns every limit whole: no coordinator.
     pub fn whole() -> PartitionTable {
         PartitionTable {
-            inner: Mutex::new(Table { coordinated: None }),
+            coordinated: false,
+            inner: RwLock::default(),
         }
     }
 
@@ -58,69 +59,64 @@ impl PartitionTable {
     /// reject before the coordinator answers, never an overshoot.
     pub fn coordinated() -> PartitionTable {
         PartitionTable {
-            inner: Mutex::new(Table {
-                coordinated: Some(Coordinated {
-                    version: 0,
-                    shares: HashMap::new(),
-                    extra: HashMap::new(),
-                }),
-            }),
+            coordinated: true,
+            inner: RwLock::default(),
         }
     }
 
-    fn table(&self) -> MutexGuard<'_, Table> {
-        // Every change below is complete before the guard drops.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    // Every change below is complete before its guard drops, so a poisoned lock still holds a
+    // consistent table.
+    fn read(&self) -> RwLockReadGuard<'_, Table> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Table> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Whether a coordinator hands out the partitions.
     pub fn is_coordinated(&self) -> bool {
-        self.table().coordinated.is_some()
+        self.coordinated
     }
 
     /// The version of the last `Partitions` applied (0: none yet, or no coordinator).
     pub fn version(&self) -> u64 {
-        self.table().coordinated.as_ref().map_or(0, |c| c.version)
+        self.read().version
     }
 
     /// `P_r` of `key` under limit `limit` (whose whole is `whole`) in window `window`.
     pub fn partition(&self, limit: LimitId, key: &str, window: u64, whole: u64) -> u64 {
-        let table = self.table();
-        let Some(c) = &table.coordinated else {
+        if !self.coordinated {
             return whole;
-        };
-        let ppm = share_at(c.shares.get(&limit).map(Vec::as_slice), window);
+        }
+        let table = self.read();
+        let ppm = share_at(table.shares.get(&limit).map(Vec::as_slice), window);
         let base = u128::from(whole) * u128::from(ppm.min(WHOLE)) / u128::from(WHOLE);
-        let extra = if c.extra.is_empty() {
-            0
-        } else {
-            c.extra
-                .get(&(limit, key.to_owned(), window))
-                .copied()
-                .unwrap_or(0)
-        };
+        let extra = table
+            .extra
+            .get(&(limit, window))
+            .and_then(|keys| keys.get(key))
+            .copied()
+            .unwrap_or(0);
         u64::try_from(base)
             .unwrap_or(u64::MAX)
             .saturating_add(extra)
     }
 
-    /// The share of `limit` in force in `window`, in ppm.
-    pub fn share(&self, limit: LimitId, window: u64) -> u32 {
-        match &self.table().coordinated {
-            None => WHOLE,
-            Some(c) => share_at(c.shares.get(&limit).map(Vec::as_slice), window),
-        }
-    }
-
     /// Adds `amount` to this region's partition of `key` in `window` (a transfer's second
     /// phase, or an escalation's answer). Only windows at or after `oldest` are kept.
     pub fn add(&self, limit: LimitId, key: &str, window: u64, amount: u64, oldest: u64) {
-        let mut table = self.table();
-        let Some(c) = &mut table.coordinated else {
+        if !self.coordinated {
             return;
-        };
-        c.extra.retain(|(_, _, w), _| *w >= oldest);
-        let slot = c.extra.entry((limit, key.to_owned(), window)).or_insert(0);
+        }
+        let mut table = self.write();
+        table.extra.retain(|(_, w), _| *w >= oldest);
+        let slot = table
+            .extra
+            .entry((limit, window))
+            .or_default()
+            .entry(key.to_owned())
+            .or_insert(0);
         *slot = slot.saturating_add(amount);
     }
 
@@ -128,36 +124,35 @@ impl PartitionTable {
     /// limit the rules do not have) and answers with the shares held now, each with the window
     /// it applies from. A push not newer than the one held changes nothing.
     pub fn apply(&self, push: &Partitions, current: impl Fn(LimitId) -> Option<u64>) -> Partitions {
-        let mut table = self.table();
-        let Some(c) = &mut table.coordinated else {
+        if !self.coordinated {
             return Partitions {
                 version: 0,
                 rules: Vec::new(),
                 keys: Vec::new(),
             };
-        };
-        if push.version > c.version {
-            c.version = push.version;
+        }
+        let mut table = self.write();
+        if push.version > table.version {
+            table.version = push.version;
             let pushed: HashMap<LimitId, &RuleShare> =
                 push.rules.iter().map(|r| (r.limit, r)).collect();
             // A limit left out of the push has no share any more: a lowering to 0.
-            let mut limits: Vec<LimitId> = c.shares.keys().copied().collect();
+            let mut limits: Vec<LimitId> = table.shares.keys().copied().collect();
             limits.extend(pushed.keys().copied());
             limits.sort_unstable();
             limits.dedup();
             for limit in limits {
                 let Some(now) = current(limit) else {
-                    c.shares.remove(&limit);
+                    table.shares.remove(&limit);
                     continue;
                 };
                 let (ppm, from) = pushed
                     .get(&limit)
                     .map_or((0, now), |r| (r.share_ppm.min(WHOLE), r.from_window));
-                let schedule = c.shares.entry(limit).or_default();
-                schedule_change(schedule, now, ppm, from);
+                schedule_change(table.shares.entry(limit).or_default(), now, ppm, from);
             }
         }
-        let rules = c
+        let rules = table
             .shares
             .iter()
             .filter_map(|(&limit, s)| {
@@ -169,7 +164,7 @@ impl PartitionTable {
             })
             .collect();
         Partitions {
-            version: c.version,
+            version: table.version,
             rules,
             keys: Vec::new(),
         }
@@ -177,11 +172,16 @@ impl PartitionTable {
 
     /// Forgets shares of limits `rules` no longer has.
     pub fn retain_rules(&self, rules: &RuleSet) {
-        if let Some(c) = &mut self.table().coordinated {
-            c.shares.retain(|limit, _| rules.limit(*limit).is_some());
-            c.extra
-                .retain(|(limit, _, _), _| rules.limit(*limit).is_some());
+        if !self.coordinated {
+            return;
         }
+        let mut table = self.write();
+        table
+            .shares
+            .retain(|limit, _| rules.limit(*limit).is_some());
+        table
+            .extra
+            .retain(|(limit, _), _| rules.limit(*limit).is_some());
     }
 }
 

@@ -169,9 +169,10 @@ pub struct HotDemand {
 #[derive(Default)]
 struct Demand {
     limits: HashMap<LimitId, LimitDemand>,
-    /// Per (limit, key): the window and `T` last seen, for the growth of `T`.
-    seen: HashMap<(LimitId, String), (u64, u64)>,
-    hot: HashMap<(LimitId, String), HotDemand>,
+    /// Per limit, then key: the window and `T` last seen, for the growth of `T`. Nested so a
+    /// key already seen is found by `&str`, without allocating on the sync path.
+    seen: HashMap<LimitId, HashMap<String, (u64, u64)>>,
+    hot: HashMap<LimitId, HashMap<String, HotDemand>>,
 }
 
 /// The most hot keys one report carries.
@@ -550,15 +551,17 @@ impl Regional {
             return false;
         }
         self.stats.escalations.fetch_add(1, Ordering::Relaxed);
+        let rules = self.rules();
+        let whole = |op: &ExactOp| {
+            rules
+                .limit(op.at.limit)
+                .and_then(|(_, l)| window_of(l.limiter()))
+                .map_or(op.cost, |w| w.limit)
+        };
         // Ask for a twentieth of the whole limit at a time, so a key moving its traffic to
         // this region escalates a few times per window, not once per request.
         let asks = spent.iter().map(|op| {
-            let whole = self
-                .rules()
-                .limit(op.at.limit)
-                .and_then(|(_, l)| window_of(l.limiter()))
-                .map_or(op.cost, |w| w.limit);
-            let wanted = op.cost.max(whole / 20);
+            let wanted = op.cost.max(whole(op) / 20);
             escalation.request(op.at.limit, &op.at.key, op.at.window, wanted)
         });
         let granted = futures_util::future::join_all(asks).await;
@@ -582,12 +585,7 @@ impl Regional {
         // another one that ran meanwhile (a burst escalates many requests at once, and the
         // one that lands the transfer must not be the only one that uses it).
         spent.iter().all(|op| {
-            let whole = self
-                .rules()
-                .limit(op.at.limit)
-                .and_then(|(_, l)| window_of(l.limiter()))
-                .map_or(0, |w| w.limit);
-            self.partition(op.at.limit, &op.at.key, op.at.window, whole) > op.bounds.partition
+            self.partition(op.at.limit, &op.at.key, op.at.window, whole(op)) > op.bounds.partition
         })
     }
 
@@ -682,17 +680,25 @@ impl Regional {
     pub fn take_demand(&self) -> (Vec<(LimitId, LimitDemand)>, Vec<HotDemand>) {
         let mut demand = self.demand.lock().unwrap_or_else(|e| e.into_inner());
         let limits = std::mem::take(&mut demand.limits).into_iter().collect();
-        let mut hot: Vec<HotDemand> = std::mem::take(&mut demand.hot).into_values().collect();
+        let mut hot: Vec<HotDemand> = std::mem::take(&mut demand.hot)
+            .into_values()
+            .flat_map(HashMap::into_values)
+            .collect();
         hot.sort_by_key(|h| std::cmp::Reverse((h.denied, h.used)));
         hot.truncate(REPORT_HOT_KEYS);
         // Forget keys of windows that have passed.
         let rules = self.rules();
         let now = self.clock.now().as_u64();
-        demand.seen.retain(|(limit, _), (window, _)| {
-            rules
+        demand.seen.retain(|limit, keys| {
+            let Some(w) = rules
                 .limit(*limit)
                 .and_then(|(_, l)| window_of(l.limiter()))
-                .is_some_and(|w| *window + 1 >= now / w.length.as_u64())
+            else {
+                return false;
+            };
+            let current = now / w.length.as_u64();
+            keys.retain(|_, (window, _)| *window + 1 >= current);
+            !keys.is_empty()
         });
         (limits, hot)
     }
@@ -953,10 +959,11 @@ impl Demand {
     /// Notes `T = total` for a ledger of a current window under partition `partition`, and
     /// `denied` units refused on it.
     fn observe(&mut self, at: &LedgerKey, total: u64, partition: u64, denied: u64) {
-        let seen = self
-            .seen
-            .entry((at.limit, at.key.clone()))
-            .or_insert((at.window, 0));
+        let keys = self.seen.entry(at.limit).or_default();
+        let seen = match keys.get_mut(at.key.as_str()) {
+            Some(seen) => seen,
+            None => keys.entry(at.key.clone()).or_insert((at.window, 0)),
+        };
         if seen.0 != at.window {
             *seen = (at.window, 0);
         }
@@ -971,17 +978,18 @@ impl Demand {
             .max(u32::try_from(ppm).unwrap_or(u32::MAX));
         // Near the partition (θ = 0.8 is the default; a key at 80 % is a candidate) or denied.
         if denied > 0 || total.saturating_mul(5) >= partition.saturating_mul(4) {
-            let hot = self
-                .hot
-                .entry((at.limit, at.key.clone()))
-                .or_insert_with(|| HotDemand {
+            let keys = self.hot.entry(at.limit).or_default();
+            let hot = match keys.get_mut(at.key.as_str()) {
+                Some(hot) => hot,
+                None => keys.entry(at.key.clone()).or_insert(HotDemand {
                     limit: at.limit,
                     key: at.key.clone(),
                     window: at.window,
                     used: 0,
                     denied: 0,
                     partition,
-                });
+                }),
+            };
             if hot.window != at.window {
                 hot.window = at.window;
                 hot.denied = 0;

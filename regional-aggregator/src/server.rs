@@ -104,7 +104,7 @@ impl EdgeService {
         let message = Message::from(push.clone());
         let calls = targets.iter().map(|(name, conn)| {
             let message = &message;
-            async move { (name, push_one(conn, message).await) }
+            async move { (name, net::push_rule_set(conn, message, PUSH_TIMEOUT).await) }
         });
         let mut accepted = 0;
         for (name, outcome) in futures_util::future::join_all(calls).await {
@@ -116,16 +116,6 @@ impl EdgeService {
             }
         }
         accepted
-    }
-}
-
-/// Sends one rule set to one edge and reads its answer.
-async fn push_one(conn: &Connection, message: &Message) -> Result<(), String> {
-    match tokio::time::timeout(PUSH_TIMEOUT, net::call(conn, message)).await {
-        Err(_) => Err("no answer in time".into()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Ok(Ok(Message::RuleSetAck(ack))) => ack.error.map_or(Ok(()), Err),
-        Ok(Ok(other)) => Err(format!("answered {}", other.kind())),
     }
 }
 
@@ -211,12 +201,9 @@ impl Service for EdgeService {
         let rules = self.regional.rules();
         if session.rule_set_version < rules.version() {
             let (conn, node) = (connection.clone(), session.node.clone());
-            let message = Message::from(RuleSetPush {
-                version: rules.version(),
-                yaml: rules.source().to_owned(),
-            });
+            let message = Message::from(RuleSetPush::of(&rules));
             tokio::spawn(async move {
-                if let Err(reason) = push_one(&conn, &message).await {
+                if let Err(reason) = net::push_rule_set(&conn, &message, PUSH_TIMEOUT).await {
                     tracing::warn!(edge = %node, %reason, "edge did not take the rule set");
                 }
             });

@@ -62,7 +62,7 @@ pub struct Uplink {
     /// Transfer grants applied: id → when, so a resent grant adds once.
     granted: Mutex<HashMap<u64, Instant>>,
     stats: Arc<NetStats>,
-    /// When the last report was answered (for the logs and tests).
+    /// Reports the coordinator answered (for `/metrics`).
     reports: AtomicU64,
 }
 
@@ -105,11 +105,6 @@ impl Uplink {
     /// Reports answered so far.
     pub fn reports(&self) -> u64 {
         self.reports.load(Ordering::Relaxed)
-    }
-
-    /// Counters of the pushes served (refused frames by code).
-    pub fn stats(&self) -> &Arc<NetStats> {
-        &self.stats
     }
 
     fn connection(&self) -> Option<Connection> {
@@ -175,9 +170,8 @@ impl Uplink {
             let report = self.report(last.elapsed());
             last = Instant::now();
             let message = Message::from(report);
-            let call = net::call(conn, &message);
-            match tokio::time::timeout(interval.max(Duration::from_secs(1)), call).await {
-                Ok(Ok(Message::ReportAck(ack))) => {
+            match net::call_within(conn, &message, interval.max(Duration::from_secs(1))).await {
+                Ok(Message::ReportAck(ack)) => {
                     self.reports.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(
                         rule_set_version = ack.rule_set_version,
@@ -185,19 +179,18 @@ impl Uplink {
                         "report answered"
                     );
                 }
-                Ok(Ok(other)) => {
+                Ok(other) => {
                     tracing::warn!(
                         kind = other.kind(),
                         "the coordinator answered a report oddly"
                     );
                 }
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "report not delivered");
+                Err(e) => {
+                    tracing::warn!(error = %e, "report not answered");
                     if conn.close_reason().is_some() {
                         return;
                     }
                 }
-                Err(_) => tracing::warn!("the coordinator did not answer a report in time"),
             }
         }
     }
@@ -360,22 +353,18 @@ impl Escalation for Uplink {
             };
             let id = request.request_id;
             let message = Message::from(request);
-            let call = net::call(&conn, &message);
-            match tokio::time::timeout(self.link.escalation_budget, call).await {
-                Ok(Ok(Message::QuotaReply(reply))) if reply.request_id == id => reply.granted,
-                Ok(Ok(other)) => {
+            match net::call_within(&conn, &message, self.link.escalation_budget).await {
+                Ok(Message::QuotaReply(reply)) if reply.request_id == id => reply.granted,
+                Ok(other) => {
                     tracing::warn!(
                         kind = other.kind(),
                         "the coordinator answered an escalation oddly"
                     );
                     0
                 }
-                Ok(Err(e)) => {
+                // Out of budget or link lost: the request is denied (DESIGN §4).
+                Err(e) => {
                     tracing::debug!(error = %e, "escalation failed");
-                    0
-                }
-                Err(_) => {
-                    tracing::debug!("escalation ran out of budget");
                     0
                 }
             }

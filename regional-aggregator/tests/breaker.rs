@@ -97,6 +97,7 @@ async fn redis_killed_mid_load_then_back_counts_everything_once() {
         regional.clone(),
         Some((*guarded).clone()),
         Arc::default(),
+        None,
     );
     let scrape = || {
         let text = shared::metrics::render(&registry);

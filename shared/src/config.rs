@@ -13,7 +13,10 @@
 //!
 //! [`RuleSet::from_yaml`]: crate::RuleSet::from_yaml
 
-use std::time::Duration;
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use serde::{Deserialize, Deserializer, de::DeserializeOwned};
 use serde_yaml_ng::Value;
@@ -212,5 +215,30 @@ mod tests {
 
         let err = from_yaml::<Example>("x.yaml", "\n").unwrap_err();
         assert_eq!(err.to_string(), "x.yaml: the file is empty");
+    }
+}
+
+/// `tls:` in every tier's configuration: the deployment CA's certificate, this node's
+/// certificate and its private key.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// The deployment CA's certificate.
+    pub ca: PathBuf,
+    /// This node's certificate.
+    pub cert: PathBuf,
+    /// This node's private key.
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// The same files with relative paths taken from `dir` (the configuration file's
+    /// directory, so a deployment directory can be moved whole).
+    pub fn relative_to(self, dir: &Path) -> TlsFiles {
+        TlsFiles {
+            ca: dir.join(self.ca),
+            cert: dir.join(self.cert),
+            key: dir.join(self.key),
+        }
     }
 }

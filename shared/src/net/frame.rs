@@ -1,5 +1,6 @@
 //! Frames on QUIC streams: [`write_message`], [`read_message`], and [`call`], one request and
-//! its reply on a stream of their own.
+//! its reply on a stream of their own; [`call_within`] with a deadline, and [`push_rule_set`],
+//! the one push every link down the tree makes.
 //!
 //! # One request per stream
 //!
@@ -16,6 +17,8 @@
 //! - a caller that times out just drops the stream; quinn resets it.
 //!
 //! The frame format itself, and its caps, are `wire`'s; this module only moves bytes.
+
+use std::time::Duration;
 
 use quinn::{Connection, RecvStream, SendStream};
 
@@ -95,4 +98,41 @@ pub async fn call(connection: &Connection, request: &Message) -> Result<Message,
     read_message(&mut recv, &mut buf)
         .await?
         .ok_or(NetError::Truncated { buffered: 0 })
+}
+
+/// [`call`] bounded by `within`: [`NetError::Timeout`] past it (the stream is dropped, so
+/// quinn resets it).
+///
+/// # Errors
+///
+/// As [`call`], or [`NetError::Timeout`].
+pub async fn call_within(
+    connection: &Connection,
+    request: &Message,
+    within: Duration,
+) -> Result<Message, NetError> {
+    tokio::time::timeout(within, call(connection, request))
+        .await
+        .unwrap_or(Err(NetError::Timeout))
+}
+
+/// Pushes a rule set down one link (coordinator to regional, regional to edge): `push` must be
+/// a [`RuleSetPush`](crate::wire::RuleSetPush), sent as a [`call_within`], and the receiver's
+/// [`RuleSetAck`](crate::wire::RuleSetAck) read. `Ok` when the receiver now runs that version
+/// or a newer one.
+///
+/// # Errors
+///
+/// Why the receiver does not run it, for the logs: its located refusal, or the call's error,
+/// or another answer than an ack.
+pub async fn push_rule_set(
+    connection: &Connection,
+    push: &Message,
+    within: Duration,
+) -> Result<(), String> {
+    match call_within(connection, push, within).await {
+        Ok(Message::RuleSetAck(ack)) => ack.error.map_or(Ok(()), Err),
+        Ok(other) => Err(format!("answered {}", other.kind())),
+        Err(e) => Err(e.to_string()),
+    }
 }

@@ -109,7 +109,7 @@ pub mod tls;
 pub use self::{
     client::{client_endpoint, connect},
     error::NetError,
-    frame::{call, read_message, write_message},
+    frame::{call, call_within, push_rule_set, read_message, write_message},
     peer::Peer,
     pki::{Ca, NodeCert, PkiError, write_pki},
     server::{HANDSHAKE_TIMEOUT, NetStats, Service, answer, serve, server_endpoint},

@@ -444,6 +444,16 @@ pub struct RuleSetPush {
     pub yaml: String,
 }
 
+impl RuleSetPush {
+    /// The push of `rules`: their version and the text they were parsed from.
+    pub fn of(rules: &crate::RuleSet) -> RuleSetPush {
+        RuleSetPush {
+            version: rules.version(),
+            yaml: rules.source().to_owned(),
+        }
+    }
+}
+
 /// The answer to one [`RuleSetPush`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuleSetAck {
