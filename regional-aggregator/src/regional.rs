@@ -190,9 +190,18 @@ pub struct Regional {
     stats: RegionalStats,
     partitions: PartitionTable,
     escalation: RwLock<Option<Arc<dyn Escalation>>>,
+    /// Keys being escalated now, so that one key has one escalation at a time.
+    escalating: Mutex<HashMap<(LimitId, String, u64), Arc<KeyEscalation>>>,
     demand: Mutex<Demand>,
     /// Transfers already released: id → (when, units), so a resent `Release` gives once.
     released: Mutex<HashMap<u64, (Nanos, u64)>>,
+}
+
+/// One key's escalations: taken in turn, counted when done.
+#[derive(Default)]
+struct KeyEscalation {
+    turn: tokio::sync::Mutex<()>,
+    completed: AtomicU64,
 }
 
 /// The counter identity a released transfer is consumed under (exact path, no edge's).
@@ -299,6 +308,7 @@ impl Regional {
                 PartitionTable::whole()
             },
             escalation: RwLock::new(None),
+            escalating: Mutex::new(HashMap::new()),
             demand: Mutex::new(Demand::default()),
             released: Mutex::new(HashMap::new()),
         }
@@ -558,24 +568,10 @@ impl Regional {
                 .and_then(|(_, l)| window_of(l.limiter()))
                 .map_or(op.cost, |w| w.limit)
         };
-        // Ask for a twentieth of the whole limit at a time, so a key moving its traffic to
-        // this region escalates a few times per window, not once per request.
-        let asks = spent.iter().map(|op| {
-            let wanted = op.cost.max(whole(op) / 20);
-            escalation.request(op.at.limit, &op.at.key, op.at.window, wanted)
-        });
+        let asks = spent
+            .iter()
+            .map(|op| self.escalate_key(&*escalation, op, whole(op)));
         let granted = futures_util::future::join_all(asks).await;
-        for (op, &units) in spent.iter().zip(&granted) {
-            if units > 0 {
-                self.partitions.add(
-                    op.at.limit,
-                    &op.at.key,
-                    op.at.window,
-                    units,
-                    op.at.window.saturating_sub(1),
-                );
-            }
-        }
         if granted.iter().any(|&u| u > 0) {
             self.stats
                 .escalations_granted
@@ -587,6 +583,55 @@ impl Regional {
         spent.iter().all(|op| {
             self.partition(op.at.limit, &op.at.key, op.at.window, whole(op)) > op.bounds.partition
         })
+    }
+
+    /// Asks for more of one key (`op`'s) whose limit is `whole`, and adds what comes back to
+    /// its partition; returns that.
+    ///
+    /// One escalation per key at a time: a request that finds one in flight waits for it and
+    /// asks only if none completed meanwhile. Otherwise a burst would race its own transfers:
+    /// a late ask finds the other regions already released to this one (grants not yet landed
+    /// here), gets nothing, and denies a request the landing quota would have admitted.
+    async fn escalate_key(&self, escalation: &dyn Escalation, op: &ExactOp, whole: u64) -> u64 {
+        let at = (op.at.limit, op.at.key.clone(), op.at.window);
+        let key = self
+            .escalating
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(at.clone())
+            .or_default()
+            .clone();
+        let seen = key.completed.load(Ordering::Acquire);
+        let units = {
+            let _turn = key.turn.lock().await;
+            if key.completed.load(Ordering::Acquire) != seen {
+                0
+            } else {
+                // A twentieth of the whole limit at a time, so a key moving its traffic to
+                // this region escalates a few times per window, not once per request.
+                let wanted = op.cost.max(whole / 20);
+                let units = escalation
+                    .request(op.at.limit, &op.at.key, op.at.window, wanted)
+                    .await;
+                if units > 0 {
+                    self.partitions.add(
+                        op.at.limit,
+                        &op.at.key,
+                        op.at.window,
+                        units,
+                        op.at.window.saturating_sub(1),
+                    );
+                }
+                key.completed.fetch_add(1, Ordering::Release);
+                units
+            }
+        };
+        let mut escalating = self.escalating.lock().unwrap_or_else(|e| e.into_inner());
+        // The map's handle and ours: nobody else is waiting on this key.
+        if Arc::strong_count(&key) <= 2 {
+            escalating.remove(&at);
+        }
+        units
     }
 
     /// Gives away up to `amount` of this region's unused partition of `key` in `window`, for
