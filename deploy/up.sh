@@ -11,12 +11,12 @@
 #
 # Ports: edges' HTTP on 127.0.0.1:8080-8083 (eu-1, eu-2, us-1, us-2), regionals' QUIC on
 # 127.0.0.1:7401 (eu) and 7402 (us) and their metrics on 9401 and 9402, the coordinator's admin
-# API on 127.0.0.1:9000, Redis on 127.0.0.1:6391 (eu) and 6392 (us). They are set in
-# deploy/config/*.yaml; edit the copies there to move them.
+# API on 127.0.0.1:9000 and its QUIC (for the regionals) on 7500, Redis on 127.0.0.1:6391 (eu)
+# and 6392 (us). They are set in deploy/config/*.yaml; edit the copies there to move them.
 #
-# Not yet: regionals do not report to the coordinator (its QUIC link is not built), so each
-# region enforces the rules file with the whole limit; the coordinator's partitions are what
-# it would hand them.
+# The coordinator owns the rules and splits every limit between the two regions; each regional
+# reports its demand to it every second, and a region whose share of a key is spent asks it for
+# the other region's unused quota before denying.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -62,7 +62,7 @@ trap stop INT TERM EXIT
 # A throwaway CA and a certificate per node, valid for loopback.
 echo "==> certificates in $dir/pki"
 "$bin/regional-aggregator" pki --dir "$dir/pki" \
-  --node regional-eu-1 --node regional-us-1 \
+  --node coordinator-1 --node regional-eu-1 --node regional-us-1 \
   --node edge-eu-1 --node edge-eu-2 --node edge-us-1 --node edge-us-2 \
   --san localhost --san 127.0.0.1 >/dev/null
 
@@ -136,12 +136,29 @@ for edge in eu-1 eu-2 us-1 us-2; do
   wait_ready "${edge_port[$edge]}" "edge-$edge"
 done
 
+# Until both regionals are linked to the coordinator and have reported their edges: the
+# status table below then shows the whole topology.
+linked() {
+  "$bin/global-coordinator" ctl --addr 127.0.0.1:9000 status 2>/dev/null |
+    awk '$1 == "eu" || $1 == "us" { if ($3 == 1 && $4 == 2) n++ } END { exit n != 2 }'
+}
+export COORDINATOR_TOKEN
+COORDINATOR_TOKEN="$(cat "$dir/admin.token")"
+for _ in $(seq 1 100); do
+  if linked; then break; fi
+  sleep 0.1
+done
+if ! linked; then
+  echo "deploy/up.sh: the regionals did not link to the coordinator; their logs:" >&2
+  cat "$dir/logs/regional-eu.log" "$dir/logs/regional-us.log" >&2
+  exit 1
+fi
+
 redis_eu="" redis_us=""
 if [ "$store" = Redis ]; then
   redis_eu="   redis://127.0.0.1:6391" redis_us="   redis://127.0.0.1:6392"
 fi
-status="$(COORDINATOR_TOKEN="$(cat "$dir/admin.token")" \
-  "$bin/global-coordinator" ctl --addr 127.0.0.1:9000 status)"
+status="$("$bin/global-coordinator" ctl --addr 127.0.0.1:9000 status)"
 cat <<EOF
 
 ==> up: a coordinator and two regions on loopback, counts in the $store
@@ -151,15 +168,14 @@ cat <<EOF
   edge-us-2  http://127.0.0.1:8083
   regional-eu-1  quic://127.0.0.1:7401   metrics http://127.0.0.1:9401/metrics$redis_eu
   regional-us-1  quic://127.0.0.1:7402   metrics http://127.0.0.1:9402/metrics$redis_us
-  coordinator    http://127.0.0.1:9000   (admin API; token in $dir/admin.token)
+  coordinator    http://127.0.0.1:9000   (admin API; token in $dir/admin.token)   quic://127.0.0.1:7500
   rules: $dir/config/rules.yaml    logs: $dir/logs/
 
 $status
 
-(regionals do not report to the coordinator yet: each region enforces the whole limit)
 Operate it:  COORDINATOR_TOKEN=\$(cat $dir/admin.token) $bin/global-coordinator ctl status
 
-Try it (the login rule allows 5 per minute per IP; the sixth is 429):
+Try it (the login rule allows 5 per minute per IP across both regions; the sixth is 429):
 
   curl -i -X POST http://127.0.0.1:8080/v1/check \\
     -d '{"path": "/api/login", "method": "POST", "ip": "203.0.113.7"}'

@@ -203,14 +203,15 @@ impl Admin {
                 if method != Method::GET && !dry_run {
                     self.stats.changes.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(%method, %path, "admin change applied");
-                    let (links, rules) =
-                        (self.links.clone(), segments.first() == Some(&"rate-limits"));
-                    tokio::spawn(async move {
-                        if rules {
-                            links.push_rules().await;
-                        }
-                        links.sync().await;
-                    });
+                    // Answered once the change is out: connected regionals hold the new rules
+                    // (and have passed them to their edges) and the partitions that go with
+                    // them, or their call timeouts passed. An operator's `ctl rules apply`
+                    // returning means the edges enforce it, and a new limit is not left
+                    // without partitions (denying its hard keys) while the push is underway.
+                    if segments.first() == Some(&"rate-limits") {
+                        self.links.push_rules().await;
+                    }
+                    self.links.sync().await;
                 }
                 r
             }

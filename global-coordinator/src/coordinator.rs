@@ -542,48 +542,16 @@ fn shares_for(
                     pinned_ppm: pin.map(|p| p.get(&r.name).copied().unwrap_or(0)),
                 })
                 .collect();
-            // Split whole steps of the rule's granularity, so that each region's
-            // `⌊L · share / 10⁶⌋` is exact and the partitions add up to the whole limit.
-            let step = granularity(rule.limits().iter().map(|l| l.limiter().limit()));
-            let units = split(u64::from(WHOLE / step), &input);
+            // Millionths of the whole; each limit is then split into whole units by these
+            // weights when partitions are offered (`Coordinator::partition`).
             let shares = regions
                 .iter()
-                .zip(units)
-                .map(|(r, u)| {
-                    let ppm = u.saturating_mul(u64::from(step));
-                    (r.name.clone(), u32::try_from(ppm).unwrap_or(WHOLE))
-                })
+                .zip(split(u64::from(WHOLE), &input))
+                .map(|(r, ppm)| (r.name.clone(), u32::try_from(ppm).unwrap_or(WHOLE)))
                 .collect();
             (rule.id().to_owned(), shares)
         })
         .collect()
-}
-
-/// The coarsest step, in ppm, at which every share gives each of these limits a whole number
-/// of units: `10⁶ / gcd(10⁶, L)` for each limit `L`, and their least common multiple (a divisor
-/// of 10⁶ like them). A region's partition is `⌊L · share / 10⁶⌋`, so shares off this grid
-/// would strand up to one unit per region per key and window, which no region could admit.
-/// A step coarser than 5 % is not worth its loss of resolution (a limit of 7 allows only 0 or
-/// 100 %): such rules use 1 ppm, and may strand those units.
-fn granularity(limits: impl Iterator<Item = u64>) -> u32 {
-    const COARSEST: u64 = 50_000;
-    let whole = u64::from(WHOLE);
-    let mut step = 1u64;
-    for limit in limits {
-        let own = whole / gcd(whole, limit.max(1));
-        step = step / gcd(step, own) * own;
-        if step > COARSEST {
-            return 1;
-        }
-    }
-    u32::try_from(step).unwrap_or(1)
-}
-
-fn gcd(mut a: u64, mut b: u64) -> u64 {
-    while b != 0 {
-        (a, b) = (b, a % b);
-    }
-    a
 }
 
 /// Which rules `new` adds, removes or changes relative to `old`, by id.
@@ -676,25 +644,4 @@ fn write_atomically(path: &Path, durable: &Durable) -> Result<(), ChangeError> {
             .map_err(failed)?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn shares_step_so_that_every_partition_is_whole() {
-        assert_eq!(granularity([1000].into_iter()), 1000);
-        assert_eq!(granularity([100].into_iter()), 10_000);
-        assert_eq!(granularity([100, 1000].into_iter()), 10_000);
-        assert_eq!(granularity([600].into_iter()), 5000);
-        assert_eq!(granularity([7].into_iter()), 1, "too coarse: 1 ppm");
-        assert_eq!(granularity([1_000_000_000].into_iter()), 1);
-        // A 1000-limit split 55/45 gives 550 + 450: nothing stranded.
-        let step = granularity([1000].into_iter());
-        for ppm in [550_000u64, 450_000, 123_000] {
-            assert_eq!(ppm % u64::from(step), 0);
-            assert_eq!((1000 * ppm) % 1_000_000, 0);
-        }
-    }
 }

@@ -30,6 +30,7 @@ use std::{
 use quinn::Connection;
 use shared::{
     net::{self, Peer, Service},
+    quota::{ppm_for, share_of},
     wire::{
         CloseCode, ErrorNotice, Hello, KeyQuery, KeyReport, Message, PROTOCOL_VERSION, Partitions,
         QuotaReply, QuotaRequest, Refusal, Refused, Release, Report, ReportAck, Role, RuleSetPush,
@@ -37,7 +38,7 @@ use shared::{
     },
 };
 
-use crate::coordinator::{Coordinator, Held, WHOLE};
+use crate::coordinator::{Coordinator, Held};
 
 /// How long one push or one release may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -213,13 +214,18 @@ impl Links {
             let own = self.coordinator.held(region).unwrap_or_default();
             let mut offer = Vec::new();
             for rule in rules.rules() {
-                let target = shares
-                    .get(rule.id())
-                    .and_then(|(s, _)| s.get(region))
-                    .copied()
-                    .unwrap_or(0);
+                let weights = shares.get(rule.id()).map(|(s, _)| s);
                 for limit in rule.limits() {
                     let id = limit.id().0;
+                    let whole = limit.limiter().limit();
+                    // The region's whole units of this limit by the rule's shares (largest
+                    // remainder, so they add up to the limit), sent as the share that gives
+                    // exactly those units.
+                    let units = weights
+                        .map(|w| Coordinator::partition(w, whole))
+                        .and_then(|p| p.get(region).copied())
+                        .unwrap_or(0);
+                    let target = ppm_for(units, whole);
                     let (held, held_from) = own.get(&id).copied().unwrap_or((0, 0));
                     if target <= held {
                         // A cut from what it confirmed, no earlier than that entry's window:
@@ -232,15 +238,17 @@ impl Links {
                         });
                         continue;
                     }
+                    // Room is counted in units: the shares may sum past 10⁶ (see
+                    // `ppm_for`), the partitions `⌊L · ppm / 10⁶⌋` never past L.
                     let (mut taken, mut from) = (0u64, 0u64);
                     for (name, held) in &assumed {
                         if name != region {
                             let (ppm, f) = held.get(&id).copied().unwrap_or((0, 0));
-                            taken += u64::from(ppm);
+                            taken += share_of(whole, ppm);
                             from = from.max(f);
                         }
                     }
-                    let share = if taken + u64::from(target) <= u64::from(WHOLE) {
+                    let share = if taken + units <= whole {
                         let slot = assumed
                             .entry(region.clone())
                             .or_default()

@@ -436,9 +436,6 @@ fn merge(into: &mut BTreeMap<u64, u64>, from: BTreeMap<u64, u64>) {
 /// intervals, and in every window the two regions together admit at most the limit, share
 /// moves and escalations included.
 #[test]
-#[ignore = "admitted 461 of 400 in one window under load (sliding window) before the fix \
-            that sends cuts from the region's confirmed window; passed 5 of 5 since; to be \
-            re-enabled after more runs"]
 fn shares_follow_demand_and_the_hard_limit_holds_globally() {
     let world = World::start("demand", 400);
     let mut by_window = BTreeMap::new();

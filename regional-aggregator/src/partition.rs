@@ -91,16 +91,14 @@ impl PartitionTable {
         }
         let table = self.read();
         let ppm = share_at(table.shares.get(&limit).map(Vec::as_slice), window);
-        let base = u128::from(whole) * u128::from(ppm.min(WHOLE)) / u128::from(WHOLE);
+        let base = shared::quota::share_of(whole, ppm);
         let extra = table
             .extra
             .get(&(limit, window))
             .and_then(|keys| keys.get(key))
             .copied()
             .unwrap_or(0);
-        u64::try_from(base)
-            .unwrap_or(u64::MAX)
-            .saturating_add(extra)
+        base.saturating_add(extra)
     }
 
     /// Adds `amount` to this region's partition of `key` in `window` (a transfer's second

@@ -58,18 +58,24 @@ fn up_starts_the_topology_answers_the_readme_curl_and_stops_on_ctrl_c() {
         cells("REGION"),
         ["REGION", "FLOOR", "REGIONALS", "EDGES", "LAST", "REPORT"]
     );
-    assert_eq!(cells("us")[..2], ["us", "10%"]);
+    // Both regionals are linked to the coordinator and report their two edges each.
+    assert_eq!(cells("eu")[..4], ["eu", "10%", "1", "2"]);
+    assert_eq!(cells("us")[..4], ["us", "10%", "1", "2"]);
     assert_eq!(cells("login")[..3], ["login", "5/1m", "no"]);
     // ctl works against it with the token up.sh wrote.
     let token = std::fs::read_to_string(dir.join("admin.token")).expect("up.sh wrote the token");
     let bin = std::env::var("CARGO_TARGET_DIR")
         .map_or_else(|_| root.join("target"), std::path::PathBuf::from)
         .join("debug/global-coordinator");
-    let out = Command::new(bin)
-        .args(["ctl", "--addr", "127.0.0.1:9000", "rules", "show"])
-        .env("COORDINATOR_TOKEN", token.trim())
-        .output()
-        .expect("the coordinator binary runs");
+    let ctl = |args: &[&str]| {
+        Command::new(&bin)
+            .args(["ctl", "--addr", "127.0.0.1:9000"])
+            .args(args)
+            .env("COORDINATOR_TOKEN", token.trim())
+            .output()
+            .expect("the coordinator binary runs")
+    };
+    let out = ctl(&["rules", "show"]);
     assert!(
         out.status.success(),
         "{}",
@@ -88,12 +94,16 @@ fn up_starts_the_topology_answers_the_readme_curl_and_stops_on_ctrl_c() {
         assert_eq!(ready.status, 200, "edge on {port}: {}", ready.body);
     }
 
-    // The README's curl, six times: the login rule allows 5 per minute per IP.
+    // The README's curl, six times: the login rule allows 5 per minute per IP, across both
+    // regions. eu holds 3 of the 5 (its half, rounded by largest remainder); the 4th and 5th
+    // come from us by escalation.
     let login = r#"{"path": "/api/login", "method": "POST", "ip": "203.0.113.7"}"#;
     let codes: Vec<u16> = (0..6).map(|_| check(8080, login)).collect();
     assert_eq!(codes, [200, 200, 200, 200, 200, 429]);
-    // The other edge of the same region shares the region's count (the login rule is hard).
-    assert_eq!(check(8081, login), 429);
+    // Every other edge, in either region, sees the key spent (the login rule is hard).
+    for port in [8081, 8082, 8083] {
+        assert_eq!(check(port, login), 429, "edge on {port}");
+    }
 
     // Every process serves its metrics, and they moved with the traffic above.
     let scrape = |port: u16| {
@@ -133,6 +143,56 @@ fn up_starts_the_topology_answers_the_readme_curl_and_stops_on_ctrl_c() {
         assert!(
             scrape(port).get("edge_sync_lag_seconds", &[]) < 1.0,
             "edge on {port}"
+        );
+    }
+
+    // A new rule set applied through ctl reaches every edge through its regional and changes
+    // its decisions: `/api/export` had only the default 60 per minute; now 1 per minute per IP.
+    let rules = std::fs::read_to_string(dir.join("config/rules.yaml")).expect("up.sh's rules");
+    let export = r#"    - { id: export, path: "/api/export", method: GET, limit: 1, window: 1m, key: ip, strictness: hard }
+  tiers:"#;
+    let new_rules = rules
+        .replace("version: 1", "version: 2")
+        .replacen("  tiers:", export, 1);
+    let file = dir.join("rules-v2.yaml");
+    std::fs::write(&file, new_rules).expect("write the new rules");
+    let before = |port: u16| {
+        let body = format!(
+            r#"{{"path": "/api/export", "method": "GET", "ip": "198.51.100.{port}"}}"#,
+            port = port - 8000
+        );
+        (check(port, &body), check(port, &body))
+    };
+    for port in [8080, 8081, 8082, 8083] {
+        assert_eq!(before(port), (200, 200), "edge on {port} before the change");
+    }
+    let out = ctl(&[
+        "rules",
+        "apply",
+        file.to_str().expect("a UTF-8 temporary path"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    for port in [8080, 8081, 8082, 8083] {
+        while scrape(port).get("edge_rule_set_version", &[]) < 2.0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "edge on {port} never got rule set 2"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let body = format!(
+            r#"{{"path": "/api/export", "method": "GET", "ip": "192.0.2.{port}"}}"#,
+            port = port - 8000
+        );
+        assert_eq!(
+            (check(port, &body), check(port, &body)),
+            (200, 429),
+            "edge on {port} enforces the new export rule"
         );
     }
 

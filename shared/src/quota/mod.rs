@@ -22,6 +22,7 @@ pub use self::{
         carried, carry_weight_ppm, cold_allowance,
     },
     partition::{
-        DemandSmoother, RegionShare, Transfer, TransferError, TransferState, release_amount, split,
+        DemandSmoother, RegionShare, Transfer, TransferError, TransferState, ppm_for,
+        release_amount, share_of, split,
     },
 };

@@ -78,6 +78,27 @@ pub fn split(limit: u64, regions: &[RegionShare]) -> Vec<u64> {
     out
 }
 
+/// A region's partition of a limit of `limit` units when its share is `ppm` millionths:
+/// `⌊L · ppm / 10⁶⌋` (a share past the whole counts as the whole). Rounding down is what keeps
+/// `Σ_r P_r ≤ L` whatever shares the regions hold.
+pub fn share_of(limit: u64, ppm: u32) -> u64 {
+    mul_div(limit, u64::from(ppm).min(PPM), PPM)
+}
+
+/// The share, in millionths, that gives a region exactly `units` of a limit of `limit` under
+/// [`share_of`]: the largest such share, so no unit is lost to rounding. A limit of 7 split
+/// 3 + 4 is sent as 571,428 + 714,285 ppm; the shares 3/7 and 4/7 rounded down (428,571 +
+/// 571,428) would give 2 + 3 and strand two units that no region could admit. The shares
+/// may sum past 10⁶; the partitions never sum past the limit. Past 10⁶ units the ppm grid is
+/// coarser than a unit, and the largest share not giving more than `units` is sent.
+pub fn ppm_for(units: u64, limit: u64) -> u32 {
+    if units >= limit {
+        return 1_000_000;
+    }
+    let ppm = ((u128::from(units) + 1) * u128::from(PPM) - 1) / u128::from(limit.max(1));
+    u32::try_from(ppm.min(u128::from(PPM))).unwrap_or(1_000_000)
+}
+
 /// Adds `total` to `out` in proportion to `weights`, by largest remainder (ties to the lower
 /// index), so exactly `total` is handed out. Nothing is handed out when every weight is zero.
 fn apportion(total: u64, weights: &[(usize, u128)], out: &mut [u64]) {
@@ -310,6 +331,41 @@ impl Transfer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_share_sent_for_whole_units_gives_exactly_those_units() {
+        assert_eq!((ppm_for(3, 7), ppm_for(4, 7)), (571_428, 714_285));
+        for limit in [
+            1u64,
+            2,
+            5,
+            7,
+            60,
+            999,
+            1000,
+            1_000_000,
+            1_000_003,
+            10_000_000_019,
+        ] {
+            for units in [0, 1, limit / 3, limit / 2, limit - 1, limit] {
+                let got = share_of(limit, ppm_for(units, limit));
+                if limit <= 1_000_000 {
+                    assert_eq!(got, units, "{units} of {limit}");
+                } else {
+                    // Coarser than a unit: never more, and short by less than one ppm's worth.
+                    assert!(
+                        got <= units && units - got <= limit / 1_000_000 + 1,
+                        "{units} of {limit}"
+                    );
+                }
+            }
+        }
+        assert_eq!(
+            share_of(10, 2_000_000),
+            10,
+            "past the whole counts as the whole"
+        );
+    }
 
     #[test]
     fn split_follows_demand_above_floors() {
