@@ -74,6 +74,11 @@ struct Regional {
 
 impl World {
     fn start(tag: &str, limit: u64) -> World {
+        World::with_rules(tag, &rules(limit))
+    }
+
+    /// A world enforcing `text`, whose first limit the edges' checks name.
+    fn with_rules(tag: &str, text: &str) -> World {
         let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let dir = std::env::temp_dir().join(format!("rl-regions-{tag}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
@@ -90,8 +95,7 @@ impl World {
             &["localhost".into()],
         )
         .expect("pki");
-        let text = rules(limit);
-        fs::write(dir.join("rules.yaml"), &text).expect("writable");
+        fs::write(dir.join("rules.yaml"), text).expect("writable");
         fs::write(dir.join("admin.token"), TOKEN).expect("writable");
         let quic = free_port();
         fs::write(
@@ -105,7 +109,7 @@ impl World {
             ),
         )
         .expect("writable");
-        let rules = RuleSet::from_yaml("rules", &text).expect("valid rules");
+        let rules = RuleSet::from_yaml("rules", text).expect("valid rules");
         let limit = rules
             .limits()
             .next()
@@ -511,6 +515,34 @@ fn a_pin_holds_under_skewed_demand_and_unpin_lets_it_follow() {
             world.shares()
         );
         world.send("eu", &format!("u{}", start.elapsed().as_millis() % 50), 10);
+    }
+}
+
+/// A token bucket is split as capacity and rate: under a 25/75 pin of a bucket of 40 at
+/// 20/s, eu admits its 10 at once and then 5 a second, us its 30 and then 15 a second; neither
+/// admits the whole bucket, as each did before buckets were partitioned.
+#[test]
+fn a_token_bucket_is_split_between_regions_as_capacity_and_rate() {
+    let world = World::with_rules(
+        "bucket",
+        "version: 1\nrate_limits:\n  endpoints:\n    - { id: login, path: /api/login, \
+         method: POST, algorithm: token_bucket, rate: 20/s, burst: 40, key: user_id, \
+         strictness: hard }\n",
+    );
+    world.api(
+        "POST",
+        "/api/v1/partitions/login/pin",
+        r#"{"eu": 0.25, "us": 0.75}"#,
+    );
+    // The pin answers once the pushes are confirmed; a cut applies at once for a bucket.
+    for (region, burst, rate) in [("eu", 10.0, 5.0), ("us", 30.0, 15.0)] {
+        let start = Instant::now();
+        let admitted = world.admitted(region, &format!("fresh-{region}"), 80) as f64;
+        let elapsed = start.elapsed().as_secs_f64();
+        assert!(
+            admitted >= burst && admitted <= burst + rate * elapsed + 1.0,
+            "{region} admitted {admitted} of a {burst} burst at {rate}/s in {elapsed:.2}s"
+        );
     }
 }
 

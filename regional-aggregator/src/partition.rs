@@ -101,6 +101,16 @@ impl PartitionTable {
         base.saturating_add(extra)
     }
 
+    /// This region's share, in millionths, of `limit` at `index` on its schedule clock
+    /// (the whole when no coordinator hands out partitions): how a limiter whose state the
+    /// store keeps (buckets, logs) is cut to the region's part.
+    pub fn share(&self, limit: LimitId, index: u64) -> u32 {
+        if !self.coordinated {
+            return WHOLE;
+        }
+        share_at(self.read().shares.get(&limit).map(Vec::as_slice), index).min(WHOLE)
+    }
+
     /// Adds `amount` to this region's partition of `key` in `window` (a transfer's second
     /// phase, or an escalation's answer). Only windows at or after `oldest` are kept.
     pub fn add(&self, limit: LimitId, key: &str, window: u64, amount: u64, oldest: u64) {
@@ -118,10 +128,17 @@ impl PartitionTable {
         *slot = slot.saturating_add(amount);
     }
 
-    /// Applies a pushed `Partitions` at the current windows (`current(limit)`, `None` for a
-    /// limit the rules do not have) and answers with the shares held now, each with the window
-    /// it applies from. A push not newer than the one held changes nothing.
-    pub fn apply(&self, push: &Partitions, current: impl Fn(LimitId) -> Option<u64>) -> Partitions {
+    /// Applies a pushed `Partitions` at the current windows (`current(limit)`: the index of
+    /// now on the limit's schedule clock and how many windows a cut takes to clear; `None`
+    /// for a limit the rules do not have) and answers with the shares held now, each with
+    /// the window it applies from, later by the clearing windows: a sliding log still counts
+    /// what it admitted under its old share for one window after a cut, so another region's
+    /// raise must wait that long. A push not newer than the one held changes nothing.
+    pub fn apply(
+        &self,
+        push: &Partitions,
+        current: impl Fn(LimitId) -> Option<(u64, u64)>,
+    ) -> Partitions {
         if !self.coordinated {
             return Partitions {
                 version: 0,
@@ -140,7 +157,7 @@ impl PartitionTable {
             limits.sort_unstable();
             limits.dedup();
             for limit in limits {
-                let Some(now) = current(limit) else {
+                let Some((now, _)) = current(limit) else {
                     table.shares.remove(&limit);
                     continue;
                 };
@@ -154,10 +171,11 @@ impl PartitionTable {
             .shares
             .iter()
             .filter_map(|(&limit, s)| {
+                let clear = current(limit).map_or(0, |(_, clear)| clear);
                 s.last().map(|&(from_window, share_ppm)| RuleShare {
                     limit,
                     share_ppm,
-                    from_window,
+                    from_window: from_window.saturating_add(clear),
                 })
             })
             .collect();
@@ -242,7 +260,7 @@ mod tests {
     #[test]
     fn a_raise_applies_at_once_and_a_cut_from_the_next_window() {
         let t = PartitionTable::coordinated();
-        let at = |_| Some(10);
+        let at = |_| Some((10, 0));
         let held = t.apply(&push(1, &[(1, 500_000, 0)]), at);
         assert_eq!(held.rules[0].from_window, 10, "a first share starts now");
         assert_eq!(t.partition(LimitId(1), "k", 10, 1000), 500);
@@ -264,7 +282,7 @@ mod tests {
     #[test]
     fn a_limit_left_out_of_a_push_is_cut_to_nothing_from_the_next_window() {
         let t = PartitionTable::coordinated();
-        let at = |_| Some(4);
+        let at = |_| Some((4, 0));
         t.apply(&push(1, &[(1, 400_000, 0), (2, 600_000, 0)]), at);
         t.apply(&push(2, &[(2, 600_000, 0)]), at);
         assert_eq!(t.partition(LimitId(1), "k", 4, 100), 40);
@@ -272,9 +290,23 @@ mod tests {
     }
 
     #[test]
+    fn a_logs_cut_is_confirmed_one_window_late_and_shares_read_by_index() {
+        let t = PartitionTable::coordinated();
+        t.apply(&push(1, &[(1, 600_000, 0)]), |_| Some((7, 1)));
+        assert_eq!(t.share(LimitId(1), 7), 600_000);
+        let held = t.apply(&push(2, &[(1, 200_000, 7)]), |_| Some((7, 1)));
+        // Cut from window 8 here, but another region may raise only from window 9, when
+        // what this log admitted under 60 % has left it.
+        assert_eq!(held.rules[0].from_window, 9);
+        assert_eq!(t.share(LimitId(1), 7), 600_000);
+        assert_eq!(t.share(LimitId(1), 8), 200_000);
+        assert_eq!(PartitionTable::whole().share(LimitId(1), 8), WHOLE);
+    }
+
+    #[test]
     fn transfers_add_to_one_key_and_window_only() {
         let t = PartitionTable::coordinated();
-        t.apply(&push(1, &[(1, 500_000, 0)]), |_| Some(3));
+        t.apply(&push(1, &[(1, 500_000, 0)]), |_| Some((3, 0)));
         t.add(LimitId(1), "alice", 3, 200, 3);
         assert_eq!(t.partition(LimitId(1), "alice", 3, 1000), 700);
         assert_eq!(t.partition(LimitId(1), "bob", 3, 1000), 500);

@@ -11,7 +11,9 @@
 //!
 //! The bounds of every ledger op come from the rules and the coordinator: `P` is this region's
 //! partition of the limit for that key and window ([`PartitionTable`]; the whole limit when no
-//! coordinator is configured), θ from the configuration, `n` the edges connected now.
+//! coordinator is configured), θ from the configuration, `n` the edges connected now. A
+//! limiter whose state the store keeps (buckets, logs) is cut to the region's share instead
+//! ([`StateLimiter::partitioned`]: capacity and rate alike).
 //!
 //! Under a coordinator, an exact request denied because the region's partition is spent (not
 //! because edges hold grants) is escalated before it is denied (DESIGN §4): the regional asks
@@ -332,11 +334,11 @@ impl Regional {
     }
 
     /// The current window of every window limit, for [`PartitionTable::apply`].
-    pub fn current_window(&self, limit: LimitId) -> Option<u64> {
+    pub fn schedule_index(&self, limit: LimitId) -> Option<(u64, u64)> {
         let rules = self.rules();
         let (_, l) = rules.limit(limit)?;
-        let w = window_of(l.limiter())?;
-        Some(self.clock.now().as_u64() / w.length.as_u64())
+        let (tick, clear) = schedule_clock(l.limiter());
+        Some((self.clock.now().as_u64() / tick.as_u64().max(1), clear))
     }
 
     /// `P` for `key` of `limit` (whole `whole`) in `window`.
@@ -521,6 +523,11 @@ impl Regional {
                     r.total.saturating_sub(if r.allowed { op.cost } else { 0 })
                 };
                 demand.observe(&op.at, total, op.bounds.partition, denied);
+            }
+            for op in &plan.state {
+                let cost = u64::from(op.cost.get());
+                let (used, denied) = if allowed { (cost, 0) } else { (0, cost) };
+                demand.observe_state(op.at.limit, used, denied);
             }
         }
         if !allowed {
@@ -881,6 +888,14 @@ impl Regional {
                 return Err(AcquireReply::deny_all(request.request_id, now));
             };
             if let Some(state) = StateLimiter::new(limit.limiter()) {
+                let (tick, _) = schedule_clock(limit.limiter());
+                let share = self
+                    .partitions
+                    .share(c.limit, now.as_u64() / tick.as_u64().max(1));
+                let Some(state) = state.partitioned(share) else {
+                    // This region holds none of it (yet): nothing to admit with.
+                    return Err(AcquireReply::deny_all(request.request_id, now));
+                };
                 plan.order.push(Op::State(plan.state.len()));
                 plan.state.push(StateOp {
                     at: StateKey {
@@ -1001,6 +1016,14 @@ impl Regional {
 }
 
 impl Demand {
+    /// Notes `used` units admitted and `denied` refused by a limiter whose state the store
+    /// keeps (no ledger, so no per-key total or hot key: demand only).
+    fn observe_state(&mut self, limit: LimitId, used: u64, denied: u64) {
+        let limit = self.limits.entry(limit).or_default();
+        limit.used = limit.used.saturating_add(used);
+        limit.denied = limit.denied.saturating_add(denied);
+    }
+
     /// Notes `T = total` for a ledger of a current window under partition `partition`, and
     /// `denied` units refused on it.
     fn observe(&mut self, at: &LedgerKey, total: u64, partition: u64, denied: u64) {
@@ -1043,6 +1066,18 @@ impl Demand {
             hot.partition = partition;
             hot.denied = hot.denied.saturating_add(denied);
         }
+    }
+}
+
+/// The clock a limit's partition schedule runs on, and how many of its ticks a cut takes to
+/// clear. Window algorithms change share at window boundaries (a cut from the next window);
+/// a sliding log too, but what it admitted under the old share stays in it for one more
+/// window; buckets change at once, as a rate (a millisecond tick).
+fn schedule_clock(limiter: &Limiter) -> (Nanos, u64) {
+    match limiter {
+        Limiter::FixedWindow(_) | Limiter::SlidingWindow(_) => (limiter.window(), 0),
+        Limiter::SlidingLog(l) => (l.window(), 1),
+        Limiter::TokenBucket(_) | Limiter::LeakyBucket(_) => (Nanos(1_000_000), 0),
     }
 }
 

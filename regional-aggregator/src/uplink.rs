@@ -235,7 +235,7 @@ impl Uplink {
                 let regional = &self.regional;
                 let held = regional
                     .partitions()
-                    .apply(&p, |limit| regional.current_window(limit));
+                    .apply(&p, |limit| regional.schedule_index(limit));
                 tracing::info!(version = held.version, "partitions applied");
                 held.into()
             }

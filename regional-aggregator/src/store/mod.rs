@@ -55,12 +55,16 @@
 //! doc for how times cross into Lua. [`StateLimiter::new`] refuses the rest, and the regional
 //! denies checks on such a limiter and counts them.
 
-use std::{future::Future, num::NonZeroU32, pin::Pin};
+use std::{
+    future::Future,
+    num::{NonZeroU32, NonZeroU64},
+    pin::Pin,
+};
 
 use shared::{
     LimitId, Nanos,
     algorithm::{Gcra, LeakyBucket, Limiter, LimiterState, Outcome, SlidingLog},
-    quota::{Budget, EdgeCounters, EdgeId, Threshold},
+    quota::{Budget, EdgeCounters, EdgeId, Threshold, share_of},
 };
 use thiserror::Error;
 
@@ -364,6 +368,45 @@ impl StateLimiter {
         (span <= MAX_SPAN).then_some(kept)
     }
 
+    /// This limiter cut to a region's share of `ppm` millionths (DESIGN §4 across regions):
+    /// the capacity (a bucket's burst, a log's limit) becomes the region's whole units of it,
+    /// `⌊C · ppm / 10⁶⌋`, and a bucket's rate shrinks by the same ratio (its interval grows,
+    /// rounded up), so the regions' capacities add up to at most `C` and their rates to at
+    /// most the rule's. `None` when the share leaves no capacity: the region admits nothing of
+    /// it. A change applies at once, as a rate; a token bucket whose capacity grew starts
+    /// from the state the store holds (see the partition schedule for when a raise may come).
+    pub fn partitioned(self, ppm: u32) -> Option<StateLimiter> {
+        let whole = self.limiter().limit();
+        let units = share_of(whole, ppm);
+        if units >= whole {
+            return Some(self);
+        }
+        let capacity = NonZeroU64::new(units)?;
+        // The interval of one unit, times whole / units: the rate times units / whole.
+        let stretched = |interval: Nanos| {
+            let t = (u128::from(interval.as_u64()) * u128::from(whole)).div_ceil(u128::from(units));
+            Nanos(u64::try_from(t).unwrap_or(u64::MAX))
+        };
+        let one = NonZeroU64::MIN;
+        let cut = match self {
+            StateLimiter::TokenBucket(g) => StateLimiter::TokenBucket(Gcra::new(
+                one,
+                stretched(g.emission_interval()),
+                capacity,
+            )?),
+            StateLimiter::LeakyBucket(b) => StateLimiter::LeakyBucket(LeakyBucket::new(
+                one,
+                stretched(b.drain_interval()),
+                capacity,
+                b.mode(),
+            )?),
+            StateLimiter::SlidingLog(l) => {
+                StateLimiter::SlidingLog(SlidingLog::new(capacity, l.window())?)
+            }
+        };
+        Some(cut)
+    }
+
     /// The same limiter as `shared` names it.
     pub fn limiter(&self) -> Limiter {
         match *self {
@@ -480,5 +523,77 @@ impl StoreError {
     /// Whether a retry may succeed.
     pub fn is_transient(&self) -> bool {
         matches!(self, StoreError::Transient(_))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use shared::algorithm::LeakyMode;
+
+    use super::*;
+
+    /// How many unit acquires `limiter` admits from a fresh state at 0 s, then at 1 s.
+    fn admitted(limiter: StateLimiter) -> (u32, u32) {
+        let limiter = limiter.limiter();
+        let mut state = limiter.new_state();
+        let mut at = |now: Nanos| {
+            let mut n = 0;
+            while limiter.check(&state, now, NonZeroU32::MIN).is_allowed() && n < 1000 {
+                limiter.consume(&mut state, now, NonZeroU32::MIN);
+                n += 1;
+            }
+            n
+        };
+        (at(Nanos(0)), at(Nanos(1_000_000_000)))
+    }
+
+    #[test]
+    fn a_regions_part_of_a_bucket_or_log_is_its_share_of_capacity_and_rate() {
+        let second = Nanos(1_000_000_000);
+        let n = |v: u64| NonZeroU64::new(v).expect("positive");
+        let bucket = StateLimiter::TokenBucket(Gcra::new(n(20), second, n(40)).expect("valid"));
+        let meter = StateLimiter::LeakyBucket(
+            LeakyBucket::new(n(20), second, n(40), LeakyMode::Meter).expect("valid"),
+        );
+        let log = StateLimiter::SlidingLog(SlidingLog::new(n(40), second).expect("valid"));
+        // The whole: a burst of 40, then 20 a second (a log: 40 again a window later).
+        assert_eq!(admitted(bucket), (40, 20));
+        assert_eq!(admitted(meter), (40, 20));
+        assert_eq!(admitted(log), (40, 40));
+        // A quarter: 10 at once, 5 a second; the other three quarters: 30, 15.
+        for (limiter, quarter, rest) in [
+            (bucket, (10, 5), (30, 15)),
+            (meter, (10, 5), (30, 15)),
+            (log, (10, 10), (30, 30)),
+        ] {
+            let part = |ppm| admitted(limiter.partitioned(ppm).expect("some capacity"));
+            // A rate that is not a whole number of nanoseconds per unit is rounded to the
+            // slower: 15 a second is one per 66,666,667 ns, 14 in the first second.
+            let close = |got: (u32, u32), want: (u32, u32)| {
+                got.0 == want.0 && (want.1 - 1..=want.1).contains(&got.1)
+            };
+            assert!(
+                close(part(250_000), quarter),
+                "{limiter:?}: {:?}",
+                part(250_000)
+            );
+            assert!(
+                close(part(750_000), rest),
+                "{limiter:?}: {:?}",
+                part(750_000)
+            );
+            assert_eq!(limiter.partitioned(1_000_000), Some(limiter));
+            assert_eq!(limiter.partitioned(20_000), None, "under one unit: nothing");
+        }
+        // Uneven: a third of 40 is 13 units and a third of the rate, rounded to the slower.
+        let third = bucket.partitioned(333_334).expect("some capacity");
+        assert_eq!(admitted(third).0, 13);
+        let StateLimiter::TokenBucket(g) = third else {
+            panic!("still a token bucket")
+        };
+        assert!(
+            g.emission_interval().as_u64() * 13 >= 50_000_000 * 40,
+            "never faster than 13/40 of the rate"
+        );
     }
 }
