@@ -10,6 +10,10 @@
 //! ([`QuicUpstream::attach`]), so a pushed rule set that validates is enforced from the next
 //! check on, and one that does not is refused with its located error while the running rules
 //! stay. The file is not read again.
+//!
+//! With a `proxy:` section the same HTTP listener also forwards every other path to the
+//! configured upstream ([`crate::proxy`]); the upstream is not dialed at start-up, so it may
+//! come up after the edge (until then those requests are `502`).
 
 use std::{fmt, future::Future, net::SocketAddr, path::Path, sync::Arc};
 
@@ -21,6 +25,7 @@ use shared::{
 use crate::{
     Agent, BuildError, QuicConfig, QuicError, QuicUpstream,
     http::{self, Api},
+    proxy::Proxy,
     settings::Settings,
 };
 
@@ -73,7 +78,11 @@ impl fmt::Display for Checked {
             regional.join(","),
             self.rules.rules().len(),
             self.rules.version()
-        )
+        )?;
+        if let Some(proxy) = &s.proxy {
+            write!(f, ", proxying other paths to http://{}", proxy.upstream)?;
+        }
+        Ok(())
     }
 }
 
@@ -127,7 +136,11 @@ pub async fn run(checked: Checked, shutdown: impl Future<Output = ()>) -> Result
         })?;
     let listen = listener.local_addr().unwrap_or(settings.listen);
     tracing::info!(%listen, "{summary}");
-    let api = Arc::new(Api::new(agent.clone(), settings.identity.clone(), upstream));
+    let mut api = Api::new(agent.clone(), settings.identity.clone(), upstream);
+    if let Some(proxy) = settings.proxy.clone() {
+        api = api.with_proxy(Proxy::new(proxy));
+    }
+    let api = Arc::new(api);
     http::serve(listener, api, shutdown).await;
     tracing::info!("shutting down: sending the last counts to the regional");
     sync.abort();

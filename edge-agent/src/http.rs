@@ -2,7 +2,9 @@
 //! `GET /healthz` says the process is up, `GET /metrics` serves [`EdgeMetrics`] as
 //! OpenMetrics text, `GET /readyz` whether it is connected to its
 //! regional (until then every decision that needs the regional is its rule's failure mode, so
-//! a load balancer or `deploy/up.sh` should wait for it).
+//! a load balancer or `deploy/up.sh` should wait for it). Any other path is `404`, or, when
+//! the edge runs as a reverse proxy ([`Api::with_proxy`]), decided and forwarded to the
+//! upstream by [`proxy`], which answers denials with the same code as a check.
 //!
 //! A check flows like this: the body is read up to [`MAX_BODY`] (more is `413`), parsed as
 //! [`CheckBody`] (anything malformed is `400` naming the field or the position), turned into a
@@ -20,9 +22,9 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use hyper::{
-    Method, Request as HttpRequest, Response, StatusCode,
+    HeaderMap, Method, Request as HttpRequest, Response, StatusCode,
     body::Incoming,
     header::{self, HeaderValue},
 };
@@ -30,18 +32,26 @@ use serde::{Deserialize, Serialize};
 use shared::http::{json, json_error, read_body};
 use tokio::net::TcpListener;
 
-use crate::{Agent, Decision, EdgeMetrics, IdentityConfig, IpText, QuicUpstream, client_ip};
+use crate::{
+    Agent, Decision, EdgeMetrics, IdentityConfig, IpText, QuicUpstream, client_ip,
+    proxy::{self, Proxy, UpstreamBody},
+};
 
 /// The largest `POST /v1/check` body read: a check is a few hundred bytes.
 pub const MAX_BODY: usize = 64 * 1024;
 
-/// What the HTTP API answers with: the agent, how to read a client's identity, and the link
-/// to the regional readiness is judged by.
+/// The body of every answer: our own, whole, or an upstream's, streamed (reverse-proxy mode).
+pub type AnswerBody = Either<Full<Bytes>, UpstreamBody>;
+
+/// What the HTTP API answers with: the agent, how to read a client's identity, the link to the
+/// regional readiness is judged by, and the upstream other paths go to in reverse-proxy mode.
 pub struct Api {
-    agent: Arc<Agent>,
-    identity: IdentityConfig,
+    pub(crate) agent: Arc<Agent>,
+    pub(crate) identity: IdentityConfig,
     upstream: Arc<QuicUpstream>,
-    metrics: EdgeMetrics,
+    pub(crate) metrics: EdgeMetrics,
+    /// `None`: paths other than the edge's own are `404`.
+    proxy: Option<Proxy>,
 }
 
 impl Api {
@@ -54,7 +64,25 @@ impl Api {
             identity,
             upstream,
             metrics,
+            proxy: None,
         }
+    }
+
+    /// The same API, also forwarding every path that is not the edge's own through `proxy`.
+    pub fn with_proxy(self, proxy: Proxy) -> Api {
+        Api {
+            proxy: Some(proxy),
+            ..self
+        }
+    }
+
+    /// Decides `request` at `cost`, counting the decision and its latency in the metrics:
+    /// what a check and a proxied request both do.
+    pub(crate) async fn decide(&self, request: &shared::Request<'_>, cost: NonZeroU32) -> Decision {
+        let started = Instant::now();
+        let decision = self.agent.check_async(request, cost).await;
+        self.metrics.record(&decision, started.elapsed());
+        decision
     }
 }
 
@@ -118,7 +146,20 @@ pub async fn handle(
     api: &Api,
     peer: SocketAddr,
     request: HttpRequest<Incoming>,
-) -> Response<Full<Bytes>> {
+) -> Response<AnswerBody> {
+    if let (Some(proxy), false) = (&api.proxy, is_own_path(request.uri().path())) {
+        return proxy::handle(api, proxy, peer, request).await;
+    }
+    own(api, peer, request).await.map(Either::Left)
+}
+
+/// The paths the edge answers itself, proxy or not.
+fn is_own_path(path: &str) -> bool {
+    matches!(path, "/v1/check" | "/healthz" | "/readyz" | "/metrics")
+}
+
+/// The edge's own endpoints, and `404` for anything else.
+async fn own(api: &Api, peer: SocketAddr, request: HttpRequest<Incoming>) -> Response<Full<Bytes>> {
     match (request.method(), request.uri().path()) {
         (&Method::POST, "/v1/check") => check(api, peer, request).await,
         (_, "/v1/check") => {
@@ -192,12 +233,9 @@ async fn check(
         tier: body.tier.as_deref(),
         headers: &headers,
     };
-    let started = Instant::now();
     let decision = api
-        .agent
-        .check_async(&request, body.cost.unwrap_or(NonZeroU32::MIN))
+        .decide(&request, body.cost.unwrap_or(NonZeroU32::MIN))
         .await;
-    api.metrics.record(&decision, started.elapsed());
     answer(api, &decision)
 }
 
@@ -222,7 +260,9 @@ fn parse(bytes: &[u8]) -> Result<CheckBody, String> {
     Ok(body)
 }
 
-fn answer(api: &Api, d: &Decision) -> Response<Full<Bytes>> {
+/// The answer to a decision: `200` or `429`, the decision as JSON, and the rate-limit headers.
+/// A denied proxied request gets exactly this too.
+pub(crate) fn answer(api: &Api, d: &Decision) -> Response<Full<Bytes>> {
     let rules = api.agent.rules();
     let rule = d
         .rule
@@ -252,14 +292,19 @@ fn answer(api: &Api, d: &Decision) -> Response<Full<Bytes>> {
         StatusCode::TOO_MANY_REQUESTS
     };
     let mut response = json(status, &body);
-    let headers = response.headers_mut();
+    rate_limit_headers(response.headers_mut(), d);
+    response
+}
+
+/// Sets `X-RateLimit-Limit`, `-Remaining` and `-Reset` when a rule decided, and `Retry-After`
+/// on a denial, replacing any already there (an upstream's own, in proxy mode).
+pub(crate) fn rate_limit_headers(headers: &mut HeaderMap, d: &Decision) {
     if d.rule.is_some() {
         headers.insert("x-ratelimit-limit", HeaderValue::from(d.limit));
         headers.insert("x-ratelimit-remaining", HeaderValue::from(d.remaining));
         headers.insert("x-ratelimit-reset", HeaderValue::from(d.reset_at_secs()));
     }
-    if denied {
+    if !d.allowed {
         headers.insert(header::RETRY_AFTER, HeaderValue::from(d.retry_after_secs()));
     }
-    response
 }

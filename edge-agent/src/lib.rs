@@ -61,6 +61,9 @@
 //!   failover and reconnection ([`QuicConfig`]), and the rule sets the regional pushes.
 //! - `identity`: client identity from headers and the socket (trusted proxies only).
 //! - `metrics`: [`EdgeMetrics`], the Prometheus metrics the binary serves at `/metrics`.
+//! - The binary's own modules, public so tests and embedders can run it in-process:
+//!   [`settings`] (its config file), [`app`] (check and run), [`http`] (the HTTP API) and
+//!   [`proxy`] (reverse-proxy mode: decide, then forward to an upstream or answer `429`).
 //! - [`SystemClock`] is `shared`'s, re-exported: the wall clock the agent runs on.
 
 #![warn(missing_docs)]
@@ -73,6 +76,7 @@ pub mod http;
 mod identity;
 mod local;
 mod metrics;
+pub mod proxy;
 mod quic;
 pub mod settings;
 mod upstream;

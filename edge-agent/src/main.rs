@@ -9,13 +9,16 @@ use shared::process::{self, LogFormat};
 
 /// The edge agent of a hierarchical rate limiter, run beside a CDN or PoP node: it answers
 /// `POST /v1/check` over HTTP, deciding locally while it holds quota granted by its region's
-/// regional aggregator (QUIC with mutual TLS), and asking the regional near a limit.
+/// regional aggregator (QUIC with mutual TLS), and asking the regional near a limit. With a
+/// `proxy:` section in its config it is also a reverse proxy: every other request is decided
+/// and then forwarded to the upstream, or answered 429.
 #[derive(Parser)]
 #[command(version)]
 struct Cli {
     /// The configuration file (YAML): node name, region, HTTP address, rules file, the
-    /// regional's addresses, TLS files, identity headers. Relative paths in it are read from
-    /// its directory.
+    /// regional's addresses, TLS files, identity headers, and optionally `proxy:` (`upstream:
+    /// http://host:port`, `connect_timeout`, `timeout`) for reverse-proxy mode. Relative paths
+    /// in it are read from its directory.
     #[arg(short, long, value_name = "FILE", env = "EDGE_CONFIG")]
     config: PathBuf,
 

@@ -14,6 +14,9 @@
 //!   grant utilisation, lost windows, keys held, the rule set's version and whether the
 //!   regional is connected.
 //!
+//! In reverse-proxy mode the binary also counts what became of each proxied request,
+//! [`EdgeMetrics::record_proxied`]: forwarded, denied, upstream error or bad request.
+//!
 //! Labels are per rule (its id) at most, never per key.
 
 use std::{
@@ -39,7 +42,7 @@ use shared::{
     metrics::{Histogram, counter, gauge},
 };
 
-use crate::{Agent, Decision, DecisionPath, QuicUpstream};
+use crate::{Agent, Decision, DecisionPath, QuicUpstream, proxy::ProxyOutcome};
 
 /// The edge's metrics registry and the handles `record` updates.
 pub struct EdgeMetrics {
@@ -55,6 +58,10 @@ pub struct EdgeMetrics {
     unlimited: Counter,
     /// Decision latency, by [`path_index`].
     latency: [Histogram; PATHS],
+    proxied: Family<OutcomeLabel, Counter>,
+    /// By [`ProxyOutcome::index`], resolved on first use so that an edge that is not a proxy
+    /// shows no proxy series.
+    proxied_by_outcome: [OnceLock<Counter>; ProxyOutcome::ALL.len()],
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -73,6 +80,11 @@ struct FallbackLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PathLabel {
     path: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -168,6 +180,14 @@ impl EdgeMetrics {
                 path: "unlimited",
             })
             .clone();
+        let proxied = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "proxy_requests",
+            "Requests the reverse proxy handled, by outcome: forwarded (the upstream answered), \
+             denied (429 from the edge), upstream_error (502: the upstream was unreachable or \
+             silent past its timeout), bad_request (400)",
+            proxied.clone(),
+        );
         registry.register_collector(Box::new(AgentCollector {
             agent: agent.clone(),
             upstream,
@@ -180,7 +200,22 @@ impl EdgeMetrics {
             agent,
             unlimited,
             latency,
+            proxied,
+            proxied_by_outcome: Default::default(),
         }
+    }
+
+    /// Counts one request the reverse proxy handled.
+    pub fn record_proxied(&self, outcome: ProxyOutcome) {
+        self.proxied_by_outcome[outcome.index()]
+            .get_or_init(|| {
+                self.proxied
+                    .get_or_create(&OutcomeLabel {
+                        outcome: outcome.as_str(),
+                    })
+                    .clone()
+            })
+            .inc();
     }
 
     /// Counts one decision that took `elapsed`.

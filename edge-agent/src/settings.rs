@@ -21,7 +21,15 @@
 //! flush_interval: 100ms          # counts go to the regional this often
 //! timeout: 50ms                  # the longest a decision waits for the regional
 //! threshold: 0.8                 # θ: above θ·P a key takes the exact path
+//! proxy:                         # optional: reverse-proxy mode (absent: other paths are 404)
+//!   upstream: http://127.0.0.1:3000  # plain HTTP/1.1; every path but the four above goes here
+//!   connect_timeout: 1s          # the longest a new connection to it may take
+//!   timeout: 30s                 # the longest it may stay silent (headers, or mid-body)
 //! ```
+//!
+//! With `proxy:` set, every request that is not `/v1/check`, `/healthz`, `/readyz` or
+//! `/metrics` is decided from its own method, path and headers and then forwarded to the
+//! upstream (allowed) or answered `429` (denied); see [`crate::proxy`].
 //!
 //! [`Settings::load`] reads and checks the file; every refusal is a [`ConfigError`] naming the
 //! file and the field, as rules files are refused. Unknown fields are errors.
@@ -39,7 +47,7 @@ use shared::{
     quota::Threshold,
 };
 
-use crate::{AgentConfig, IdentityConfig};
+use crate::{AgentConfig, IdentityConfig, proxy::ProxyConfig};
 
 /// A checked configuration, paths resolved against the file's directory.
 #[derive(Clone, Debug)]
@@ -64,6 +72,8 @@ pub struct Settings {
     pub identity: IdentityConfig,
     /// The agent's knobs.
     pub agent: AgentConfig,
+    /// Reverse-proxy mode, when configured.
+    pub proxy: Option<ProxyConfig>,
 }
 
 #[derive(Deserialize)]
@@ -83,6 +93,18 @@ struct RawSettings {
     timeout: Option<Duration>,
     #[serde(default)]
     threshold: Option<f64>,
+    #[serde(default)]
+    proxy: Option<RawProxy>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProxy {
+    upstream: String,
+    #[serde(default, deserialize_with = "optional_duration")]
+    connect_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    timeout: Option<Duration>,
 }
 
 #[derive(Deserialize)]
@@ -169,6 +191,20 @@ impl Settings {
                     )
                 })?;
         }
+        let proxy = match raw.proxy {
+            None => None,
+            Some(raw) => {
+                let mut proxy = ProxyConfig::new(&raw.upstream)
+                    .map_err(|e| invalid("proxy.upstream", e.to_string()))?;
+                if let Some(connect) = raw.connect_timeout {
+                    proxy.connect_timeout = connect;
+                }
+                if let Some(timeout) = raw.timeout {
+                    proxy.timeout = timeout;
+                }
+                Some(proxy)
+            }
+        };
         let dir = path.parent().unwrap_or(Path::new(""));
         Ok(Settings {
             file: path.to_owned(),
@@ -181,6 +217,7 @@ impl Settings {
             tls: raw.tls.relative_to(dir),
             identity,
             agent,
+            proxy,
         })
     }
 }
@@ -200,6 +237,10 @@ identity: {user_id_header: x-user, trusted_proxies: [10.0.0.0/8]}
 flush_interval: 250ms
 timeout: 20ms
 threshold: 0.9
+proxy:
+  upstream: http://127.0.0.1:3000
+  connect_timeout: 200ms
+  timeout: 5s
 ";
 
     fn parse(text: &str) -> Result<Settings, ConfigError> {
@@ -220,6 +261,25 @@ threshold: 0.9
         assert_eq!(s.agent.flush_interval, Duration::from_millis(250));
         assert_eq!(s.agent.upstream_timeout, Duration::from_millis(20));
         assert_eq!(s.agent.near_limit_threshold.ppm(), 900_000);
+        let proxy = s.proxy.expect("proxy: is set");
+        assert_eq!(proxy.upstream.as_str(), "127.0.0.1:3000");
+        assert_eq!(proxy.connect_timeout, Duration::from_millis(200));
+        assert_eq!(proxy.timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn proxy_is_optional_and_its_timeouts_default() {
+        let (start, end) = (FULL.find("proxy:").unwrap(), FULL.len());
+        let without = parse(&FULL.replace(&FULL[start..end], "")).unwrap();
+        assert!(without.proxy.is_none());
+        let minimal = FULL.replace(
+            &FULL[start..end],
+            "proxy:\n  upstream: http://localhost:80\n",
+        );
+        let proxy = parse(&minimal).unwrap().proxy.unwrap();
+        assert_eq!(proxy.upstream.as_str(), "localhost:80");
+        assert_eq!(proxy.connect_timeout, crate::proxy::DEFAULT_CONNECT_TIMEOUT);
+        assert_eq!(proxy.timeout, crate::proxy::DEFAULT_TIMEOUT);
     }
 
     #[test]
@@ -247,6 +307,23 @@ threshold: 0.9
                 "threshold: 0.9\nthreshhold: 1",
                 "threshhold",
             ),
+            (
+                "http://127.0.0.1:3000",
+                "https://127.0.0.1:3000",
+                "proxy.upstream",
+            ),
+            (
+                "http://127.0.0.1:3000",
+                "http://127.0.0.1:3000/app",
+                "proxy.upstream",
+            ),
+            ("timeout: 5s", "timeout: 0s", "proxy.timeout"),
+            (
+                "connect_timeout: 200ms",
+                "connect_timeout: 1",
+                "proxy.connect_timeout",
+            ),
+            ("timeout: 5s", "timeout: 5s\n  retries: 3", "proxy.retries"),
         ];
         for (from, to, field) in cases {
             let err = parse(&FULL.replace(from, to)).unwrap_err();

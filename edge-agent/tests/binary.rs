@@ -50,18 +50,26 @@ fn scratch(tag: &str) -> PathBuf {
 
 /// Certificates, rules, and a config listening on a port the OS picks.
 fn deployment(tag: &str) -> PathBuf {
+    deployment_with(tag, RULES, "")
+}
+
+/// As [`deployment`], with `rules` as the rules file and `extra` (whole YAML lines) appended to
+/// the config. The regional is an address nothing answers, and 127.0.0.1 is a trusted proxy.
+pub(crate) fn deployment_with(tag: &str, rules: &str, extra: &str) -> PathBuf {
     let dir = scratch(tag);
     let ca = Ca::generate("test CA").expect("ring generates keys");
     let edge = ca.issue("edge-eu-1", &[]).expect("a DNS name");
     write_pki(&dir.join("pki"), &ca, &[edge]).expect("writable");
-    fs::write(dir.join("rules.yaml"), RULES).expect("writable");
+    fs::write(dir.join("rules.yaml"), rules).expect("writable");
     // Port 9 on loopback: discard, nothing answers QUIC there.
     fs::write(
         dir.join("edge.yaml"),
-        "node: edge-eu-1\nregion: eu\nlisten: 127.0.0.1:0\nrules: rules.yaml\n\
-         regional: {addresses: [127.0.0.1:9], name: regional-eu-1}\n\
-         tls: {ca: pki/ca.pem, cert: pki/edge-eu-1.pem, key: pki/edge-eu-1.key}\n\
-         identity: {trusted_proxies: [127.0.0.1]}\n",
+        format!(
+            "node: edge-eu-1\nregion: eu\nlisten: 127.0.0.1:0\nrules: rules.yaml\n\
+             regional: {{addresses: [127.0.0.1:9], name: regional-eu-1}}\n\
+             tls: {{ca: pki/ca.pem, cert: pki/edge-eu-1.pem, key: pki/edge-eu-1.key}}\n\
+             identity: {{trusted_proxies: [127.0.0.1]}}\n{extra}"
+        ),
     )
     .expect("writable");
     dir
@@ -100,7 +108,7 @@ fn help_and_validate() {
 }
 
 /// The binary running on `dir`'s config, and the address it serves HTTP on.
-fn start(dir: &std::path::Path) -> (Spawned, SocketAddr) {
+pub(crate) fn start(dir: &std::path::Path) -> (Spawned, SocketAddr) {
     let mut edge = Spawned::start(Command::new(BIN).arg("--config").arg(dir.join("edge.yaml")));
     let addr = edge.listen_addr();
     (edge, addr)
