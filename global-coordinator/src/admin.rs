@@ -427,6 +427,12 @@ impl Collector for CoordinatorCollector {
         )?;
         counter(
             e,
+            "hot_key_moves",
+            "Hot keys whose window was split between regions by their own demand.",
+            load(&l.hot_key_moves),
+        )?;
+        counter(
+            e,
             "partition_pushes",
             "Partitions pushed to regionals.",
             load(&l.pushes),

@@ -29,12 +29,14 @@ use std::{
 
 use quinn::Connection;
 use shared::{
+    LimitId,
+    algorithm::Limiter,
     net::{self, Peer, Service},
-    quota::{ppm_for, share_of},
+    quota::{RegionShare, ppm_for, share_of, split},
     wire::{
         CloseCode, ErrorNotice, Hello, KeyQuery, KeyReport, Message, PROTOCOL_VERSION, Partitions,
         QuotaReply, QuotaRequest, Refusal, Refused, Release, Report, ReportAck, Role, RuleSetPush,
-        RuleShare, Welcome,
+        RuleShare, TransferGrant, Welcome,
     },
 };
 
@@ -57,8 +59,21 @@ pub struct Links {
     /// newer than the last run's.
     next_version: AtomicU64,
     next_transfer: AtomicU64,
+    /// Keys regions reported hot, with their demand per region, by the window reported.
+    hot: Mutex<HashMap<(LimitId, String), HotKey>>,
     stats: LinkStats,
 }
+
+/// A key some region reported hot in `window`: what each region used or was denied of it.
+struct HotKey {
+    window: u64,
+    demand: HashMap<String, u64>,
+    /// Its next window's per-key partitions are set (or were tried).
+    moved: bool,
+}
+
+/// The most hot keys remembered at once (each region reports at most a batch's worth).
+const MAX_HOT_KEYS: usize = 4096;
 
 /// Counters for `/metrics`.
 #[derive(Debug, Default)]
@@ -71,6 +86,8 @@ pub struct LinkStats {
     pub transferred: AtomicU64,
     /// Partitions pushed.
     pub pushes: AtomicU64,
+    /// Hot keys whose next window was split by their own demand.
+    pub hot_key_moves: AtomicU64,
 }
 
 #[derive(Default)]
@@ -124,6 +141,7 @@ impl Links {
             next_session: AtomicU64::new(1),
             next_version: AtomicU64::new(seed),
             next_transfer: AtomicU64::new(seed),
+            hot: Mutex::new(HashMap::new()),
             stats: LinkStats::default(),
         })
     }
@@ -426,27 +444,9 @@ impl Links {
             window: request.window,
             amount: request.wanted,
         });
-        let calls = givers.iter().map(|(name, conn)| {
-            let release = &release;
-            async move {
-                match net::call_within(conn, release, RELEASE_TIMEOUT).await {
-                    Ok(Message::Confirm(c)) if c.transfer == transfer => {
-                        // Never more than asked: a confused giver must not mint quota.
-                        c.released.min(request.wanted)
-                    }
-                    Ok(other) => {
-                        tracing::warn!(region = %name, kind = other.kind(), "odd answer to a release");
-                        0
-                    }
-                    // A release whose confirm is lost stays released: a false reject, never
-                    // an overshoot (DESIGN §7).
-                    Err(e) => {
-                        tracing::debug!(region = %name, error = %e, "release failed");
-                        0
-                    }
-                }
-            }
-        });
+        let calls = givers
+            .iter()
+            .map(|(name, conn)| release_from(name, conn, &release));
         let granted: u64 = futures_util::future::join_all(calls)
             .await
             .into_iter()
@@ -494,6 +494,195 @@ impl Links {
                 Err(e) => tracing::error!(error = %e, "cannot move shares"),
             }
             self.sync().await;
+            self.follow_hot_keys().await;
+        }
+    }
+
+    /// Notes the hot keys of `region`'s report.
+    fn observe_hot(&self, region: &str, report: &Report) {
+        let mut hot = self.hot.lock().unwrap_or_else(|e| e.into_inner());
+        for h in &report.hot_keys {
+            if hot.len() >= MAX_HOT_KEYS && !hot.contains_key(&(h.limit, h.key.clone())) {
+                break;
+            }
+            let entry = hot.entry((h.limit, h.key.clone())).or_insert(HotKey {
+                window: h.window,
+                demand: HashMap::new(),
+                moved: false,
+            });
+            if h.window > entry.window {
+                *entry = HotKey {
+                    window: h.window,
+                    demand: HashMap::new(),
+                    moved: false,
+                };
+            }
+            if h.window == entry.window {
+                let d = entry.demand.entry(region.to_owned()).or_insert(0);
+                *d = (*d).max(h.used.saturating_add(h.denied));
+            }
+        }
+    }
+
+    /// Per-key partitions for hot keys (DESIGN §4 across regions): once the window after the
+    /// one a key was reported hot in has begun, the key's limit is split between the regions
+    /// by that key's own demand (with each region's floor) instead of the rule's shares, by
+    /// a two-phase transfer in the new window: regions above their part release the excess
+    /// (at most their unused partition, as for an escalation) and the sum confirmed is granted
+    /// to the regions below theirs, most short first. Nothing is granted before it is released,
+    /// so `Σ P_r ≤ L` holds as for any transfer. Rules an operator pinned keep their split.
+    async fn follow_hot_keys(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        let rules = self.coordinator.rules();
+        let due: Vec<(LimitId, String, u64, HashMap<String, u64>)> = {
+            let mut hot = self.hot.lock().unwrap_or_else(|e| e.into_inner());
+            let mut due = Vec::new();
+            hot.retain(|(limit, key), h| {
+                let Some((_, l)) = rules.limit(*limit) else {
+                    return false;
+                };
+                let length = match l.limiter() {
+                    Limiter::FixedWindow(_) | Limiter::SlidingWindow(_) => l.limiter().window(),
+                    // Buckets and logs have no windows to split; they follow the rule's share.
+                    _ => return false,
+                };
+                let current = now / length.as_u64().max(1);
+                if current == h.window + 1 && !h.moved {
+                    h.moved = true;
+                    due.push((*limit, key.clone(), current, std::mem::take(&mut h.demand)));
+                }
+                current <= h.window + 1
+            });
+            due
+        };
+        for (limit, key, window, demand) in due {
+            self.move_hot_key(limit, &key, window, &demand).await;
+        }
+    }
+
+    /// Splits `key`'s `limit` in `window` by `demand` per region; see [`follow_hot_keys`].
+    ///
+    /// [`follow_hot_keys`]: Links::follow_hot_keys
+    async fn move_hot_key(
+        &self,
+        limit: LimitId,
+        key: &str,
+        window: u64,
+        demand: &HashMap<String, u64>,
+    ) {
+        let rules = self.coordinator.rules();
+        let Some((rule, l)) = rules.limit(limit) else {
+            return;
+        };
+        let Some((shares, false)) = self.coordinator.shares().remove(rule.id()) else {
+            return;
+        };
+        let whole = l.limiter().limit();
+        let regions = self.coordinator.regions();
+        let base = Coordinator::partition(&shares, whole);
+        let input: Vec<RegionShare> = regions
+            .iter()
+            .map(|r| RegionShare {
+                demand: demand.get(&r.name).copied().unwrap_or(0),
+                floor_ppm: r.floor_ppm,
+                pinned_ppm: None,
+            })
+            .collect();
+        let target = split(whole, &input);
+        let connected: HashMap<String, Vec<Connection>> = self
+            .regions()
+            .iter()
+            .filter(|(_, r)| !r.replicas.is_empty())
+            .map(|(n, r)| {
+                (
+                    n.clone(),
+                    r.replicas.values().map(|x| x.conn.clone()).collect(),
+                )
+            })
+            .collect();
+        let (mut givers, mut takers) = (Vec::new(), Vec::new());
+        for (r, &want) in regions.iter().zip(&target) {
+            let Some(conns) = connected.get(&r.name) else {
+                continue;
+            };
+            let has = base.get(&r.name).copied().unwrap_or(0);
+            if has > want {
+                givers.push((r.name.clone(), conns[0].clone(), has - want));
+            } else if want > has {
+                takers.push((r.name.clone(), conns.clone(), want - has));
+            }
+        }
+        if givers.is_empty() || takers.is_empty() {
+            return;
+        }
+        let needed: u64 = takers.iter().map(|t| t.2).sum();
+        let transfer = self.next_transfer.fetch_add(1, Ordering::Relaxed);
+        let calls = givers.iter().map(|(name, conn, excess)| async move {
+            let release = Message::from(Release {
+                transfer,
+                limit,
+                key: key.to_owned(),
+                window,
+                amount: (*excess).min(needed),
+            });
+            release_from(name, conn, &release).await
+        });
+        let mut left: u64 = futures_util::future::join_all(calls)
+            .await
+            .into_iter()
+            .sum();
+        let released = left;
+        takers.sort_by(|a, b| b.2.cmp(&a.2));
+        for (name, conns, short) in takers {
+            let amount = short.min(left);
+            if amount == 0 {
+                break;
+            }
+            left -= amount;
+            let grant = Message::from(TransferGrant {
+                transfer: self.next_transfer.fetch_add(1, Ordering::Relaxed),
+                limit,
+                key: key.to_owned(),
+                window,
+                amount,
+            });
+            // Every replica of the region: each keeps its own partitions, and any of them
+            // may decide the key. A replica that misses it only denies sooner.
+            for conn in &conns {
+                if let Err(e) = call(conn, &grant).await {
+                    tracing::warn!(region = %name, error = %e, "a per-key grant was not delivered");
+                }
+            }
+        }
+        self.stats.hot_key_moves.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .transferred
+            .fetch_add(released - left, Ordering::Relaxed);
+        tracing::debug!(limit = limit.0, %key, window, released, "hot key split by its demand");
+    }
+}
+
+/// Asks the regional on `conn` (of region `name`) for `release` and answers what it confirmed.
+async fn release_from(name: &str, conn: &Connection, release: &Message) -> u64 {
+    let Message::Release(asked) = release else {
+        return 0;
+    };
+    match net::call_within(conn, release, RELEASE_TIMEOUT).await {
+        Ok(Message::Confirm(c)) if c.transfer == asked.transfer => {
+            // Never more than asked: a confused giver must not mint quota.
+            c.released.min(asked.amount)
+        }
+        Ok(other) => {
+            tracing::warn!(region = %name, kind = other.kind(), "odd answer to a release");
+            0
+        }
+        // A release whose confirm is lost stays released: a false reject, never an
+        // overshoot (DESIGN §7).
+        Err(e) => {
+            tracing::debug!(region = %name, error = %e, "release failed");
+            0
         }
     }
 }
@@ -656,6 +845,7 @@ impl RegionalService {
                 .coordinator
                 .observe_demand(&session.region, rule.id(), rate);
         }
+        links.observe_hot(&session.region, report);
         let partitions_version = {
             let mut regions = links.regions();
             let region = regions.entry(session.region.clone()).or_default();

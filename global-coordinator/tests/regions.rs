@@ -518,6 +518,49 @@ fn a_pin_holds_under_skewed_demand_and_unpin_lets_it_follow() {
     }
 }
 
+/// A key hot in one region gets a per-key partition for the next window that follows its own
+/// demand: eu used 600 of one user's 1,000 (us none of it), so in the next window eu holds
+/// 900 of that key (its 10 % floor left to us) before it asks for anything, while the rule's
+/// shares stay even because us's demand for other users balances it.
+#[test]
+fn a_hot_key_gets_a_partition_that_follows_its_own_demand() {
+    let world = World::start("hot", 1000);
+    wait_for_window_start(Duration::from_secs(3));
+    assert_eq!(world.admitted("eu", "hot", 600), 600);
+    assert_eq!(world.admitted("us", "other", 600), 600);
+    wait_for_window_start(Duration::from_secs(3));
+    let moves = || {
+        let r = request(world.admin, "GET", "/metrics", "", b"");
+        system_tests::metrics::parse(&r.body)
+            .expect("the coordinator's metrics parse")
+            .get("coordinator_hot_key_moves_total", &[])
+    };
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while moves() < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the hot key was never split by its demand"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(world.admitted("eu", "hot", 1), 1);
+    let debug = world.api("GET", "/api/v1/debug/hot", "");
+    // What each region can still admit of the key: its partition less what it used (a giver
+    // releases by consuming on its own exact path).
+    let room = |region: &str| {
+        let h = &debug["regions"][region]["holdings"][0];
+        let (p, used) = (h["partition"].as_u64(), h["used"].as_u64());
+        p.zip(used)
+            .map(|(p, used)| p - used)
+            .unwrap_or_else(|| panic!("{region} holds the key: {debug}"))
+    };
+    assert_eq!(room("eu"), 899, "{debug}");
+    assert_eq!(room("us"), 100, "{debug}");
+    // The whole limit still: eu gets the rest by escalation, and no more anywhere.
+    assert_eq!(world.admitted("eu", "hot", 1100), 999);
+    assert_eq!(world.admitted("us", "hot", 20), 0);
+}
+
 /// A token bucket is split as capacity and rate: under a 25/75 pin of a bucket of 40 at
 /// 20/s, eu admits its 10 at once and then 5 a second, us its 30 and then 15 a second; neither
 /// admits the whole bucket, as each did before buckets were partitioned.
