@@ -634,7 +634,7 @@ impl Links {
             .into_iter()
             .sum();
         let released = left;
-        takers.sort_by(|a, b| b.2.cmp(&a.2));
+        takers.sort_by_key(|t| std::cmp::Reverse(t.2));
         for (name, conns, short) in takers {
             let amount = short.min(left);
             if amount == 0 {
