@@ -3,12 +3,13 @@
 //!
 //! Today: the harness every crate's process tests share ([`process::Spawned`], a binary as a
 //! child; [`http::request`], one HTTP exchange), and `tests/up.rs`, which runs `deploy/up.sh`
-//! (DESIGN §10) and checks the README's `curl` against it. The load generator and the
-//! cross-region scenarios arrive with the coordinator (DESIGN §1, §7); each tier's own suite
-//! tests it against real Redis and real QUIC.
+//! (DESIGN §10) and checks the README's `curl` against it; [`loadgen`], the end-to-end
+//! benchmark (the `loadgen` binary), which `tests/loadgen.rs` runs against a small topology of
+//! real processes. Each tier's own suite tests it against real Redis and real QUIC.
 
 #![warn(missing_docs)]
 
 pub mod http;
+pub mod loadgen;
 pub mod metrics;
 pub mod process;
