@@ -103,6 +103,15 @@ wait_ready() {
   exit 1
 }
 
+# Another topology (an earlier up.sh still running) would answer on our ports and be taken for
+# ours: refuse to start beside it.
+for port in 9000 8080 8081 8082 8083 9401 9402 6391 6392; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "deploy/up.sh: 127.0.0.1:$port is in use (another deploy/up.sh still running?); stop it first" >&2
+    exit 1
+  fi
+done
+
 # The admin token: fresh and random each run, readable only by us.
 (umask 077 && od -An -N24 -tx1 /dev/urandom | tr -d ' \n' >"$dir/admin.token")
 rm -rf "$dir/state"
