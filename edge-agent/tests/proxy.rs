@@ -28,7 +28,7 @@ use hyper::{
     body::{Body, Frame, Incoming},
 };
 use system_tests::{
-    http::{Reply, request},
+    http::{RawReply, Reply, parse, request},
     metrics,
     process::Spawned,
 };
@@ -249,22 +249,6 @@ fn edge(tag: &str, upstream: &str, extra: &str) -> (Spawned, SocketAddr) {
     start(&dir)
 }
 
-/// A response read as bytes, for bodies that are not text.
-struct RawReply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl RawReply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
 /// Sends `raw` as it is and reads the answer until the server closes.
 fn raw(addr: SocketAddr, raw: &[u8]) -> RawReply {
     let mut s = connect(addr);
@@ -282,30 +266,7 @@ fn connect(addr: SocketAddr) -> TcpStream {
 fn read_reply(s: &mut TcpStream) -> RawReply {
     let mut bytes = Vec::new();
     let _ = s.read_to_end(&mut bytes);
-    parse_reply(&bytes)
-}
-
-fn parse_reply(bytes: &[u8]) -> RawReply {
-    let end = bytes
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("no complete head in {:?}", String::from_utf8_lossy(bytes)));
-    let head = String::from_utf8_lossy(&bytes[..end]);
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {head:?}"));
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    RawReply {
-        status,
-        headers,
-        body: bytes[end + 4..].to_vec(),
-    }
+    parse(&bytes)
 }
 
 fn json(reply: &Reply) -> serde_json::Value {
@@ -625,7 +586,7 @@ fn a_large_download_streams_through_intact() {
         .expect("the response is still open");
     drop(drip);
     s.read_to_end(&mut got).expect("the rest");
-    let r = parse_reply(&got);
+    let r = parse(&got);
     assert_eq!(r.status, 200);
     let body = String::from_utf8_lossy(&r.body);
     assert!(

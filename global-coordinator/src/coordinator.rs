@@ -352,16 +352,7 @@ impl Coordinator {
     ///
     /// The state file could not be written.
     pub fn rebalance(&self) -> Result<(), ChangeError> {
-        let mut live = self.live();
-        let mut durable = live.durable.clone();
-        durable.shares = shares_for(
-            &live.rules,
-            &self.regions,
-            &durable.pins,
-            &self.demand_now(),
-        );
-        let rules = RuleSet::clone(&live.rules);
-        self.commit(&mut live, durable, rules)
+        self.reshare(&mut self.live(), |_| {})
     }
 
     fn change(
@@ -373,6 +364,17 @@ impl Coordinator {
         if live.rules.rule(id).is_none() {
             return Err(ChangeError::NoSuchRule(id.to_owned()));
         }
+        self.reshare(&mut live, edit)?;
+        Ok(live.durable.shares.get(id).cloned().unwrap_or_default())
+    }
+
+    /// Edits the pins, recomputes every rule's shares from them and the demand now, and
+    /// commits the result with the rules in force.
+    fn reshare(
+        &self,
+        live: &mut Live,
+        edit: impl FnOnce(&mut BTreeMap<String, Shares>),
+    ) -> Result<(), ChangeError> {
         let mut durable = live.durable.clone();
         edit(&mut durable.pins);
         durable.shares = shares_for(
@@ -382,8 +384,7 @@ impl Coordinator {
             &self.demand_now(),
         );
         let rules = RuleSet::clone(&live.rules);
-        self.commit(&mut live, durable, rules)?;
-        Ok(live.durable.shares.get(id).cloned().unwrap_or_default())
+        self.commit(live, durable, rules)
     }
 
     /// Folds one report's demand for rule `rule` in region `region` (cost per second, admitted

@@ -72,6 +72,16 @@ struct HotKey {
     moved: bool,
 }
 
+impl HotKey {
+    fn new(window: u64) -> HotKey {
+        HotKey {
+            window,
+            demand: HashMap::new(),
+            moved: false,
+        }
+    }
+}
+
 /// The most hot keys remembered at once (each region reports at most a batch's worth).
 const MAX_HOT_KEYS: usize = 4096;
 
@@ -225,6 +235,19 @@ impl Links {
             })
             .collect();
         drop(pending);
+        // Every region's whole units of every limit by its rule's shares (largest remainder,
+        // so they add up to the limit), split once for all regions.
+        let units: HashMap<u64, BTreeMap<String, u64>> = rules
+            .rules()
+            .iter()
+            .filter_map(|rule| Some((rule, &shares.get(rule.id())?.0)))
+            .flat_map(|(rule, weights)| {
+                rule.limits().iter().map(move |limit| {
+                    let split = Coordinator::partition(weights, limit.limiter().limit());
+                    (limit.id().0, split)
+                })
+            })
+            .collect();
         let mut out = HashMap::new();
         for region in connected {
             // What it confirmed (not what it is assumed to hold: its own raises in flight
@@ -232,16 +255,14 @@ impl Links {
             let own = self.coordinator.held(region).unwrap_or_default();
             let mut offer = Vec::new();
             for rule in rules.rules() {
-                let weights = shares.get(rule.id()).map(|(s, _)| s);
                 for limit in rule.limits() {
                     let id = limit.id().0;
                     let whole = limit.limiter().limit();
-                    // The region's whole units of this limit by the rule's shares (largest
-                    // remainder, so they add up to the limit), sent as the share that gives
-                    // exactly those units.
-                    let units = weights
-                        .map(|w| Coordinator::partition(w, whole))
-                        .and_then(|p| p.get(region).copied())
+                    // Sent as the share that gives exactly the region's units.
+                    let units = units
+                        .get(&id)
+                        .and_then(|p| p.get(region))
+                        .copied()
                         .unwrap_or(0);
                     let target = ppm_for(units, whole);
                     let (held, held_from) = own.get(&id).copied().unwrap_or((0, 0));
@@ -505,17 +526,11 @@ impl Links {
             if hot.len() >= MAX_HOT_KEYS && !hot.contains_key(&(h.limit, h.key.clone())) {
                 break;
             }
-            let entry = hot.entry((h.limit, h.key.clone())).or_insert(HotKey {
-                window: h.window,
-                demand: HashMap::new(),
-                moved: false,
-            });
+            let entry = hot
+                .entry((h.limit, h.key.clone()))
+                .or_insert_with(|| HotKey::new(h.window));
             if h.window > entry.window {
-                *entry = HotKey {
-                    window: h.window,
-                    demand: HashMap::new(),
-                    moved: false,
-                };
+                *entry = HotKey::new(h.window);
             }
             if h.window == entry.window {
                 let d = entry.demand.entry(region.to_owned()).or_insert(0);
@@ -557,31 +572,38 @@ impl Links {
             });
             due
         };
+        if due.is_empty() {
+            return;
+        }
+        let shares = self.coordinator.shares();
         for (limit, key, window, demand) in due {
-            self.move_hot_key(limit, &key, window, &demand).await;
+            let Some((rule, l)) = rules.limit(limit) else {
+                continue;
+            };
+            // Pinned rules keep their split, per key too.
+            let Some((weights, false)) = shares.get(rule.id()) else {
+                continue;
+            };
+            let base = Coordinator::partition(weights, l.limiter().limit());
+            self.move_hot_key(limit, &key, window, l.limiter().limit(), &base, &demand)
+                .await;
         }
     }
 
     /// Splits `key`'s `limit` in `window` by `demand` per region; see [`follow_hot_keys`].
     ///
     /// [`follow_hot_keys`]: Links::follow_hot_keys
+    /// `base` is each region's partition of the limit (`whole`) by the rule's shares.
     async fn move_hot_key(
         &self,
         limit: LimitId,
         key: &str,
         window: u64,
+        whole: u64,
+        base: &BTreeMap<String, u64>,
         demand: &HashMap<String, u64>,
     ) {
-        let rules = self.coordinator.rules();
-        let Some((rule, l)) = rules.limit(limit) else {
-            return;
-        };
-        let Some((shares, false)) = self.coordinator.shares().remove(rule.id()) else {
-            return;
-        };
-        let whole = l.limiter().limit();
         let regions = self.coordinator.regions();
-        let base = Coordinator::partition(&shares, whole);
         let input: Vec<RegionShare> = regions
             .iter()
             .map(|r| RegionShare {

@@ -22,10 +22,7 @@ pub struct Reply {
 impl Reply {
     /// The first value of header `name` (lower case).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+        header(&self.headers, name)
     }
 }
 
@@ -49,10 +46,60 @@ pub fn request(addr: SocketAddr, method: &str, path: &str, headers: &str, body: 
     let _ = s.write_all(body);
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
-    let raw = String::from_utf8_lossy(&raw);
-    let (head, body) = raw
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("an incomplete response: {raw:?}"));
+    let RawReply {
+        status,
+        headers,
+        body,
+    } = parse(&raw);
+    Reply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+/// A response whose body is kept as bytes, for bodies that are not text.
+#[derive(Debug)]
+pub struct RawReply {
+    /// The status code.
+    pub status: u16,
+    /// The headers, names in lower case, in order.
+    pub headers: Vec<(String, String)>,
+    /// The body, as sent.
+    pub body: Vec<u8>,
+}
+
+impl RawReply {
+    /// The first value of header `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        header(&self.headers, name)
+    }
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// Parses a whole HTTP/1.1 response: status line, headers, and everything after them as the
+/// body.
+///
+/// # Panics
+///
+/// When `bytes` has no complete head or no status line.
+pub fn parse(bytes: &[u8]) -> RawReply {
+    let end = bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| {
+            panic!(
+                "an incomplete response: {:?}",
+                String::from_utf8_lossy(bytes)
+            )
+        });
+    let head = String::from_utf8_lossy(&bytes[..end]);
     let mut lines = head.lines();
     let status = lines
         .next()
@@ -63,10 +110,10 @@ pub fn request(addr: SocketAddr, method: &str, path: &str, headers: &str, body: 
         .filter_map(|l| l.split_once(':'))
         .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
         .collect();
-    Reply {
+    RawReply {
         status,
         headers,
-        body: body.to_owned(),
+        body: bytes[end + 4..].to_vec(),
     }
 }
 

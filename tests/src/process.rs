@@ -5,11 +5,34 @@
 use std::{
     io::{BufRead, BufReader, Read},
     net::SocketAddr,
+    path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::mpsc,
     thread,
     time::{Duration, Instant},
 };
+
+/// The workspace's binary `name`, as `cargo build --workspace --bins` leaves it beside the
+/// directory of the running test's executable (`target/<profile>/deps/..`): the same build,
+/// whatever the target directory and profile.
+///
+/// # Panics
+///
+/// When it is not built.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test knows its executable");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test runs from target/<profile>/deps");
+    let bin = dir.join(name);
+    assert!(
+        bin.exists(),
+        "{} is not built: run `cargo build --workspace --bins` first (tests/run.sh does)",
+        bin.display()
+    );
+    bin
+}
 
 /// A running child whose stdout and stderr lines arrive on one channel.
 pub struct Spawned {

@@ -19,7 +19,10 @@ use std::{
 };
 
 use serde_json::Value;
-use system_tests::{http, process::Spawned};
+use system_tests::{
+    http,
+    process::{Spawned, workspace_binary},
+};
 
 /// `login`: 3 per second per IP, hard, in fixed windows, so hot keys spend it every second.
 /// `search`: 1,000 a minute per user, soft: room enough to be decided locally under grants.
@@ -31,30 +34,13 @@ rate_limits:
     - { id: search, path: /api/search, method: GET, limit: 1000, window: 1m, key: user_id }
 ";
 
-/// The workspace's binary `name`, as `cargo build --workspace --bins` leaves it beside the
-/// directory of this test's executable (`target/<profile>/deps/..`).
-fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("the test knows its executable");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the test runs from target/<profile>/deps");
-    let bin = dir.join(name);
-    assert!(
-        bin.exists(),
-        "{} is not built: run `cargo build --workspace --bins` first (tests/run.sh does)",
-        bin.display()
-    );
-    bin
-}
-
 /// A fresh directory with certificates (the regional's `pki` subcommand), the rules and the
 /// regional's config.
 fn deployment() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("rl-loadgen-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).expect("temp is writable");
-    let out = Command::new(binary("regional-aggregator"))
+    let out = Command::new(workspace_binary("regional-aggregator"))
         .arg("pki")
         .arg("--dir")
         .arg(dir.join("pki"))
@@ -97,7 +83,7 @@ fn start_edge(dir: &Path, n: u32, regional: SocketAddr) -> (Spawned, SocketAddr)
     )
     .expect("writable");
     let mut edge = Spawned::start(
-        Command::new(binary("edge-agent"))
+        Command::new(workspace_binary("edge-agent"))
             .arg("--config")
             .arg(config),
     );
@@ -165,7 +151,7 @@ fn loadgen(args: &[String]) -> (bool, String, String) {
 fn loadgen_finds_no_hard_overshoot_and_local_decisions_on_a_small_topology() {
     let dir = deployment();
     let mut regional = Spawned::start(
-        Command::new(binary("regional-aggregator"))
+        Command::new(workspace_binary("regional-aggregator"))
             .arg("--config")
             .arg(dir.join("regional.yaml")),
     );

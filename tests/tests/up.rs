@@ -14,7 +14,10 @@ use std::{
     time::Duration,
 };
 
-use system_tests::{http, metrics, process::Spawned};
+use system_tests::{
+    http, metrics,
+    process::{Spawned, workspace_binary},
+};
 
 /// One `POST /v1/check` to the edge on `port`: the status code.
 fn check(port: u16, body: &str) -> u16 {
@@ -64,9 +67,7 @@ fn up_starts_the_topology_answers_the_readme_curl_and_stops_on_ctrl_c() {
     assert_eq!(cells("login")[..3], ["login", "5/1m", "no"]);
     // ctl works against it with the token up.sh wrote.
     let token = std::fs::read_to_string(dir.join("admin.token")).expect("up.sh wrote the token");
-    let bin = std::env::var("CARGO_TARGET_DIR")
-        .map_or_else(|_| root.join("target"), std::path::PathBuf::from)
-        .join("debug/global-coordinator");
+    let bin = workspace_binary("global-coordinator");
     let ctl = |args: &[&str]| {
         Command::new(&bin)
             .args(["ctl", "--addr", "127.0.0.1:9000"])
