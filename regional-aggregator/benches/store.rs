@@ -57,6 +57,7 @@ fn batch(round: u64) -> Vec<SyncOp> {
             want: 10,
             bounds: Bounds::new(1 << 30, DEFAULT_THRESHOLD, 4, 0),
             expire_at: Nanos(3 * WINDOW),
+            exact_since: None,
         })
         .collect()
 }
@@ -68,6 +69,7 @@ fn exact_op() -> [ExactOp; 1] {
         want: 0,
         bounds: Bounds::new(1 << 39, DEFAULT_THRESHOLD, 4, 0),
         expire_at: Nanos(3 * WINDOW),
+        exact_since: None,
     }]
 }
 

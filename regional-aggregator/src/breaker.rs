@@ -25,8 +25,15 @@
 //! What the memory store cannot know is what Redis had counted before the outage, except
 //! what edges report again: during an outage a key may admit up to its partition on top of
 //! what the regional itself admitted exactly before it (a bucket or log: its whole capacity,
-//! starting fresh in memory). That is the price of deciding at all without the store; the
-//! failure mode `closed` at the edge is the choice for rules that cannot pay it.
+//! starting fresh in memory). That is the price of deciding at all without the store, and
+//! rules whose failure mode is `closed` do not pay it: their ops carry the instant their
+//! decision depends on counts since ([`ExactOp::exact_since`]: the window's start, a sliding
+//! window's previous one's, a bucket's or log's span back), and memory denies those that
+//! reach back before the outage began (held, so the edge asks again soon), mints no grant on
+//! them, and decides them exactly once their window or span lies inside the outage. So a
+//! `closed` limit is never exceeded by an outage of one regional's store; the regionals of
+//! one region each decide in their own memory, so with replicas it may be, by one partition
+//! per extra replica.
 
 use std::{
     sync::{
@@ -36,7 +43,11 @@ use std::{
     time::Duration,
 };
 
-use shared::{Clock, Nanos, quota::EdgeId};
+use shared::{
+    Clock, Nanos,
+    algorithm::{Outcome, Verdict},
+    quota::EdgeId,
+};
 
 use crate::store::{
     Absorb, ExactOp, ExactReply, LedgerKey, LedgerView, MemoryStore, Refund, StateAbsorb, StateOp,
@@ -95,6 +106,8 @@ pub struct Breaker {
     state: BreakerState,
     failures: u32,
     open_until: Nanos,
+    /// When the breaker last opened from closed: memory has seen every call since.
+    opened_at: Nanos,
 }
 
 /// Where one call goes.
@@ -116,12 +129,19 @@ impl Breaker {
             state: BreakerState::Closed,
             failures: 0,
             open_until: Nanos::ZERO,
+            opened_at: Nanos::ZERO,
         }
     }
 
     /// Its state now.
     pub fn state(&self) -> BreakerState {
         self.state
+    }
+
+    /// While calls go to memory: when the outage began (memory has seen every call since,
+    /// and none before). `None` while closed.
+    pub fn outage_since(&self) -> Option<Nanos> {
+        (self.state != BreakerState::Closed).then_some(self.opened_at)
     }
 
     /// Routes a call made at `now`. The first call after the cooldown is the probe; until
@@ -141,6 +161,7 @@ impl Breaker {
     pub fn failed(&mut self, now: Nanos) -> bool {
         self.failures += 1;
         if self.state == BreakerState::Closed && self.failures >= self.config.failures {
+            self.opened_at = now;
             self.reopen(now);
             return true;
         }
@@ -241,23 +262,28 @@ impl GuardedStore {
     /// task, so no decision waits for a recovery.
     ///
     /// `call` owns the store it is handed (an `Arc`), so memory can be swapped out under a
-    /// call in flight without ending that call.
+    /// call in flight without ending that call. Handed memory, it is also told when the
+    /// outage began, for the ops that must not be decided on a partial count
+    /// ([`ExactOp::exact_since`]).
     async fn guarded<'a, T>(
         &'a self,
-        call: impl Fn(Arc<dyn Store>) -> StoreFuture<'a, T>,
+        call: impl Fn(Arc<dyn Store>, Option<Nanos>) -> StoreFuture<'a, T>,
     ) -> Result<T, StoreError> {
         let inner = &self.inner;
         let now = inner.clock.now();
-        let route = lock(&inner.breaker).route(now);
+        let (route, since) = {
+            let mut breaker = lock(&inner.breaker);
+            (breaker.route(now), breaker.outage_since().unwrap_or(now))
+        };
         match route {
-            Route::Fallback => return inner.in_memory(call).await,
+            Route::Fallback => return inner.in_memory(call, since).await,
             Route::Probe => {
                 tokio::spawn(inner.clone().recover());
-                return inner.in_memory(call).await;
+                return inner.in_memory(call, since).await;
             }
             Route::Primary => {}
         }
-        let result = tokio::time::timeout(inner.timeout, call(inner.primary.clone())).await;
+        let result = tokio::time::timeout(inner.timeout, call(inner.primary.clone(), None)).await;
         match result {
             Ok(Ok(value)) => {
                 lock(&inner.breaker).succeeded();
@@ -283,11 +309,12 @@ impl GuardedStore {
 impl Inner {
     async fn in_memory<'a, T>(
         &self,
-        call: impl Fn(Arc<dyn Store>) -> StoreFuture<'a, T>,
+        call: impl Fn(Arc<dyn Store>, Option<Nanos>) -> StoreFuture<'a, T>,
+        since: Nanos,
     ) -> Result<T, StoreError> {
         self.stats.fallback_calls.fetch_add(1, Ordering::Relaxed);
         let fallback: Arc<dyn Store> = lock(&self.fallback).clone();
-        call(fallback).await
+        call(fallback, Some(since)).await
     }
 
     fn failed(&self, now: Nanos) {
@@ -363,6 +390,41 @@ impl Inner {
     }
 }
 
+/// Whether an op that needs every admission since `exact_since` cannot be decided by memory
+/// that has seen only those since `since`.
+fn unknown(exact_since: Option<Nanos>, since: Nanos) -> bool {
+    exact_since.is_some_and(|t| t < since)
+}
+
+/// Memory's answer to a ledger op it cannot decide: denied, and `held` so the edge asks again
+/// soon (the store may be back by then) and the regional does not escalate: another region's
+/// quota would not make the count known.
+fn unknown_reply(op: &ExactOp) -> ExactReply {
+    ExactReply {
+        allowed: false,
+        granted: 0,
+        remaining: 0,
+        near_limit: true,
+        held: true,
+        total: op.bounds.partition,
+    }
+}
+
+/// Memory's answer to a limiter-state op it cannot decide: denied until `wait` from `now`,
+/// when the op's span lies wholly inside the outage.
+fn unknown_state_reply(op: &StateOp, now: Nanos, wait: Nanos) -> StateReply {
+    StateReply {
+        outcome: Outcome {
+            verdict: Verdict::Deny,
+            limit: op.limiter.limiter().limit(),
+            remaining: 0,
+            reset_at: now + wait,
+            retry_after: wait,
+        },
+        receipt: 0,
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -374,7 +436,29 @@ impl Store for GuardedStore {
         now: Nanos,
         ops: &'a [SyncOp],
     ) -> StoreFuture<'a, Vec<SyncReply>> {
-        Box::pin(self.guarded(move |s| Box::pin(async move { s.sync(edge, now, ops).await })))
+        Box::pin(self.guarded(move |s, outage| {
+            Box::pin(async move {
+                match outage {
+                    Some(since) if ops.iter().any(|op| unknown(op.exact_since, since)) => {
+                        // Merge their counts (edges' counters are cumulative, so that loses
+                        // nothing) but mint no grant on them.
+                        let ops: Vec<SyncOp> = ops
+                            .iter()
+                            .map(|op| SyncOp {
+                                want: if unknown(op.exact_since, since) {
+                                    0
+                                } else {
+                                    op.want
+                                },
+                                ..op.clone()
+                            })
+                            .collect();
+                        s.sync(edge, now, &ops).await
+                    }
+                    _ => s.sync(edge, now, ops).await,
+                }
+            })
+        }))
     }
 
     fn exact<'a>(
@@ -383,11 +467,35 @@ impl Store for GuardedStore {
         now: Nanos,
         ops: &'a [ExactOp],
     ) -> StoreFuture<'a, Vec<ExactReply>> {
-        Box::pin(self.guarded(move |s| Box::pin(async move { s.exact(edge, now, ops).await })))
+        Box::pin(self.guarded(move |s, outage| {
+            Box::pin(async move {
+                let Some(since) =
+                    outage.filter(|&t| ops.iter().any(|op| unknown(op.exact_since, t)))
+                else {
+                    return s.exact(edge, now, ops).await;
+                };
+                let known: Vec<ExactOp> = ops
+                    .iter()
+                    .filter(|op| !unknown(op.exact_since, since))
+                    .cloned()
+                    .collect();
+                let mut decided = s.exact(edge, now, &known).await?.into_iter();
+                Ok(ops
+                    .iter()
+                    .map(|op| {
+                        if unknown(op.exact_since, since) {
+                            return unknown_reply(op);
+                        }
+                        // One reply per known op, in order; a short answer denies the rest.
+                        decided.next().unwrap_or_else(|| unknown_reply(op))
+                    })
+                    .collect())
+            })
+        }))
     }
 
     fn refund<'a>(&'a self, refunds: &'a [Refund]) -> StoreFuture<'a, ()> {
-        Box::pin(self.guarded(move |s| Box::pin(async move { s.refund(refunds).await })))
+        Box::pin(self.guarded(move |s, _| Box::pin(async move { s.refund(refunds).await })))
     }
 
     fn absorb<'a>(
@@ -396,11 +504,13 @@ impl Store for GuardedStore {
         now: Nanos,
         ledgers: &'a [Absorb],
     ) -> StoreFuture<'a, ()> {
-        Box::pin(self.guarded(move |s| Box::pin(async move { s.absorb(tag, now, ledgers).await })))
+        Box::pin(
+            self.guarded(move |s, _| Box::pin(async move { s.absorb(tag, now, ledgers).await })),
+        )
     }
 
     fn ledger<'a>(&'a self, at: &'a LedgerKey) -> StoreFuture<'a, Option<LedgerView>> {
-        Box::pin(self.guarded(move |s| Box::pin(async move { s.ledger(at).await })))
+        Box::pin(self.guarded(move |s, _| Box::pin(async move { s.ledger(at).await })))
     }
 
     fn acquire_state<'a>(
@@ -408,11 +518,36 @@ impl Store for GuardedStore {
         now: Nanos,
         ops: &'a [StateOp],
     ) -> StoreFuture<'a, Vec<StateReply>> {
-        Box::pin(self.guarded(move |s| Box::pin(async move { s.acquire_state(now, ops).await })))
+        Box::pin(self.guarded(move |s, outage| {
+            Box::pin(async move {
+                let Some(since) =
+                    outage.filter(|&t| ops.iter().any(|op| unknown(op.exact_since, t)))
+                else {
+                    return s.acquire_state(now, ops).await;
+                };
+                let known: Vec<StateOp> = ops
+                    .iter()
+                    .filter(|op| !unknown(op.exact_since, since))
+                    .cloned()
+                    .collect();
+                let mut decided = s.acquire_state(now, &known).await?.into_iter();
+                Ok(ops
+                    .iter()
+                    .map(|op| match op.exact_since {
+                        Some(t) if t < since => unknown_state_reply(op, now, since - t),
+                        _ => decided
+                            .next()
+                            .unwrap_or_else(|| unknown_state_reply(op, now, Nanos::ZERO)),
+                    })
+                    .collect())
+            })
+        }))
     }
 
     fn refund_state<'a>(&'a self, now: Nanos, refunds: &'a [StateRefund]) -> StoreFuture<'a, ()> {
-        Box::pin(self.guarded(move |s| Box::pin(async move { s.refund_state(now, refunds).await })))
+        Box::pin(
+            self.guarded(move |s, _| Box::pin(async move { s.refund_state(now, refunds).await })),
+        )
     }
 
     fn absorb_state<'a>(
@@ -422,7 +557,9 @@ impl Store for GuardedStore {
         states: &'a [StateAbsorb],
     ) -> StoreFuture<'a, ()> {
         Box::pin(
-            self.guarded(move |s| Box::pin(async move { s.absorb_state(tag, now, states).await })),
+            self.guarded(move |s, _| {
+                Box::pin(async move { s.absorb_state(tag, now, states).await })
+            }),
         )
     }
 }

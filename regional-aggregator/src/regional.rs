@@ -63,7 +63,7 @@ use shared::{
 use crate::partition::PartitionTable;
 use crate::store::{
     Bounds, ExactOp, ExactReply, LedgerKey, Refund, StateKey, StateLimiter, StateOp, StateRefund,
-    StateReply, Store, StoreError, SyncOp,
+    StateReply, Store, StoreError, SyncOp, state_exact_since, window_exact_since,
 };
 
 /// How the regional decides, apart from its rules.
@@ -401,7 +401,7 @@ impl Regional {
         // Per op: whether its window is current here (only those grant and mark keys hot).
         let mut is_current_op = Vec::with_capacity(batch.entries.len());
         for e in batch.entries {
-            let Some((_, limit)) = rules.limit(e.limit) else {
+            let Some((rule, limit)) = rules.limit(e.limit) else {
                 self.stats.unknown_limit.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
@@ -434,6 +434,7 @@ impl Regional {
                 want: if is_current { e.want } else { 0 },
                 bounds: Bounds::new(partition, self.config.threshold, n, carry),
                 expire_at: expiry(e.window, w.length),
+                exact_since: window_exact_since(rule.on_failure(), e.window, w.length, w.sliding),
             });
         }
         let replies = self.store.sync(edge, now, &ops).await.inspect_err(|_| {
@@ -667,7 +668,10 @@ impl Regional {
             return Ok(units);
         }
         let rules = self.rules();
-        let Some(w) = rules.limit(limit).and_then(|(_, l)| window_of(l.limiter())) else {
+        let Some((rule, w)) = rules
+            .limit(limit)
+            .and_then(|(r, l)| Some((r, window_of(l.limiter())?)))
+        else {
             return Ok(0);
         };
         let current = now.as_u64() / w.length.as_u64();
@@ -695,6 +699,7 @@ impl Regional {
                 carry,
             ),
             expire_at: expiry(window, w.length),
+            exact_since: window_exact_since(rule.on_failure(), window, w.length, w.sliding),
         };
         // Consume what is unused: the first try asks for all of `amount`; a denial says what
         // was left, which the second try takes (unless edges took it meanwhile).
@@ -883,7 +888,7 @@ impl Regional {
             order: Vec::with_capacity(request.checks.len()),
         };
         for c in &request.checks {
-            let Some((_, limit)) = rules.limit(c.limit) else {
+            let Some((rule, limit)) = rules.limit(c.limit) else {
                 self.stats.unknown_limit.fetch_add(1, Ordering::Relaxed);
                 return Err(AcquireReply::deny_all(request.request_id, now));
             };
@@ -904,6 +909,7 @@ impl Regional {
                     },
                     limiter: state,
                     cost: c.cost,
+                    exact_since: state_exact_since(rule.on_failure(), &state, now),
                 });
                 continue;
             }
@@ -943,6 +949,7 @@ impl Regional {
                     carry,
                 ),
                 expire_at: expiry(current, w.length),
+                exact_since: window_exact_since(rule.on_failure(), current, w.length, w.sliding),
             });
         }
         Ok(plan)

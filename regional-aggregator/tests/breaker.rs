@@ -334,3 +334,195 @@ rate_limits:
         "sliding log after the write-back"
     );
 }
+
+/// Rules whose failure mode is `closed` are never decided on a partial count: while Redis is
+/// down, memory denies what reaches back before the outage (a window that began earlier, a
+/// sliding window's previous one, a bucket's span), mints no grant on it, and decides exactly
+/// once the window or span lies inside the outage. A `local` rule beside them decides in
+/// memory at once, as before (admitting on top of what Redis counted: the documented price).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_rules_are_not_decided_on_what_memory_cannot_know() {
+    const CLOSED_RULES: &str = "\
+rate_limits:
+  endpoints:
+    - { id: fixed, path: /f, limit: 10, window: 1m, key: user_id, algorithm: fixed_window, strictness: hard, on_failure: closed }
+    - { id: slide, path: /s, limit: 10, window: 1m, key: user_id, algorithm: sliding_window, strictness: hard, on_failure: closed }
+    - { id: tb, path: /t, algorithm: token_bucket, rate: 30/m, burst: 10, key: user_id, on_failure: closed }
+    - { id: loose, path: /l, limit: 10, window: 1m, key: user_id, algorithm: fixed_window }
+";
+    let mut server = RedisServer::start_durable();
+    // T0 is a minute boundary; the test starts 10 s into that minute.
+    let clock = ManualClock::new(T0 + Nanos::from_secs(10));
+    let redis = RedisStore::connect(
+        &RedisTopology::Single(server.url()),
+        Duration::from_millis(200),
+    )
+    .await
+    .unwrap();
+    let config = BreakerConfig {
+        failures: 1,
+        // Longer than the test's clock moves: no probe, Redis stays away throughout.
+        cooldown: Duration::from_secs(3600),
+        timeout: Duration::from_millis(200),
+    };
+    let guarded = Arc::new(GuardedStore::new(
+        Arc::new(redis),
+        config,
+        Arc::new(clock.clone()),
+        "regional-test",
+    ));
+    let rules = RuleSet::from_yaml("rules.yaml", CLOSED_RULES).unwrap();
+    let [fixed, slide, tb, loose] =
+        ["fixed", "slide", "tb", "loose"].map(|id| rules.rule(id).unwrap().limits()[0].id());
+    let regional = Regional::new(
+        RegionalConfig::default(),
+        rules,
+        guarded.clone(),
+        Arc::new(clock.clone()),
+    );
+    let minute = 60_000_000_000;
+    let request_id = std::sync::atomic::AtomicU64::new(0);
+    // `times` requests of cost 1 on `limit` for alice: how many were admitted, and the last
+    // answer's check.
+    let admit = async |limit, times| {
+        let mut admitted = 0;
+        let mut last = None;
+        for _ in 0..times {
+            let request = Acquire {
+                request_id: request_id.fetch_add(1, Ordering::Relaxed),
+                checks: vec![Check {
+                    limit,
+                    key: "u:alice".into(),
+                    window: clock.now().as_u64() / minute,
+                    cost: NonZeroU32::new(1).unwrap(),
+                    want: 0,
+                }],
+            };
+            if let Ok(reply) = regional.acquire(EdgeId(9), &request).await {
+                admitted += u32::from(reply.allowed);
+                last = reply.checks.first().cloned();
+            }
+        }
+        (admitted, last)
+    };
+
+    // Up: 3 of each admitted in Redis.
+    for limit in [fixed, slide, tb, loose] {
+        assert_eq!(admit(limit, 3).await.0, 3);
+    }
+    // Down: the next call fails and opens the breaker (the outage begins 10 s in).
+    server.kill();
+    assert_eq!(admit(loose, 1).await.0, 0);
+    assert_eq!(guarded.state(), BreakerState::Open);
+
+    // 20 s in, the same window: memory cannot know Redis's 3, so the closed rules deny,
+    // held (the edge asks again within the hold, not at the window's end); the local rule
+    // decides on memory's fresh count.
+    clock.advance(Nanos::from_secs(10));
+    let now = clock.now();
+    for limit in [fixed, slide] {
+        let (admitted, last) = admit(limit, 5).await;
+        assert_eq!(
+            admitted, 0,
+            "a closed window rule in the outage's first window"
+        );
+        let check = last.expect("answered");
+        assert!(!check.allowed);
+        assert!(
+            check.reset_at <= now + RegionalConfig::default().hold,
+            "held, not cached to the window's end: {:?}",
+            check.reset_at
+        );
+    }
+    let (admitted, last) = admit(tb, 5).await;
+    assert_eq!(
+        admitted, 0,
+        "a closed token bucket within a refill of the outage"
+    );
+    // It is decidable once its 20 s refill span lies inside the outage: 10 s + 20 s in.
+    assert_eq!(
+        last.expect("answered").reset_at,
+        T0 + Nanos::from_secs(30),
+        "the bucket reopens when its span lies inside the outage"
+    );
+    assert_eq!(
+        admit(loose, 12).await.0,
+        10,
+        "a local rule decides in memory"
+    );
+    // No grant is minted on what memory cannot count.
+    let window = clock.now().as_u64() / minute;
+    let ack = regional
+        .sync(
+            EdgeId(1),
+            SyncBatch {
+                entries: vec![SyncEntry {
+                    limit: fixed,
+                    key: "u:alice".into(),
+                    window,
+                    used: 0,
+                    released: 0,
+                    want: 5,
+                }],
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        ack.entries[0].granted, 0,
+        "no grant for the outage's first window"
+    );
+
+    // 30 s in: the bucket's span lies inside the outage, and memory decides it exactly.
+    clock.advance(Nanos::from_secs(10));
+    assert_eq!(admit(tb, 12).await.0, 10, "the whole burst, exactly");
+
+    // The next minute began inside the outage: the fixed window is decided exactly in
+    // memory; the sliding window still weighs the previous minute in, which memory does not
+    // know all of.
+    clock.advance(Nanos::from_secs(31));
+    assert_eq!(
+        admit(fixed, 12).await.0,
+        10,
+        "exact in a window inside the outage"
+    );
+    assert_eq!(
+        admit(slide, 3).await.0,
+        0,
+        "the previous minute is not all known"
+    );
+    let window = clock.now().as_u64() / minute;
+    let ack = regional
+        .sync(
+            EdgeId(1),
+            SyncBatch {
+                entries: vec![SyncEntry {
+                    limit: fixed,
+                    key: "u:bob".into(),
+                    window,
+                    used: 0,
+                    released: 0,
+                    want: 5,
+                }],
+            },
+        )
+        .await
+        .unwrap();
+    assert!(
+        ack.entries[0].granted > 0,
+        "grants again once the window is known"
+    );
+
+    // The minute after: both minutes it weighs lie inside the outage.
+    clock.advance(Nanos::from_secs(60));
+    assert_eq!(
+        admit(slide, 12).await.0,
+        10,
+        "exact once both minutes are known"
+    );
+    assert_eq!(
+        guarded.state(),
+        BreakerState::Open,
+        "Redis stayed away throughout"
+    );
+}

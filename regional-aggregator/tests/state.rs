@@ -77,6 +77,7 @@ fn op(at: &StateKey, limiter: StateLimiter, c: u32) -> StateOp {
         at: at.clone(),
         limiter,
         cost: cost(c),
+        exact_since: None,
     }
 }
 

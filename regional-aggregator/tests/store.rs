@@ -46,6 +46,7 @@ fn sync(at: &LedgerKey, used: u64, released: u64, want: u64, bounds: Bounds) -> 
         want,
         bounds,
         expire_at: expire(at.window),
+        exact_since: None,
     }
 }
 
@@ -56,6 +57,7 @@ fn exact(at: &LedgerKey, cost: u64, want: u64, bounds: Bounds) -> ExactOp {
         want,
         bounds,
         expire_at: expire(at.window),
+        exact_since: None,
     }
 }
 

@@ -62,7 +62,7 @@ use std::{
 };
 
 use shared::{
-    LimitId, Nanos,
+    FailureMode, LimitId, Nanos,
     algorithm::{Gcra, LeakyBucket, Limiter, LimiterState, Outcome, SlidingLog},
     quota::{Budget, EdgeCounters, EdgeId, Threshold, share_of},
 };
@@ -85,6 +85,31 @@ pub const MAX_COUNT: u64 = 1 << 40;
 /// relative to `now`, and every value they form (a relative time, plus at most one span) stays
 /// within 2^53 when spans are at most 2^52.
 pub const MAX_SPAN: Nanos = Nanos(1 << 52);
+
+/// `exact_since` for an op of a rule failing `mode` that decides in `window` of `length`:
+/// for `closed`, the window's start, or a sliding window's previous window's start (its
+/// estimate weighs that window in); `None` otherwise.
+pub fn window_exact_since(
+    mode: FailureMode,
+    window: u64,
+    length: Nanos,
+    sliding: bool,
+) -> Option<Nanos> {
+    let first = if sliding {
+        window.saturating_sub(1)
+    } else {
+        window
+    };
+    (mode == FailureMode::Closed).then(|| Nanos(first.saturating_mul(length.as_u64())))
+}
+
+/// `exact_since` for a limiter state of a rule failing `mode`, decided at `now`: for
+/// `closed`, one span back ([`StateLimiter::span`]): whatever was admitted before that has
+/// drained away or aged out; `None` otherwise.
+pub fn state_exact_since(mode: FailureMode, limiter: &StateLimiter, now: Nanos) -> Option<Nanos> {
+    (mode == FailureMode::Closed)
+        .then(|| Nanos(now.as_u64().saturating_sub(limiter.span().as_u64())))
+}
 
 /// How long a limiter state is kept after the time it is back to a fresh state's equivalent.
 ///
@@ -235,6 +260,12 @@ pub struct SyncOp {
     pub bounds: Bounds,
     /// When the ledger may be forgotten: the end of the next window.
     pub expire_at: Nanos,
+    /// For a rule whose failure mode is `closed` (DESIGN §7: denied rather than guessed):
+    /// the decision depends on every admission since this instant ([`window_exact_since`],
+    /// [`state_exact_since`]). A store
+    /// that has not seen them all (memory, during an outage of the primary that began later)
+    /// denies the op instead of deciding on a partial count. `None`: decide on what is known.
+    pub exact_since: Option<Nanos>,
 }
 
 /// The answer to a [`SyncOp`].
@@ -269,6 +300,12 @@ pub struct ExactOp {
     pub bounds: Bounds,
     /// When the ledger may be forgotten.
     pub expire_at: Nanos,
+    /// For a rule whose failure mode is `closed` (DESIGN §7: denied rather than guessed):
+    /// the decision depends on every admission since this instant ([`window_exact_since`],
+    /// [`state_exact_since`]). A store
+    /// that has not seen them all (memory, during an outage of the primary that began later)
+    /// denies the op instead of deciding on a partial count. `None`: decide on what is known.
+    pub exact_since: Option<Nanos>,
 }
 
 /// The answer to an [`ExactOp`].
@@ -355,17 +392,15 @@ impl StateLimiter {
     /// limiter whose span is beyond [`MAX_SPAN`] (or a log whose limit is beyond
     /// [`MAX_COUNT`]), which no store can keep exactly.
     pub fn new(limiter: &Limiter) -> Option<StateLimiter> {
-        let (kept, span) = match *limiter {
-            Limiter::TokenBucket(g) => (StateLimiter::TokenBucket(g), g.refill_time()),
-            Limiter::LeakyBucket(b) => (StateLimiter::LeakyBucket(b), b.drain_time()),
-            Limiter::SlidingLog(l) if l.limit().get() <= MAX_COUNT => {
-                (StateLimiter::SlidingLog(l), l.window())
-            }
+        let kept = match *limiter {
+            Limiter::TokenBucket(g) => StateLimiter::TokenBucket(g),
+            Limiter::LeakyBucket(b) => StateLimiter::LeakyBucket(b),
+            Limiter::SlidingLog(l) if l.limit().get() <= MAX_COUNT => StateLimiter::SlidingLog(l),
             Limiter::SlidingLog(_) | Limiter::FixedWindow(_) | Limiter::SlidingWindow(_) => {
                 return None;
             }
         };
-        (span <= MAX_SPAN).then_some(kept)
+        (kept.span() <= MAX_SPAN).then_some(kept)
     }
 
     /// This limiter cut to a region's share of `ppm` millionths (DESIGN §4 across regions):
@@ -405,6 +440,16 @@ impl StateLimiter {
             }
         };
         Some(cut)
+    }
+
+    /// How far back its state remembers: a bucket's time to refill (or drain) from empty
+    /// (full), a log's window. A state untouched for this long is as good as new.
+    pub fn span(&self) -> Nanos {
+        match *self {
+            StateLimiter::TokenBucket(g) => g.refill_time(),
+            StateLimiter::LeakyBucket(b) => b.drain_time(),
+            StateLimiter::SlidingLog(l) => l.window(),
+        }
     }
 
     /// The same limiter as `shared` names it.
@@ -450,6 +495,12 @@ pub struct StateOp {
     pub limiter: StateLimiter,
     /// What the request costs here.
     pub cost: NonZeroU32,
+    /// For a rule whose failure mode is `closed` (DESIGN §7: denied rather than guessed):
+    /// the decision depends on every admission since this instant ([`window_exact_since`],
+    /// [`state_exact_since`]). A store
+    /// that has not seen them all (memory, during an outage of the primary that began later)
+    /// denies the op instead of deciding on a partial count. `None`: decide on what is known.
+    pub exact_since: Option<Nanos>,
 }
 
 impl StateOp {
