@@ -62,6 +62,7 @@ impl Upstream for Generous {
             Ok(SyncAck {
                 entries,
                 hot_keys: Vec::new(),
+                partitions: Vec::new(),
             })
         })
     }

@@ -125,6 +125,7 @@ impl AgentBuilder {
                 runtime,
                 keys: DashMap::with_hasher(foldhash::fast::RandomState::default()),
                 edges: AtomicU32::new(0),
+                partitions: DashMap::with_hasher(foldhash::fast::RandomState::default()),
                 down_until: AtomicU64::new(0),
                 next_request: AtomicU64::new(0),
                 stats,
@@ -346,6 +347,9 @@ struct Inner {
     keys: DashMap<Box<[u8]>, KeyState, foldhash::fast::RandomState>,
     /// `n`, as the regional last said; zero until it has (no cold allowance before then).
     edges: AtomicU32,
+    /// Per limit, `P`: this region's partition of it, as the regional last said. Read only
+    /// off the fast path (a cold key's `c0`, the `local` failure mode's `P/n`).
+    partitions: DashMap<LimitId, u64, foldhash::fast::RandomState>,
     /// Until then, decisions skip the network: it just failed.
     down_until: AtomicU64,
     next_request: AtomicU64,
@@ -490,7 +494,7 @@ impl Inner {
             };
             let w = now.as_u64() / len;
             let value = limiter.limit();
-            let c0 = self.cold_allowance(value, n);
+            let c0 = || self.cold_allowance(m.limit.id(), value, n);
             let (local, remaining, lost) = self.with_state(&slot, |s| {
                 let (local, lost) = s.reserve(now, w, cost, m.rule.strictness(), c0);
                 if local == Local::Reserved && i == last {
@@ -575,7 +579,8 @@ impl Inner {
             return;
         };
         let w = now.as_u64() / len;
-        let c0 = self.cold_allowance(limiter.limit(), self.edges.load(Ordering::Relaxed));
+        let n = self.edges.load(Ordering::Relaxed);
+        let c0 = || self.cold_allowance(m.limit.id(), limiter.limit(), n);
         let slot = SlotKey::new(m.limit.id(), &m.key);
         let fitted = self.with_state(&slot, |s| {
             let (local, _) = s.reserve(now, w, cost, m.rule.strictness(), c0);
@@ -737,7 +742,7 @@ impl Inner {
                 FailureMode::Closed => false,
                 FailureMode::Open => true,
                 FailureMode::Local => {
-                    let share = part.value / n;
+                    let share = self.partition(part.limit, part.value) / n;
                     let after = self.with_state(&part.slot, |s| {
                         let (used, lost) = s.used_in(part.window);
                         self.stats.lost(lost);
@@ -788,14 +793,26 @@ impl Inner {
         }
     }
 
-    /// `c0` for a limit of `value` with `n` edges, or nothing while `n` is unknown (no answer
-    /// from the regional yet): the bound `P + n·c0` needs the real `n`, and guessing low
-    /// would hand every edge a large allowance at start-up.
-    fn cold_allowance(&self, value: u64, n: u32) -> u64 {
+    /// `c0` for `limit` (of `value`) with `n` edges, or nothing while `n` is unknown (no
+    /// answer from the regional yet): the bound `P + n·c0` needs the real `n`, and guessing
+    /// low would hand every edge a large allowance at start-up.
+    fn cold_allowance(&self, limit: LimitId, value: u64, n: u32) -> u64 {
         if n == 0 {
             return 0;
         }
-        cold_allowance(value, self.config.near_limit_threshold, n)
+        cold_allowance(
+            self.partition(limit, value),
+            self.config.near_limit_threshold,
+            n,
+        )
+    }
+
+    /// `P` for `limit` (of `value`): this region's partition as the regional last said, or
+    /// the whole limit before it has said (a regional without a coordinator holds all of it).
+    fn partition(&self, limit: LimitId, value: u64) -> u64 {
+        self.partitions
+            .get(&limit)
+            .map_or(value, |p| (*p).min(value))
     }
 
     /// See [`Agent::set_rules`].
@@ -814,6 +831,9 @@ impl Inner {
         if changes.is_empty() {
             return true;
         }
+        // A changed limit's partition is the regional's to say again.
+        self.partitions
+            .retain(|limit, _| !changes.contains_key(limit));
         let mut returned = 0;
         self.keys.retain(|key, state| {
             let (limit, _) = split(key);
@@ -959,6 +979,9 @@ impl Inner {
                 win.near_limit |= e.near_limit;
                 win.recalled |= e.recall;
             }
+        }
+        for p in &ack.partitions {
+            self.partitions.insert(p.limit, p.partition);
         }
         for hot in &ack.hot_keys {
             let Some(slot) = SlotKey::from_wire(hot.limit, &hot.key) else {

@@ -243,14 +243,14 @@ impl KeyState {
     }
 
     /// Tries to reserve `cost` locally at `now` in window `w`, under the grant or, for a soft
-    /// key never granted, the cold allowance `c0`.
+    /// key never granted, the cold allowance `c0` (asked for only then: it is a lookup).
     pub(crate) fn reserve(
         &mut self,
         now: Nanos,
         w: u64,
         cost: u64,
         strictness: Strictness,
-        c0: u64,
+        c0: impl FnOnce() -> u64,
     ) -> (Local, u32) {
         if self.denied_until > now {
             return (
@@ -275,7 +275,7 @@ impl KeyState {
             || (strictness == Strictness::Soft
                 && !hot
                 && win.used.saturating_add(win.pending).saturating_add(cost)
-                    <= held.saturating_add(c0));
+                    <= held.saturating_add(c0()));
         if !fits {
             return (Local::Exact, lost);
         }
@@ -386,48 +386,69 @@ mod tests {
         let mut s = KeyState::new();
         let now = Nanos::from_secs(1);
         // Soft, cold allowance 2.
-        assert_eq!(s.reserve(now, 0, 1, Strictness::Soft, 2).0, Local::Reserved);
+        assert_eq!(
+            s.reserve(now, 0, 1, Strictness::Soft, || 2).0,
+            Local::Reserved
+        );
         s.commit(now, 1);
-        assert_eq!(s.reserve(now, 0, 1, Strictness::Soft, 2).0, Local::Reserved);
+        assert_eq!(
+            s.reserve(now, 0, 1, Strictness::Soft, || 2).0,
+            Local::Reserved
+        );
         s.commit(now, 1);
-        assert_eq!(s.reserve(now, 0, 1, Strictness::Soft, 2).0, Local::Exact);
+        assert_eq!(s.reserve(now, 0, 1, Strictness::Soft, || 2).0, Local::Exact);
         // Hard: never cold.
         let mut h = KeyState::new();
-        assert_eq!(h.reserve(now, 0, 1, Strictness::Hard, 2).0, Local::Exact);
+        assert_eq!(h.reserve(now, 0, 1, Strictness::Hard, || 2).0, Local::Exact);
         // A grant of 5 (ceiling counts the 2 already used).
         s.raise_granted(0, 5);
         for _ in 0..3 {
-            assert_eq!(s.reserve(now, 0, 1, Strictness::Hard, 0).0, Local::Reserved);
+            assert_eq!(
+                s.reserve(now, 0, 1, Strictness::Hard, || 0).0,
+                Local::Reserved
+            );
             s.commit(now, 1);
         }
-        assert_eq!(s.reserve(now, 0, 1, Strictness::Hard, 0).0, Local::Exact);
+        assert_eq!(s.reserve(now, 0, 1, Strictness::Hard, || 0).0, Local::Exact);
     }
 
     #[test]
     fn a_soft_key_whose_grant_was_handed_back_may_spend_the_cold_allowance_once() {
         let mut s = KeyState::new();
         let now = Nanos::from_secs(1);
-        assert_eq!(s.reserve(now, 0, 1, Strictness::Soft, 2).0, Local::Reserved);
+        assert_eq!(
+            s.reserve(now, 0, 1, Strictness::Soft, || 2).0,
+            Local::Reserved
+        );
         s.commit(now, 1);
         s.raise_granted(0, 4); // the ceiling counts the 1 already used
         for _ in 0..3 {
-            assert_eq!(s.reserve(now, 0, 1, Strictness::Soft, 2).0, Local::Reserved);
+            assert_eq!(
+                s.reserve(now, 0, 1, Strictness::Soft, || 2).0,
+                Local::Reserved
+            );
             s.commit(now, 1);
         }
         s.cur.release_unused(); // idle: nothing unused to hand back, held stays 4
         // Beyond the grant: two more (c0 = 2), then the exact path.
         for _ in 0..2 {
-            assert_eq!(s.reserve(now, 0, 1, Strictness::Soft, 2).0, Local::Reserved);
+            assert_eq!(
+                s.reserve(now, 0, 1, Strictness::Soft, || 2).0,
+                Local::Reserved
+            );
             s.commit(now, 1);
         }
-        assert_eq!(s.reserve(now, 0, 1, Strictness::Soft, 2).0, Local::Exact);
+        assert_eq!(s.reserve(now, 0, 1, Strictness::Soft, || 2).0, Local::Exact);
         // Hard keys never go beyond their grant.
         let mut h = KeyState::new();
-        assert_eq!(h.reserve(now, 0, 1, Strictness::Hard, 2).0, Local::Exact);
+        assert_eq!(h.reserve(now, 0, 1, Strictness::Hard, || 2).0, Local::Exact);
         h.raise_granted(0, 1);
-        assert_eq!(h.reserve(now, 0, 1, Strictness::Hard, 2).0, Local::Reserved);
+        assert_eq!(
+            h.reserve(now, 0, 1, Strictness::Hard, || 2).0,
+            Local::Reserved
+        );
         h.commit(now, 1);
-        assert_eq!(h.reserve(now, 0, 1, Strictness::Hard, 2).0, Local::Exact);
+        assert_eq!(h.reserve(now, 0, 1, Strictness::Hard, || 2).0, Local::Exact);
     }
 
     #[test]
@@ -436,16 +457,22 @@ mod tests {
         s.window(0);
         s.raise_granted(0, 1);
         let now = Nanos::ZERO;
-        assert_eq!(s.reserve(now, 0, 1, Strictness::Hard, 0).0, Local::Reserved);
         assert_eq!(
-            s.reserve(now, 0, 1, Strictness::Hard, 0).0,
+            s.reserve(now, 0, 1, Strictness::Hard, || 0).0,
+            Local::Reserved
+        );
+        assert_eq!(
+            s.reserve(now, 0, 1, Strictness::Hard, || 0).0,
             Local::Exact,
             "reserved"
         );
         s.roll_back(1);
         assert_eq!(s.cur.used, 0);
         assert!(!s.unsynced());
-        assert_eq!(s.reserve(now, 0, 1, Strictness::Hard, 0).0, Local::Reserved);
+        assert_eq!(
+            s.reserve(now, 0, 1, Strictness::Hard, || 0).0,
+            Local::Reserved
+        );
     }
 
     #[test]
@@ -455,7 +482,10 @@ mod tests {
         s.window(0);
         s.raise_granted(0, 5);
         for _ in 0..2 {
-            assert_eq!(s.reserve(now, 0, 1, Strictness::Hard, 0).0, Local::Reserved);
+            assert_eq!(
+                s.reserve(now, 0, 1, Strictness::Hard, || 0).0,
+                Local::Reserved
+            );
             s.commit(now, 1);
         }
         s.denied_until = Nanos::from_secs(30);
@@ -463,7 +493,7 @@ mod tests {
         assert_eq!((s.cur.used, s.cur.released), (2, 3));
         assert_eq!(s.denied_until, Nanos::ZERO);
         assert!(s.unsynced(), "the hand-back goes with the next sync");
-        assert_eq!(s.reserve(now, 0, 1, Strictness::Hard, 0).0, Local::Exact);
+        assert_eq!(s.reserve(now, 0, 1, Strictness::Hard, || 0).0, Local::Exact);
     }
 
     #[test]

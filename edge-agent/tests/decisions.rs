@@ -252,6 +252,38 @@ async fn a_soft_key_spends_no_cold_allowance_before_the_regional_has_said_n() {
     );
 }
 
+/// The cold allowance is a fraction of this region's partition (DESIGN §4,
+/// `⌊(1−θ)·P / 2n⌋`), not of the whole limit, once the regional has said `P`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_allowance_is_a_fraction_of_the_regions_partition() {
+    let rules = rules(
+        "rate_limits:\n  endpoints:\n    \
+         - { id: s, path: /login, limit: 1000, window: 1m, key: ip }\n",
+    );
+    let limit = rules.rule("s").unwrap().limits()[0].id();
+    let clock = ManualClock::new(T0);
+    let region = regional(&rules, 10);
+    // Another region holds 600 of the 1,000.
+    region.lock().unwrap().set_partition(limit, 400);
+    let agent = agent(&rules, Link::new(&region, 0, &clock), &clock);
+    assert_eq!(agent.check(&login("6.6.6.6")).path, DecisionPath::Exact);
+    agent.flush().await.unwrap();
+    // c0 = ⌊0.2·400 / 20⌋ = 4, where the whole limit would give 10.
+    let paths: Vec<DecisionPath> = (0..5)
+        .map(|_| agent.check(&login("7.7.7.7")).path)
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            DecisionPath::Local,
+            DecisionPath::Local,
+            DecisionPath::Local,
+            DecisionPath::Local,
+            DecisionPath::Exact
+        ]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shadow_limit_denies_nothing_and_reports_what_it_would_deny() {
     let rules = rules(

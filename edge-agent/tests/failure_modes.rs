@@ -105,3 +105,39 @@ async fn the_blocking_check_is_bounded_by_the_timeout_too() {
     assert!(waited >= AgentConfig::default().upstream_timeout);
     assert!(waited < Duration::from_secs(2), "waited {waited:?}");
 }
+
+/// With other regions holding part of a limit, the `local` mode's share is of this region's
+/// partition, `P/n`, not of the whole limit: each region's edges together stay within their
+/// region's `P` while cut off (DESIGN §7), so the regions together stay within `L`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_mode_enforces_a_share_of_the_regions_partition_not_of_the_limit() {
+    let rules = rules_with("local");
+    let limit = rules.rule("r").expect("rule r").limits()[0].id();
+    let clock = ManualClock::new(T0);
+    let region = regional(&rules, 2);
+    // L = 10; this region holds 4, another region the other 6.
+    region.lock().expect("not poisoned").set_partition(limit, 4);
+    let link = Link::new(&region, 0, &clock);
+    let agent = agent(&rules, link.clone(), &clock);
+    let from = |ip: &'static str| Request {
+        ip: Some(ip),
+        ..Request::new("GET", "/r")
+    };
+    // While up, one request and a sync teach the edge P = 4 and n = 2.
+    assert!(
+        agent
+            .check_async(&from("1.1.1.1"), NonZeroU32::MIN)
+            .await
+            .allowed
+    );
+    agent.flush().await.expect("the regional is up");
+
+    link.up.store(false, std::sync::atomic::Ordering::SeqCst);
+    let mut admitted = 0;
+    for _ in 0..15 {
+        let d = agent.check_async(&from("9.9.9.9"), NonZeroU32::MIN).await;
+        assert_eq!(d.path, DecisionPath::Fallback(FailureMode::Local));
+        admitted += usize::from(d.allowed);
+    }
+    assert_eq!(admitted, 2, "P/n = 4/2, not L/n = 10/2");
+}

@@ -53,10 +53,10 @@ use std::{
 use shared::{
     Clock, LimitId, Nanos, RuleSet,
     algorithm::{Limiter, Outcome, Verdict},
-    quota::{DEFAULT_THRESHOLD, EdgeId, Threshold, carry_weight_ppm},
+    quota::{DEFAULT_THRESHOLD, EdgeId, Threshold, carry_weight_ppm, share_of},
     wire::{
-        AckEntry, Acquire, AcquireReply, CheckOutcome, HotKey, MAX_KEYS_PER_BATCH, SyncAck,
-        SyncBatch,
+        AckEntry, Acquire, AcquireReply, CheckOutcome, HotKey, LimitPartition, MAX_KEYS_PER_BATCH,
+        SyncAck, SyncBatch,
     },
 };
 
@@ -400,6 +400,8 @@ impl Regional {
         let mut ops = Vec::with_capacity(batch.entries.len());
         // Per op: whether its window is current here (only those grant and mark keys hot).
         let mut is_current_op = Vec::with_capacity(batch.entries.len());
+        // `P` of each limit named, for the edge's `c0` and `P/n` (current windows only).
+        let mut partitions: HashMap<LimitId, u64> = HashMap::new();
         for e in batch.entries {
             let Some((rule, limit)) = rules.limit(e.limit) else {
                 self.stats.unknown_limit.fetch_add(1, Ordering::Relaxed);
@@ -416,6 +418,11 @@ impl Regional {
             }
             let is_current = e.window == current;
             is_current_op.push(is_current);
+            if is_current {
+                partitions
+                    .entry(e.limit)
+                    .or_insert_with(|| share_of(w.limit, self.partitions.share(e.limit, current)));
+            }
             let carry = if w.sliding && is_current {
                 carry_weight_ppm(w.length, Nanos(now.as_u64() % w.length.as_u64()))
             } else {
@@ -477,7 +484,15 @@ impl Regional {
             });
         }
         let hot_keys = hot_keys(&mut hot, &rules, now);
-        Ok(SyncAck { entries, hot_keys })
+        let partitions = partitions
+            .into_iter()
+            .map(|(limit, partition)| LimitPartition { limit, partition })
+            .collect();
+        Ok(SyncAck {
+            entries,
+            hot_keys,
+            partitions,
+        })
     }
 
     /// Decides `edge`'s exact request: every check's cost is consumed, or none.

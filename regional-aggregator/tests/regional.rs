@@ -504,3 +504,67 @@ async fn three_edges_on_redis_never_pass_a_hard_limit() {
         );
     }
 }
+
+/// Every sync ack tells the edge `P` of each limit its batch named in the current window (for
+/// its cold allowance and its `local` failure mode): the whole limit without a coordinator,
+/// the region's share of it with one.
+#[tokio::test]
+async fn a_sync_ack_tells_the_edge_each_named_limits_partition() {
+    let clock = ManualClock::new(T0 + Nanos::from_secs(5));
+    let rules = rules();
+    let [login, a] = ["login", "a"].map(|id| limit(&rules, id));
+    let window = T0.as_u64() / 60_000_000_000;
+    let entry = |limit, key: &str, window| SyncEntry {
+        limit,
+        key: key.into(),
+        window,
+        used: 1,
+        released: 0,
+        want: 0,
+    };
+    let batch = SyncBatch {
+        entries: vec![
+            entry(login, "u:alice", window),
+            entry(login, "u:bob", window),
+            entry(a, "u:alice", window - 1),
+        ],
+    };
+    let partitions = |ack: &SyncAck| {
+        let mut p: Vec<(shared::LimitId, u64)> = ack
+            .partitions
+            .iter()
+            .map(|p| (p.limit, p.partition))
+            .collect();
+        p.sort();
+        p
+    };
+
+    let alone = regional_on(Arc::new(MemoryStore::new()), &clock);
+    let ack = alone.sync(EdgeId(1), batch.clone()).await.unwrap();
+    // Once per limit; `a` only in a past window, which says nothing of the current one.
+    assert_eq!(partitions(&ack), [(login, 100)]);
+
+    let coordinated = Regional::new(
+        RegionalConfig {
+            coordinated: true,
+            ..RegionalConfig::default()
+        },
+        rules.clone(),
+        Arc::new(MemoryStore::new()),
+        Arc::new(clock.clone()),
+    );
+    coordinated.partitions().apply(
+        &shared::wire::Partitions {
+            version: 1,
+            rules: vec![shared::wire::RuleShare {
+                limit: login,
+                share_ppm: shared::quota::ppm_for(37, 100),
+                from_window: 0,
+            }],
+            keys: vec![],
+        },
+        |limit| coordinated.schedule_index(limit),
+    );
+    let ack = coordinated.sync(EdgeId(1), batch).await.unwrap();
+    assert_eq!(partitions(&ack), [(login, 37)]);
+}

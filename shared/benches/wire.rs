@@ -10,7 +10,10 @@ use std::hint::black_box;
 use criterion::{BenchmarkId, Criterion, Throughput};
 use shared::{
     LimitId,
-    wire::{AckEntry, HotKey, Message, SyncAck, SyncBatch, SyncEntry, decode_frame, encode_frame},
+    wire::{
+        AckEntry, HotKey, LimitPartition, Message, SyncAck, SyncBatch, SyncEntry, decode_frame,
+        encode_frame,
+    },
 };
 
 /// Keys per message: one full batch at the default flush interval.
@@ -88,5 +91,16 @@ fn sync_ack() -> Message {
             window: WINDOW,
         })
         .collect();
-    SyncAck { entries, hot_keys }.into()
+    let partitions = (0..4)
+        .map(|i| LimitPartition {
+            limit: LimitId(i),
+            partition: 1_000,
+        })
+        .collect();
+    SyncAck {
+        entries,
+        hot_keys,
+        partitions,
+    }
+    .into()
 }

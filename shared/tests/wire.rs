@@ -14,10 +14,11 @@ use shared::{
     wire::{
         AckEntry, Acquire, AcquireReply, Check, CheckOutcome, CloseCode, Confirm, DecodeError,
         EdgeHolding, EncodeError, ErrorNotice, Hello, HotKey, HotKeyDemand, KeyHolding,
-        KeyPartition, KeyQuery, KeyReport, MAX_FRAME_LEN, MAX_KEY_LEN, MAX_KEYS_PER_BATCH, Message,
-        PROTOCOL_VERSION, Partitions, QuotaReply, QuotaRequest, Refusal, Refused, Release, Report,
-        ReportAck, Role, RuleDemand, RuleSetAck, RuleSetPush, RuleShare, SyncAck, SyncBatch,
-        SyncEntry, TransferGrant, Welcome, decode_frame, encode_frame,
+        KeyPartition, KeyQuery, KeyReport, LimitPartition, MAX_FRAME_LEN, MAX_KEY_LEN,
+        MAX_KEYS_PER_BATCH, Message, PROTOCOL_VERSION, Partitions, QuotaReply, QuotaRequest,
+        Refusal, Refused, Release, Report, ReportAck, Role, RuleDemand, RuleSetAck, RuleSetPush,
+        RuleShare, SyncAck, SyncBatch, SyncEntry, TransferGrant, Welcome, decode_frame,
+        encode_frame,
     },
 };
 
@@ -131,7 +132,7 @@ fn frame_layout_is_pinned() {
         5,                // want
     ];
     assert_eq!(frame, expected);
-    assert_eq!(PROTOCOL_VERSION, 2);
+    assert_eq!(PROTOCOL_VERSION, 3);
 }
 
 #[test]
@@ -309,6 +310,7 @@ fn every_list_is_capped() {
     let sync_ack = SyncAck {
         entries: vec![],
         hot_keys: vec![],
+        partitions: vec![],
     };
     let ack = AckEntry {
         limit,
@@ -362,6 +364,17 @@ fn every_list_is_capped() {
                     limit,
                     key: k(),
                     window: 1
+                };
+                over
+            ],
+            ..sync_ack.clone()
+        }
+        .into(),
+        SyncAck {
+            partitions: vec![
+                LimitPartition {
+                    limit,
+                    partition: 1
                 };
                 over
             ],
@@ -591,6 +604,13 @@ fn the_largest_messages_the_caps_allow_fit_in_a_frame() {
                 };
                 n
             ],
+            partitions: vec![
+                LimitPartition {
+                    limit,
+                    partition: u64::MAX
+                };
+                n
+            ],
         }
         .into(),
         Acquire {
@@ -734,6 +754,7 @@ fn values_out_of_range_are_malformed() {
                     recall: false,
                 }],
                 hot_keys: vec![],
+                partitions: vec![],
             });
             let mut payload = payload_of(&message);
             // `recall` is the entry's last byte, before the empty hot-key list.
@@ -860,11 +881,14 @@ fn message() -> impl Strategy<Value = Message> {
         welcome().prop_map(Message::from),
         (refusal(), text()).prop_map(|(reason, message)| Refused { reason, message }.into()),
         list(sync_entry()).prop_map(|entries| SyncBatch { entries }.into()),
-        (list(ack_entry()), list(hot_key())).prop_map(|(entries, hot_keys)| SyncAck {
-            entries,
-            hot_keys
-        }
-        .into()),
+        (list(ack_entry()), list(hot_key()), list(limit_partition())).prop_map(
+            |(entries, hot_keys, partitions)| SyncAck {
+                entries,
+                hot_keys,
+                partitions,
+            }
+            .into()
+        ),
         (any::<u64>(), list(check())).prop_map(|(request_id, checks)| Acquire {
             request_id,
             checks
@@ -1139,6 +1163,10 @@ fn ack_entry() -> impl Strategy<Value = AckEntry> {
 
 fn hot_key() -> impl Strategy<Value = HotKey> {
     (limit(), key(), any::<u64>()).prop_map(|(limit, key, window)| HotKey { limit, key, window })
+}
+
+fn limit_partition() -> impl Strategy<Value = LimitPartition> {
+    (limit(), any::<u64>()).prop_map(|(limit, partition)| LimitPartition { limit, partition })
 }
 
 fn check() -> impl Strategy<Value = Check> {

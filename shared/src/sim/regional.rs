@@ -10,7 +10,9 @@ use std::{collections::HashMap, hash::Hash};
 use crate::{
     Nanos, RuleSet,
     quota::{Budget, EdgeId, Grant, KeyLedger, Threshold},
-    wire::{AckEntry, Acquire, AcquireReply, CheckOutcome, HotKey, SyncAck, SyncBatch},
+    wire::{
+        AckEntry, Acquire, AcquireReply, CheckOutcome, HotKey, LimitPartition, SyncAck, SyncBatch,
+    },
 };
 
 /// What the regional answers for one entry of a sync.
@@ -207,7 +209,9 @@ impl<K: Hash + Eq + Clone> RegionalModel<K> {
 }
 
 /// A one-region regional answering wire messages from a [`RuleSet`]: what an edge agent's
-/// upstream sees, without a network. Each limit's partition is the whole limit (one region).
+/// upstream sees, without a network. Each limit's partition is the whole limit (one region)
+/// unless [`set_partition`](WireRegional::set_partition) gives it a part (other regions hold
+/// the rest).
 #[derive(Debug)]
 pub struct WireRegional {
     rules: RuleSet,
@@ -216,6 +220,7 @@ pub struct WireRegional {
     /// How long a denial caused only by others' unused grants lasts (their next flush).
     hold: Nanos,
     model: RegionalModel<(crate::LimitId, String)>,
+    partitions: HashMap<crate::LimitId, u64>,
 }
 
 impl WireRegional {
@@ -227,7 +232,14 @@ impl WireRegional {
             threshold,
             hold: Nanos::from_millis(100),
             model: RegionalModel::new(),
+            partitions: HashMap::new(),
         }
+    }
+
+    /// This region holds `partition` of `limit` (at most the whole limit), as a coordinator
+    /// would leave it when other regions hold the rest.
+    pub fn set_partition(&mut self, limit: crate::LimitId, partition: u64) {
+        self.partitions.insert(limit, partition);
     }
 
     /// The model underneath, for assertions.
@@ -240,7 +252,10 @@ impl WireRegional {
         let limiter = limit.limiter();
         Some((
             Budget {
-                partition: limiter.limit(),
+                partition: self
+                    .partitions
+                    .get(&limit.id())
+                    .map_or(limiter.limit(), |&p| p.min(limiter.limit())),
                 carried: 0,
                 threshold: self.threshold,
                 edges: self.edges,
@@ -253,10 +268,17 @@ impl WireRegional {
     /// answer (the edge keeps resending until its window passes).
     pub fn sync(&mut self, edge: EdgeId, now: Nanos, batch: &SyncBatch) -> SyncAck {
         let mut entries = Vec::with_capacity(batch.entries.len());
+        let mut partitions: Vec<LimitPartition> = Vec::new();
         for e in &batch.entries {
             let Some((budget, window)) = self.budget(e.limit) else {
                 continue;
             };
+            if !partitions.iter().any(|p| p.limit == e.limit) {
+                partitions.push(LimitPartition {
+                    limit: e.limit,
+                    partition: budget.partition,
+                });
+            }
             let current = now.as_u64() / window.as_u64().max(1);
             let key = (e.limit, e.key.clone());
             let Some(a) = self.model.sync(
@@ -279,7 +301,11 @@ impl WireRegional {
             });
         }
         let hot_keys = self.hot_keys(now);
-        SyncAck { entries, hot_keys }
+        SyncAck {
+            entries,
+            hot_keys,
+            partitions,
+        }
     }
 
     /// Answers `edge`'s exact request at `now`; a limit the rules do not know is denied.

@@ -253,6 +253,21 @@ pub struct SyncAck {
     /// are more.
     #[serde(with = "crate::wire::codec::cap::list")]
     pub hot_keys: Vec<HotKey>,
+    /// `P` of every limit the batch named, for keys without a per-key partition, in the
+    /// regional's current window: what the edge's cold allowance `c0` and its `local` failure
+    /// mode's `P/n` are fractions of (DESIGN §4, §7). At most
+    /// [`MAX_KEYS_PER_BATCH`](crate::wire::MAX_KEYS_PER_BATCH).
+    #[serde(with = "crate::wire::codec::cap::list")]
+    pub partitions: Vec<LimitPartition>,
+}
+
+/// A region's partition of one limit, as [`SyncAck::partitions`] tells edges.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct LimitPartition {
+    /// The limit.
+    pub limit: LimitId,
+    /// `P`, in the limit's units: the whole limit for a regional without a coordinator.
+    pub partition: u64,
 }
 
 /// The regional's answer for one (limit, key, window) of a [`SyncBatch`].

@@ -64,10 +64,10 @@ pub use self::{
     codec::{DecodeError, EncodeError, decode_frame, encode_frame},
     message::{
         AckEntry, Acquire, AcquireReply, Check, CheckOutcome, Confirm, EdgeHolding, ErrorNotice,
-        Hello, HotKey, HotKeyDemand, KeyHolding, KeyPartition, KeyQuery, KeyReport, Message,
-        Partitions, QuotaReply, QuotaRequest, Refusal, Refused, Release, Report, ReportAck, Role,
-        RuleDemand, RuleSetAck, RuleSetPush, RuleShare, SyncAck, SyncBatch, SyncEntry,
-        TransferGrant, Welcome,
+        Hello, HotKey, HotKeyDemand, KeyHolding, KeyPartition, KeyQuery, KeyReport, LimitPartition,
+        Message, Partitions, QuotaReply, QuotaRequest, Refusal, Refused, Release, Report,
+        ReportAck, Role, RuleDemand, RuleSetAck, RuleSetPush, RuleShare, SyncAck, SyncBatch,
+        SyncEntry, TransferGrant, Welcome,
     },
 };
 
@@ -75,7 +75,7 @@ pub use self::{
 ///
 /// Starts at 1 so that a zeroed buffer is never mistaken for a valid frame. See "The version
 /// rule" in the module documentation for what bumps it.
-pub const PROTOCOL_VERSION: u8 = 2;
+pub const PROTOCOL_VERSION: u8 = 3;
 
 /// The largest value a frame's length prefix may hold: the version byte plus the payload, in
 /// bytes (a whole frame is at most 4 bytes more). 1 MiB.
