@@ -54,7 +54,7 @@ use std::{
 use quinn::{Connection, Endpoint, VarInt};
 use shared::{
     RuleSet,
-    net::{self, Identity as TlsIdentity, NetError, NetStats},
+    net::{self, Address, Identity as TlsIdentity, NetError, NetStats},
     wire::{
         Acquire, AcquireReply, CloseCode, ErrorNotice, Hello, Message, PROTOCOL_VERSION, Refusal,
         Role, RuleSetAck, RuleSetPush, SyncAck, SyncBatch,
@@ -83,8 +83,9 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// defaults, and change what you need.
 #[derive(Clone, Debug)]
 pub struct QuicConfig {
-    /// The regional's addresses (its replicas), tried in this order. At least one.
-    pub addresses: Vec<SocketAddr>,
+    /// The regional's addresses (its replicas), tried in this order. At least one. A DNS
+    /// name is resolved at every attempt.
+    pub addresses: Vec<Address>,
     /// The DNS name the regional's certificate carries (`regional-eu-1`, `localhost`): TLS
     /// accepts the server only if the deployment CA issued its certificate for this name.
     pub server_name: String,
@@ -120,7 +121,7 @@ impl QuicConfig {
     /// A config with every default, for the edge `node` of `region`, dialling the regional at
     /// `addresses` by `server_name`.
     pub fn new(
-        addresses: Vec<SocketAddr>,
+        addresses: impl IntoIterator<Item = impl Into<Address>>,
         server_name: impl Into<String>,
         identity: TlsIdentity,
         node: impl Into<String>,
@@ -130,7 +131,7 @@ impl QuicConfig {
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default();
         QuicConfig {
-            addresses,
+            addresses: addresses.into_iter().map(Into::into).collect(),
             server_name: server_name.into(),
             identity,
             node: node.into(),
@@ -195,7 +196,8 @@ impl QuicUpstream {
     pub fn connect(config: QuicConfig) -> Result<Arc<QuicUpstream>, QuicError> {
         check(&config)?;
         let runtime = Handle::try_current().map_err(|_| QuicError::NoRuntime)?;
-        let bind = if config.addresses.iter().any(SocketAddr::is_ipv6) {
+        let ipv6 = config.addresses.iter().any(Address::is_ipv6);
+        let bind = if ipv6 {
             SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
         } else {
             SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
@@ -453,20 +455,24 @@ async fn run(link: Arc<Link>, endpoint: Endpoint, config: QuicConfig) {
     let mut backoff = config.backoff_min;
     loop {
         // `check` refused an empty list, so `next` always indexes it.
-        let Some(&address) = addresses.get(next) else {
+        let Some(configured) = addresses.get(next) else {
             return;
         };
         next = (next + 1) % addresses.len();
         hello.rule_set_version = link.rule_set_version(config.rule_set_version);
-        let attempt = tokio::time::timeout(
-            config.connect_timeout,
-            net::connect(&endpoint, address, &config.server_name, &hello),
-        )
+        // The socket is IPv6 only when some address is an IPv6 literal (see `connect`).
+        let ipv6 = endpoint.local_addr().is_ok_and(|a| a.is_ipv6());
+        let attempt = tokio::time::timeout(config.connect_timeout, async {
+            let address = configured.resolve(ipv6).await?;
+            net::connect(&endpoint, address, &config.server_name, &hello)
+                .await
+                .map(|(conn, welcome)| (conn, welcome, address))
+        })
         .await
         .unwrap_or(Err(NetError::Timeout));
         let error = match attempt {
-            Ok((conn, welcome)) => {
-                info!(%address, regional = %welcome.node, "connected to the regional");
+            Ok((conn, welcome, address)) => {
+                info!(%configured, %address, regional = %welcome.node, "connected to the regional");
                 // For as long as the connection lives. A regional pushes as soon as it has
                 // welcomed an edge on an older version; its stream waits until accepted.
                 tokio::spawn(answer_pushes(link.clone(), conn.clone()));
@@ -485,19 +491,19 @@ async fn run(link: Arc<Link>, endpoint: Endpoint, config: QuicConfig) {
         };
         if let NetError::Refused(refused) = &error {
             if refused.reason == Refusal::ShuttingDown {
-                info!(%address, "the regional is shutting down, trying the next address");
+                info!(address = %configured, "the regional is shutting down, trying the next address");
             } else {
                 error!(
-                    %address, reason = ?refused.reason, message = %refused.message,
+                    address = %configured, reason = ?refused.reason, message = %refused.message,
                     "the regional refused this edge: fix the configuration",
                 );
                 tokio::time::sleep(config.backoff_max).await;
                 continue;
             }
         } else if failed_in_round == 0 {
-            warn!(%address, %error, "cannot connect to the regional");
+            warn!(address = %configured, %error, "cannot connect to the regional");
         } else {
-            debug!(%address, %error, "cannot connect to the regional");
+            debug!(address = %configured, %error, "cannot connect to the regional");
         }
         failed_in_round += 1;
         if failed_in_round >= addresses.len() {

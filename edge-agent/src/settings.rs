@@ -7,7 +7,8 @@
 //! listen: 127.0.0.1:8080         # HTTP: POST /v1/check, GET /healthz, GET /readyz
 //! rules: rules.yaml              # relative paths are read from this file's directory
 //! regional:
-//!   addresses: [127.0.0.1:7401]  # the region's regional replicas, tried in order
+//!   addresses: [127.0.0.1:7401]  # the region's regional replicas, tried in order (ip:port or
+//!                                # host:port; a name is resolved at every connect)
 //!   name: regional-eu-1          # the name their certificates carry
 //! tls:
 //!   ca: pki/ca.pem
@@ -44,6 +45,7 @@ use serde::Deserialize;
 use shared::{
     ConfigError,
     config::{TlsFiles, optional_duration},
+    net::Address,
     quota::Threshold,
 };
 
@@ -63,7 +65,7 @@ pub struct Settings {
     /// The rules file.
     pub rules: PathBuf,
     /// The regional's replicas.
-    pub regional_addresses: Vec<SocketAddr>,
+    pub regional_addresses: Vec<Address>,
     /// The name the regional's certificates carry.
     pub regional_name: String,
     /// The deployment CA, this node's certificate and key.
@@ -110,7 +112,7 @@ struct RawProxy {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRegional {
-    addresses: Vec<SocketAddr>,
+    addresses: Vec<Address>,
     name: String,
 }
 

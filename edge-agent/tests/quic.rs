@@ -350,6 +350,24 @@ async fn failover_skips_a_dead_address() {
     assert!(upstream.sync(SyncBatch { entries: vec![] }).await.is_ok());
 }
 
+/// A regional named by DNS (`localhost:port`, as a Kubernetes Service name would be) is
+/// resolved at each attempt; a name that does not resolve is skipped like a dead address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_regional_named_by_dns_is_resolved_and_a_bad_name_is_skipped() {
+    let pki = Pki::new();
+    let (_region, server) = sim_server(&pki).await;
+    let named: net::Address = format!("localhost:{}", server.addr.port()).parse().unwrap();
+    let missing: net::Address = "no-such-regional.invalid:7401".parse().unwrap();
+    let config = QuicConfig {
+        addresses: vec![missing, named],
+        ..pki.edge_config(vec![], "edge-eu-1")
+    };
+    let upstream = QuicUpstream::connect(config).unwrap();
+    let connected = tokio::time::timeout(PATIENCE, upstream.connected()).await;
+    assert_eq!(connected.ok(), Some(server.addr));
+    assert!(upstream.sync(SyncBatch { entries: vec![] }).await.is_ok());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_regional_is_reconnected_and_calls_fail_fast_meanwhile() {
     let pki = Pki::new();

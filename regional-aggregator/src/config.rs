@@ -17,7 +17,8 @@
 //!   failures: 5                  # failures in a row that open the breaker
 //!   cooldown: 60s                # open this long before a probe
 //! coordinator:                   # absent: this region owns every limit whole
-//!   addr: 127.0.0.1:7500         # the coordinator's QUIC address
+//!   addr: 127.0.0.1:7500         # the coordinator's QUIC address (ip:port, or host:port
+//!                                # resolved at every connect)
 //!   name: coordinator-1          # the name its certificate carries
 //!   report_interval: 1s          # demand reports; partitions follow within a few
 //!   escalation_budget: 100ms     # how long an exact denial may wait for other regions' quota
@@ -39,6 +40,7 @@ use serde::Deserialize;
 use shared::{
     ConfigError,
     config::{TlsFiles, optional_duration},
+    net::Address,
     quota::Threshold,
 };
 
@@ -82,8 +84,8 @@ pub struct RedisConfig {
 /// Where the coordinator is and how this regional talks to it.
 #[derive(Clone, Debug)]
 pub struct CoordinatorLink {
-    /// Its QUIC address.
-    pub addr: SocketAddr,
+    /// Its QUIC address: `ip:port`, or `host:port` resolved at every connect.
+    pub addr: Address,
     /// The name its certificate carries.
     pub name: String,
     /// How often demand is reported. Default 1 s.
@@ -100,7 +102,7 @@ pub const DEFAULT_ESCALATION_BUDGET: Duration = Duration::from_millis(100);
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawCoordinator {
-    addr: SocketAddr,
+    addr: Address,
     name: String,
     #[serde(default, deserialize_with = "optional_duration")]
     report_interval: Option<Duration>,
@@ -381,6 +383,22 @@ hold: 200ms
         let defaults = RegionalConfig::default();
         assert_eq!(c.regional.threshold, defaults.threshold);
         assert_eq!(c.regional.hold, defaults.hold);
+    }
+
+    #[test]
+    fn the_coordinator_may_be_named_by_dns_and_a_bad_address_names_the_field() {
+        let with = |addr: &str| {
+            parse(&format!(
+                "{FULL}coordinator: {{addr: \"{addr}\", name: coordinator-1}}\n"
+            ))
+        };
+        let c = with("coordinator.rate-limiter.svc:7500").unwrap();
+        let link = c.coordinator.unwrap();
+        assert_eq!(link.addr.to_string(), "coordinator.rate-limiter.svc:7500");
+        assert!(!link.addr.is_ipv6());
+        let err = with("coordinator_1:7500").unwrap_err();
+        assert_eq!(err.field(), Some("coordinator.addr"), "{err}");
+        assert!(err.to_string().contains("coordinator_1:7500"), "{err}");
     }
 
     #[test]

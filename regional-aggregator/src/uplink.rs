@@ -130,7 +130,12 @@ impl Uplink {
                 region: self.region.clone(),
                 rule_set_version: self.regional.rules().version(),
             };
-            match net::connect(&endpoint, self.link.addr, &self.link.name, &hello).await {
+            let ipv6 = endpoint.local_addr().is_ok_and(|a| a.is_ipv6());
+            let attempt = match self.link.addr.resolve(ipv6).await {
+                Ok(addr) => net::connect(&endpoint, addr, &self.link.name, &hello).await,
+                Err(e) => Err(e),
+            };
+            match attempt {
                 Ok((conn, welcome)) => {
                     tracing::info!(
                         coordinator = %welcome.node, addr = %self.link.addr,

@@ -80,6 +80,9 @@ pub enum NetError {
     /// The node's TLS identity is not usable.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// A configured DNS name did not resolve to an address the client socket can reach.
+    #[error("{0}")]
+    Resolve(String),
 }
 
 impl NetError {

@@ -98,6 +98,7 @@
 //! [`Refused`]: crate::wire::Refused
 //! [`CloseCode`]: crate::wire::CloseCode
 
+mod address;
 mod client;
 mod error;
 pub mod frame;
@@ -107,6 +108,7 @@ mod server;
 pub mod tls;
 
 pub use self::{
+    address::{Address, AddressError},
     client::{client_endpoint, connect},
     error::NetError,
     frame::{call, call_within, push_rule_set, read_message, write_message},
