@@ -40,7 +40,7 @@ use serde::Deserialize;
 use shared::{
     ConfigError,
     config::{TlsFiles, optional_duration},
-    net::Address,
+    net::{Address, is_dns_name},
     quota::Threshold,
 };
 
@@ -314,21 +314,6 @@ fn check_redis_url(url: &str) -> Result<(), String> {
     redis::Client::open(url)
         .map(drop)
         .map_err(|e| format!("{url:?} is not a Redis URL: {e}"))
-}
-
-/// Letters, digits, `-` and `.`, not empty, as certificates carry node names.
-fn is_dns_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
 }
 
 #[cfg(test)]

@@ -94,7 +94,8 @@ impl FromStr for Address {
         if host.parse::<IpAddr>().is_ok() || host.starts_with('[') || host.contains(':') {
             return Err(fail("an IPv6 address needs brackets: [::1]:7401"));
         }
-        if !is_dns_name(host) {
+        // A fully qualified name may end with the root's dot.
+        if !is_dns_name(host.strip_suffix('.').unwrap_or(host)) {
             return Err(fail(
                 "the host is neither an IP address nor a DNS name (letters, digits, '-' and '.')",
             ));
@@ -106,10 +107,9 @@ impl FromStr for Address {
     }
 }
 
-/// RFC 1123 host names: dot-separated labels of 1–63 letters, digits and inner hyphens, at
-/// most 253 bytes, an optional final dot.
-fn is_dns_name(host: &str) -> bool {
-    let name = host.strip_suffix('.').unwrap_or(host);
+/// An RFC 1123 host name, as certificates carry node names: dot-separated labels of 1–63
+/// letters, digits and inner hyphens, at most 253 bytes.
+pub fn is_dns_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 253
         && name.split('.').all(|label| {

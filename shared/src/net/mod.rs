@@ -108,7 +108,7 @@ mod server;
 pub mod tls;
 
 pub use self::{
-    address::{Address, AddressError},
+    address::{Address, AddressError, is_dns_name},
     client::{client_endpoint, connect},
     error::NetError,
     frame::{call, call_within, push_rule_set, read_message, write_message},
