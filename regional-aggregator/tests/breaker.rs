@@ -27,6 +27,35 @@ rate_limits:
     - { id: api, path: /api, limit: 100000, window: 1h, key: user_id, algorithm: fixed_window }
 ";
 
+/// A regional over Redis at `server` behind a breaker of `config`, on `clock`, enforcing
+/// `rules`; and the breaker and the bare Redis store, to look at.
+async fn guarded_regional(
+    server: &RedisServer,
+    config: BreakerConfig,
+    clock: &ManualClock,
+    rules: RuleSet,
+) -> (Regional, Arc<GuardedStore>, RedisStore) {
+    let redis = RedisStore::connect(
+        &RedisTopology::Single(server.url()),
+        Duration::from_millis(200),
+    )
+    .await
+    .unwrap();
+    let guarded = Arc::new(GuardedStore::new(
+        Arc::new(redis.clone()),
+        config,
+        Arc::new(clock.clone()),
+        "regional-test",
+    ));
+    let regional = Regional::new(
+        RegionalConfig::default(),
+        rules,
+        guarded.clone(),
+        Arc::new(clock.clone()),
+    );
+    (regional, guarded, redis)
+}
+
 /// Exact requests for one key, one at a time, counting what was admitted and the slowest.
 struct Load {
     limit: shared::LimitId,
@@ -237,31 +266,14 @@ rate_limits:
 ";
     let mut server = RedisServer::start_durable();
     let clock = ManualClock::new(T0);
-    let redis = RedisStore::connect(
-        &RedisTopology::Single(server.url()),
-        Duration::from_millis(200),
-    )
-    .await
-    .unwrap();
     let config = BreakerConfig {
         failures: 1,
         cooldown: Duration::from_secs(60),
         timeout: Duration::from_millis(200),
     };
-    let guarded = Arc::new(GuardedStore::new(
-        Arc::new(redis.clone()),
-        config,
-        Arc::new(clock.clone()),
-        "regional-test",
-    ));
     let rules = RuleSet::from_yaml("rules.yaml", STATE_RULES).unwrap();
     let [tb, log] = ["tb", "log"].map(|id| rules.rule(id).unwrap().limits()[0].id());
-    let regional = Regional::new(
-        RegionalConfig::default(),
-        rules,
-        guarded.clone(),
-        Arc::new(clock.clone()),
-    );
+    let (regional, guarded, _) = guarded_regional(&server, config, &clock, rules).await;
     let request_id = std::sync::atomic::AtomicU64::new(0);
     // `times` requests of cost 2 on `limit` for `key`: how many were admitted.
     let admit = async |limit, key: &str, times| {
@@ -353,33 +365,16 @@ rate_limits:
     let mut server = RedisServer::start_durable();
     // T0 is a minute boundary; the test starts 10 s into that minute.
     let clock = ManualClock::new(T0 + Nanos::from_secs(10));
-    let redis = RedisStore::connect(
-        &RedisTopology::Single(server.url()),
-        Duration::from_millis(200),
-    )
-    .await
-    .unwrap();
     let config = BreakerConfig {
         failures: 1,
         // Longer than the test's clock moves: no probe, Redis stays away throughout.
         cooldown: Duration::from_secs(3600),
         timeout: Duration::from_millis(200),
     };
-    let guarded = Arc::new(GuardedStore::new(
-        Arc::new(redis),
-        config,
-        Arc::new(clock.clone()),
-        "regional-test",
-    ));
     let rules = RuleSet::from_yaml("rules.yaml", CLOSED_RULES).unwrap();
     let [fixed, slide, tb, loose] =
         ["fixed", "slide", "tb", "loose"].map(|id| rules.rule(id).unwrap().limits()[0].id());
-    let regional = Regional::new(
-        RegionalConfig::default(),
-        rules,
-        guarded.clone(),
-        Arc::new(clock.clone()),
-    );
+    let (regional, guarded, _) = guarded_regional(&server, config, &clock, rules).await;
     let minute = 60_000_000_000;
     let request_id = std::sync::atomic::AtomicU64::new(0);
     // `times` requests of cost 1 on `limit` for alice: how many were admitted, and the last
