@@ -40,7 +40,7 @@ async fn guarded_regional(
         Duration::from_millis(200),
     )
     .await
-    .unwrap();
+    .expect("the test Redis is up");
     let guarded = Arc::new(GuardedStore::new(
         Arc::new(redis.clone()),
         config,
