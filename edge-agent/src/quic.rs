@@ -46,7 +46,7 @@
 //! maximum backoff, so that fixing the regional's side is enough to recover.
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::SocketAddr,
     sync::{Arc, OnceLock},
     time::{Duration, SystemTime},
 };
@@ -196,12 +196,7 @@ impl QuicUpstream {
     pub fn connect(config: QuicConfig) -> Result<Arc<QuicUpstream>, QuicError> {
         check(&config)?;
         let runtime = Handle::try_current().map_err(|_| QuicError::NoRuntime)?;
-        let ipv6 = config.addresses.iter().any(Address::is_ipv6);
-        let bind = if ipv6 {
-            SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
-        } else {
-            SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
-        };
+        let bind = Address::client_bind(&config.addresses);
         let endpoint = net::client_endpoint(bind, &config.identity)?;
         let (state, _) = watch::channel(None);
         let link = Arc::new(Link {
@@ -460,10 +455,8 @@ async fn run(link: Arc<Link>, endpoint: Endpoint, config: QuicConfig) {
         };
         next = (next + 1) % addresses.len();
         hello.rule_set_version = link.rule_set_version(config.rule_set_version);
-        // The socket is IPv6 only when some address is an IPv6 literal (see `connect`).
-        let ipv6 = endpoint.local_addr().is_ok_and(|a| a.is_ipv6());
         let attempt = tokio::time::timeout(config.connect_timeout, async {
-            let address = configured.resolve(ipv6).await?;
+            let address = configured.resolve_for(&endpoint).await?;
             net::connect(&endpoint, address, &config.server_name, &hello)
                 .await
                 .map(|(conn, welcome)| (conn, welcome, address))

@@ -523,12 +523,11 @@ impl Links {
     fn observe_hot(&self, region: &str, report: &Report) {
         let mut hot = self.hot.lock().unwrap_or_else(|e| e.into_inner());
         for h in &report.hot_keys {
-            if hot.len() >= MAX_HOT_KEYS && !hot.contains_key(&(h.limit, h.key.clone())) {
+            let key = (h.limit, h.key.clone());
+            if hot.len() >= MAX_HOT_KEYS && !hot.contains_key(&key) {
                 break;
             }
-            let entry = hot
-                .entry((h.limit, h.key.clone()))
-                .or_insert_with(|| HotKey::new(h.window));
+            let entry = hot.entry(key).or_insert_with(|| HotKey::new(h.window));
             if h.window > entry.window {
                 *entry = HotKey::new(h.window);
             }

@@ -199,12 +199,7 @@ pub async fn run(checked: Checked, shutdown: impl Future<Output = ()>) -> Result
                 config.region.clone(),
             );
             regional.set_escalation(uplink.clone());
-            // IPv6 only for an IPv6 literal; a name resolves to an address of this family.
-            let bind = if link.addr.is_ipv6() {
-                std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
-            } else {
-                std::net::SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0))
-            };
+            let bind = net::Address::client_bind([&link.addr]);
             let client = net::client_endpoint(bind, &identity)?;
             Some((uplink.clone(), tokio::spawn(uplink.run(client))))
         }

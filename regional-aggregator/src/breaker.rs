@@ -390,10 +390,63 @@ impl Inner {
     }
 }
 
-/// Whether an op that needs every admission since `exact_since` cannot be decided by memory
-/// that has seen only those since `since`.
-fn unknown(exact_since: Option<Nanos>, since: Nanos) -> bool {
-    exact_since.is_some_and(|t| t < since)
+/// An op that may need every admission since an instant ([`ExactOp::exact_since`]).
+trait Dated: Clone {
+    fn exact_since(&self) -> Option<Nanos>;
+
+    /// Whether memory that has seen only the calls since `since` cannot decide it.
+    fn unknown(&self, since: Nanos) -> bool {
+        self.exact_since().is_some_and(|t| t < since)
+    }
+}
+
+impl Dated for SyncOp {
+    fn exact_since(&self) -> Option<Nanos> {
+        self.exact_since
+    }
+}
+
+impl Dated for ExactOp {
+    fn exact_since(&self) -> Option<Nanos> {
+        self.exact_since
+    }
+}
+
+impl Dated for StateOp {
+    fn exact_since(&self) -> Option<Nanos> {
+        self.exact_since
+    }
+}
+
+/// Memory's outage start and the ops of `ops` it can decide, when it cannot decide them all;
+/// `None` when it can (or the call is not going to memory).
+fn known<Op: Dated>(ops: &[Op], outage: Option<Nanos>) -> Option<(Nanos, Vec<Op>)> {
+    let since = outage.filter(|&t| ops.iter().any(|op| op.unknown(t)))?;
+    Some((
+        since,
+        ops.iter()
+            .filter(|op| !op.unknown(since))
+            .cloned()
+            .collect(),
+    ))
+}
+
+/// The replies to `ops`, in order: `decided` (memory's, one per known op, in order) for the
+/// ops memory could decide, `refuse(op, wait)` for the others, `wait` being how long until
+/// their span lies inside the outage. A short answer refuses the rest.
+fn merge<Op: Dated, R>(
+    ops: &[Op],
+    since: Nanos,
+    decided: Vec<R>,
+    refuse: impl Fn(&Op, Nanos) -> R,
+) -> Vec<R> {
+    let mut decided = decided.into_iter();
+    ops.iter()
+        .map(|op| match op.exact_since() {
+            Some(t) if t < since => refuse(op, since - t),
+            _ => decided.next().unwrap_or_else(|| refuse(op, Nanos::ZERO)),
+        })
+        .collect()
 }
 
 /// Memory's answer to a ledger op it cannot decide: denied, and `held` so the edge asks again
@@ -438,25 +491,19 @@ impl Store for GuardedStore {
     ) -> StoreFuture<'a, Vec<SyncReply>> {
         Box::pin(self.guarded(move |s, outage| {
             Box::pin(async move {
-                match outage {
-                    Some(since) if ops.iter().any(|op| unknown(op.exact_since, since)) => {
-                        // Merge their counts (edges' counters are cumulative, so that loses
-                        // nothing) but mint no grant on them.
-                        let ops: Vec<SyncOp> = ops
-                            .iter()
-                            .map(|op| SyncOp {
-                                want: if unknown(op.exact_since, since) {
-                                    0
-                                } else {
-                                    op.want
-                                },
-                                ..op.clone()
-                            })
-                            .collect();
-                        s.sync(edge, now, &ops).await
-                    }
-                    _ => s.sync(edge, now, ops).await,
-                }
+                let Some(since) = outage.filter(|&t| ops.iter().any(|op| op.unknown(t))) else {
+                    return s.sync(edge, now, ops).await;
+                };
+                // Merge their counts (edges' counters are cumulative, so that loses nothing)
+                // but mint no grant on them.
+                let ops: Vec<SyncOp> = ops
+                    .iter()
+                    .map(|op| SyncOp {
+                        want: if op.unknown(since) { 0 } else { op.want },
+                        ..op.clone()
+                    })
+                    .collect();
+                s.sync(edge, now, &ops).await
             })
         }))
     }
@@ -469,27 +516,11 @@ impl Store for GuardedStore {
     ) -> StoreFuture<'a, Vec<ExactReply>> {
         Box::pin(self.guarded(move |s, outage| {
             Box::pin(async move {
-                let Some(since) =
-                    outage.filter(|&t| ops.iter().any(|op| unknown(op.exact_since, t)))
-                else {
+                let Some((since, known)) = known(ops, outage) else {
                     return s.exact(edge, now, ops).await;
                 };
-                let known: Vec<ExactOp> = ops
-                    .iter()
-                    .filter(|op| !unknown(op.exact_since, since))
-                    .cloned()
-                    .collect();
-                let mut decided = s.exact(edge, now, &known).await?.into_iter();
-                Ok(ops
-                    .iter()
-                    .map(|op| {
-                        if unknown(op.exact_since, since) {
-                            return unknown_reply(op);
-                        }
-                        // One reply per known op, in order; a short answer denies the rest.
-                        decided.next().unwrap_or_else(|| unknown_reply(op))
-                    })
-                    .collect())
+                let decided = s.exact(edge, now, &known).await?;
+                Ok(merge(ops, since, decided, |op, _| unknown_reply(op)))
             })
         }))
     }
@@ -520,26 +551,13 @@ impl Store for GuardedStore {
     ) -> StoreFuture<'a, Vec<StateReply>> {
         Box::pin(self.guarded(move |s, outage| {
             Box::pin(async move {
-                let Some(since) =
-                    outage.filter(|&t| ops.iter().any(|op| unknown(op.exact_since, t)))
-                else {
+                let Some((since, known)) = known(ops, outage) else {
                     return s.acquire_state(now, ops).await;
                 };
-                let known: Vec<StateOp> = ops
-                    .iter()
-                    .filter(|op| !unknown(op.exact_since, since))
-                    .cloned()
-                    .collect();
-                let mut decided = s.acquire_state(now, &known).await?.into_iter();
-                Ok(ops
-                    .iter()
-                    .map(|op| match op.exact_since {
-                        Some(t) if t < since => unknown_state_reply(op, now, since - t),
-                        _ => decided
-                            .next()
-                            .unwrap_or_else(|| unknown_state_reply(op, now, Nanos::ZERO)),
-                    })
-                    .collect())
+                let decided = s.acquire_state(now, &known).await?;
+                Ok(merge(ops, since, decided, |op, wait| {
+                    unknown_state_reply(op, now, wait)
+                }))
             })
         }))
     }

@@ -130,8 +130,7 @@ impl Uplink {
                 region: self.region.clone(),
                 rule_set_version: self.regional.rules().version(),
             };
-            let ipv6 = endpoint.local_addr().is_ok_and(|a| a.is_ipv6());
-            let attempt = match self.link.addr.resolve(ipv6).await {
+            let attempt = match self.link.addr.resolve_for(&endpoint).await {
                 Ok(addr) => net::connect(&endpoint, addr, &self.link.name, &hello).await,
                 Err(e) => Err(e),
             };

@@ -401,6 +401,21 @@ rate_limits:
         (admitted, last)
     };
 
+    // A sync of `key` on the fixed limit asking for a grant of 5 in the current window.
+    let grant = async |key: &str| {
+        let batch = SyncBatch {
+            entries: vec![SyncEntry {
+                limit: fixed,
+                key: key.into(),
+                window: clock.now().as_u64() / minute,
+                used: 0,
+                released: 0,
+                want: 5,
+            }],
+        };
+        regional.sync(EdgeId(1), batch).await.unwrap()
+    };
+
     // Up: 3 of each admitted in Redis.
     for limit in [fixed, slide, tb, loose] {
         assert_eq!(admit(limit, 3).await.0, 3);
@@ -446,23 +461,7 @@ rate_limits:
         "a local rule decides in memory"
     );
     // No grant is minted on what memory cannot count.
-    let window = clock.now().as_u64() / minute;
-    let ack = regional
-        .sync(
-            EdgeId(1),
-            SyncBatch {
-                entries: vec![SyncEntry {
-                    limit: fixed,
-                    key: "u:alice".into(),
-                    window,
-                    used: 0,
-                    released: 0,
-                    want: 5,
-                }],
-            },
-        )
-        .await
-        .unwrap();
+    let ack = grant("u:alice").await;
     assert_eq!(
         ack.entries[0].granted, 0,
         "no grant for the outage's first window"
@@ -486,23 +485,7 @@ rate_limits:
         0,
         "the previous minute is not all known"
     );
-    let window = clock.now().as_u64() / minute;
-    let ack = regional
-        .sync(
-            EdgeId(1),
-            SyncBatch {
-                entries: vec![SyncEntry {
-                    limit: fixed,
-                    key: "u:bob".into(),
-                    window,
-                    used: 0,
-                    released: 0,
-                    want: 5,
-                }],
-            },
-        )
-        .await
-        .unwrap();
+    let ack = grant("u:bob").await;
     assert!(
         ack.entries[0].granted > 0,
         "grants again once the window is known"

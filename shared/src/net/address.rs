@@ -4,7 +4,7 @@
 
 use std::{
     fmt,
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     str::FromStr,
 };
 
@@ -40,6 +40,27 @@ impl Address {
     /// An IPv6 literal: the client socket must be IPv6 to reach it.
     pub fn is_ipv6(&self) -> bool {
         matches!(self, Address::Ip(a) if a.is_ipv6())
+    }
+
+    /// Where a client socket that dials `addresses` binds: IPv6 when one of them is an IPv6
+    /// literal, IPv4 otherwise (names then resolve to IPv4 addresses, see
+    /// [`resolve_for`](Address::resolve_for)).
+    pub fn client_bind<'a>(addresses: impl IntoIterator<Item = &'a Address>) -> SocketAddr {
+        if addresses.into_iter().any(Address::is_ipv6) {
+            SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
+        } else {
+            SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
+        }
+    }
+
+    /// [`resolve`](Address::resolve) for the family `endpoint`'s socket speaks.
+    ///
+    /// # Errors
+    ///
+    /// As [`resolve`](Address::resolve).
+    pub async fn resolve_for(&self, endpoint: &quinn::Endpoint) -> Result<SocketAddr, NetError> {
+        let ipv6 = endpoint.local_addr().is_ok_and(|a| a.is_ipv6());
+        self.resolve(ipv6).await
     }
 
     /// The socket address to connect to now, of the family the client socket speaks
