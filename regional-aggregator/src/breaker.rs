@@ -27,7 +27,7 @@
 //! what the regional itself admitted exactly before it (a bucket or log: its whole capacity,
 //! starting fresh in memory). That is the price of deciding at all without the store, and
 //! rules whose failure mode is `closed` do not pay it: their ops carry the instant their
-//! decision depends on counts since ([`ExactOp::exact_since`]: the window's start, a sliding
+//! decision depends on counts since (`exact_since` on [`ExactOp`]: the window's start, a sliding
 //! window's previous one's, a bucket's or log's span back), and memory denies those that
 //! reach back before the outage began (held, so the edge asks again soon), mints no grant on
 //! them, and decides them exactly once their window or span lies inside the outage. So a
