@@ -9,7 +9,8 @@
 //! newer versions on the QUIC connection; the agent is attached to its upstream
 //! ([`QuicUpstream::attach`]), so a pushed rule set that validates is enforced from the next
 //! check on, and one that does not is refused with its located error while the running rules
-//! stay. The file is not read again.
+//! stay. The configuration and rules files are watched ([`reload`]): on `SIGHUP` or a change
+//! on disk they are read and checked again, and what may change while running is applied.
 //!
 //! With a `proxy:` section the same HTTP listener also forwards every other path to the
 //! configured upstream ([`crate::proxy`]); the upstream is not dialed at start-up, so it may
@@ -26,6 +27,7 @@ use crate::{
     Agent, BuildError, QuicConfig, QuicError, QuicUpstream,
     http::{self, Api},
     proxy::Proxy,
+    reload::{self, Seen},
     settings::Settings,
 };
 
@@ -62,6 +64,8 @@ pub struct Checked {
     pub rules: RuleSet,
     /// Its TLS identity, usable.
     pub identity: Identity,
+    /// The texts read, from which a reload starts.
+    seen: Seen,
 }
 
 impl fmt::Display for Checked {
@@ -92,14 +96,14 @@ impl fmt::Display for Checked {
 ///
 /// The first problem found, naming its file (and field, where there is one).
 pub fn check(path: &Path) -> Result<Checked, StartError> {
-    let settings = Settings::load(path)?;
-    let rules = shared::process::load_rules(&settings.rules)?;
+    let (settings, rules, seen) = reload::read(path)?;
     let identity = Identity::from_files(&settings.tls.ca, &settings.tls.cert, &settings.tls.key)?;
     net::client_config(&identity)?;
     Ok(Checked {
         settings,
         rules,
         identity,
+        seen,
     })
 }
 
@@ -114,6 +118,7 @@ pub async fn run(checked: Checked, shutdown: impl Future<Output = ()>) -> Result
         settings,
         rules,
         identity,
+        seen,
     } = checked;
     let upstream = QuicUpstream::connect(QuicConfig {
         rule_set_version: rules.version(),
@@ -141,8 +146,15 @@ pub async fn run(checked: Checked, shutdown: impl Future<Output = ()>) -> Result
         api = api.with_proxy(Proxy::new(proxy));
     }
     let api = Arc::new(api);
+    let watch = tokio::spawn(reload::watch(
+        settings.file.clone(),
+        settings,
+        seen,
+        api.clone(),
+    ));
     http::serve(listener, api, shutdown).await;
     tracing::info!("shutting down: sending the last counts to the regional");
+    watch.abort();
     sync.abort();
     if let Err(e) = agent.flush().await {
         tracing::warn!(error = %e, "the last counts could not be sent");

@@ -8,10 +8,14 @@
 //!
 //! A check flows like this: the body is read up to [`MAX_BODY`] (more is `413`), parsed as
 //! [`CheckBody`] (anything malformed is `400` naming the field or the position), turned into a
-//! [`shared::Request`] (the client's address from the body, else from the socket, believing
+//! [`shared::Request`] (its path normalised as the proxy's are, [`proxy::decision_path`]; the
+//! client's address from the body, else from the socket, believing
 //! `X-Forwarded-For` only from trusted proxies), and decided by [`Agent::check_async`], which
 //! waits for the regional at most its timeout. The answer is `200` or `429` with the decision
 //! as JSON and the `X-RateLimit-*` headers (`Retry-After` too on `429`).
+//!
+//! How identities are read and where the proxy forwards are [`Served`]: swapped whole when the
+//! binary reloads its configuration ([`Api::reconfigure`]).
 //!
 //! Nothing a client sends can panic the server or touch another connection: every failure is
 //! an ordinary response.
@@ -21,6 +25,7 @@ use std::{
     sync::Arc, time::Instant,
 };
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::{
@@ -34,7 +39,7 @@ use tokio::net::TcpListener;
 
 use crate::{
     Agent, Decision, EdgeMetrics, IdentityConfig, IpText, QuicUpstream, client_ip,
-    proxy::{self, Proxy, UpstreamBody},
+    proxy::{self, Proxy, ProxyConfig, UpstreamBody},
 };
 
 /// The largest `POST /v1/check` body read: a check is a few hundred bytes.
@@ -43,15 +48,24 @@ pub const MAX_BODY: usize = 64 * 1024;
 /// The body of every answer: our own, whole, or an upstream's, streamed (reverse-proxy mode).
 pub type AnswerBody = Either<Full<Bytes>, UpstreamBody>;
 
-/// What the HTTP API answers with: the agent, how to read a client's identity, the link to the
-/// regional readiness is judged by, and the upstream other paths go to in reverse-proxy mode.
+/// What the HTTP API answers with: the agent, the link to the regional readiness is judged
+/// by, and what a configuration reload may change ([`Served`]).
 pub struct Api {
     pub(crate) agent: Arc<Agent>,
-    pub(crate) identity: IdentityConfig,
     upstream: Arc<QuicUpstream>,
     pub(crate) metrics: EdgeMetrics,
-    /// `None`: paths other than the edge's own are `404`.
-    proxy: Option<Proxy>,
+    served: ArcSwap<Served>,
+}
+
+/// What the API may be told to do differently while it runs ([`Api::reconfigure`]): how a
+/// client's identity is read, and where paths other than the edge's own go. Swapped whole,
+/// so a request sees one version of both from its start to its end.
+#[derive(Debug)]
+pub struct Served {
+    /// How a client's identity is read.
+    pub identity: IdentityConfig,
+    /// The reverse proxy; `None`: paths other than the edge's own are `404`.
+    pub proxy: Option<Arc<Proxy>>,
 }
 
 impl Api {
@@ -61,19 +75,56 @@ impl Api {
         let metrics = EdgeMetrics::new(agent.clone(), Some(upstream.clone()));
         Api {
             agent,
-            identity,
             upstream,
             metrics,
-            proxy: None,
+            served: ArcSwap::from_pointee(Served {
+                identity,
+                proxy: None,
+            }),
         }
     }
 
     /// The same API, also forwarding every path that is not the edge's own through `proxy`.
     pub fn with_proxy(self, proxy: Proxy) -> Api {
-        Api {
-            proxy: Some(proxy),
-            ..self
+        let identity = self.served.load().identity.clone();
+        self.served.store(Arc::new(Served {
+            identity,
+            proxy: Some(Arc::new(proxy)),
+        }));
+        self
+    }
+
+    /// What requests are served with now.
+    pub fn served(&self) -> Arc<Served> {
+        self.served.load_full()
+    }
+
+    /// Serves the next requests reading identities as `identity` says and forwarding other
+    /// paths as `proxy` says (`None`: `404`); requests in flight finish as they began. An
+    /// unchanged proxy keeps its pooled connections. Says what changed: `"identity"`,
+    /// `"proxy"`, both or neither.
+    pub fn reconfigure(
+        &self,
+        identity: IdentityConfig,
+        proxy: Option<ProxyConfig>,
+    ) -> Vec<&'static str> {
+        let old = self.served.load_full();
+        let mut changed = Vec::new();
+        if identity != old.identity {
+            changed.push("identity");
         }
+        let proxy = match (proxy, &old.proxy) {
+            (Some(new), Some(old)) if new == *old.config() => Some(old.clone()),
+            (None, None) => None,
+            (new, _) => {
+                changed.push("proxy");
+                new.map(|config| Arc::new(Proxy::new(config)))
+            }
+        };
+        if !changed.is_empty() {
+            self.served.store(Arc::new(Served { identity, proxy }));
+        }
+        changed
     }
 
     /// Decides `request` at `cost`, counting the decision and its latency in the metrics:
@@ -147,8 +198,9 @@ pub async fn handle(
     peer: SocketAddr,
     request: HttpRequest<Incoming>,
 ) -> Response<AnswerBody> {
-    if let (Some(proxy), false) = (&api.proxy, is_own_path(request.uri().path())) {
-        return proxy::handle(api, proxy, peer, request).await;
+    let served = api.served();
+    if let (Some(proxy), false) = (&served.proxy, is_own_path(request.uri().path())) {
+        return proxy::handle(api, &served.identity, proxy, peer, request).await;
     }
     own(api, peer, request).await.map(Either::Left)
 }
@@ -216,7 +268,7 @@ async fn check(
             .iter()
             .filter_map(|(name, value)| Some((name.as_str(), value.to_str().ok()?)))
             .collect();
-        client_ip(&api.identity, peer.ip(), &headers)
+        client_ip(&api.served.load().identity, peer.ip(), &headers)
     });
     let ip_text = IpText::new(ip);
     let headers: Vec<(&str, &str)> = body
@@ -224,8 +276,12 @@ async fn check(
         .iter()
         .map(|(name, value)| (name.as_str(), value.as_str()))
         .collect();
+    // Matched as the proxy matches a request line, so that a caller that passes the raw path
+    // it received gets the same answer: `/api/%6Cogin` and `/static/../api/login` are
+    // `/api/login`.
+    let path = proxy::decision_path(&body.path);
     let request = shared::Request {
-        path: &body.path,
+        path: &path,
         method: body.method.as_deref().unwrap_or("GET"),
         ip: Some(ip_text.as_str()),
         user_id: body.user_id.as_deref(),

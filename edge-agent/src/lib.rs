@@ -78,6 +78,7 @@ mod local;
 mod metrics;
 pub mod proxy;
 mod quic;
+pub mod reload;
 pub mod settings;
 mod upstream;
 

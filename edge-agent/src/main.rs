@@ -18,7 +18,10 @@ struct Cli {
     /// The configuration file (YAML): node name, region, HTTP address, rules file, the
     /// regional's addresses, TLS files, identity headers, and optionally `proxy:` (`upstream:
     /// http://host:port`, `connect_timeout`, `timeout`) for reverse-proxy mode. Relative paths
-    /// in it are read from its directory.
+    /// in it are read from its directory. The file and its rules file are read again on
+    /// SIGHUP or when either changes on disk: `identity:`, `proxy:` and a rules file with a
+    /// newer `version:` apply while running, a refused file changes nothing, and other fields
+    /// wait for a restart.
     #[arg(short, long, value_name = "FILE", env = "EDGE_CONFIG")]
     config: PathBuf,
 

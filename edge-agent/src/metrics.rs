@@ -15,7 +15,8 @@
 //!   regional is connected.
 //!
 //! In reverse-proxy mode the binary also counts what became of each proxied request,
-//! [`EdgeMetrics::record_proxied`]: forwarded, denied, upstream error or bad request.
+//! [`EdgeMetrics::record_proxied`]: forwarded, denied, upstream error or bad request; and
+//! every binary its configuration reloads, [`EdgeMetrics::record_reload`].
 //!
 //! Labels are per rule (its id) at most, never per key.
 
@@ -62,6 +63,13 @@ pub struct EdgeMetrics {
     /// By [`ProxyOutcome::index`], resolved on first use so that an edge that is not a proxy
     /// shows no proxy series.
     proxied_by_outcome: [OnceLock<Counter>; ProxyOutcome::ALL.len()],
+    /// Configuration reloads, by result.
+    reloads: Family<ResultLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -188,6 +196,13 @@ impl EdgeMetrics {
              silent past its timeout), bad_request (400)",
             proxied.clone(),
         );
+        let reloads = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Reloads of the binary's configuration file (SIGHUP, or a change on disk), by \
+             result: applied (read and checked whole) or refused (the running one stays)",
+            reloads.clone(),
+        );
         registry.register_collector(Box::new(AgentCollector {
             agent: agent.clone(),
             upstream,
@@ -202,7 +217,14 @@ impl EdgeMetrics {
             latency,
             proxied,
             proxied_by_outcome: Default::default(),
+            reloads,
         }
+    }
+
+    /// Counts one reload of the binary's configuration: `applied`, or refused.
+    pub fn record_reload(&self, applied: bool) {
+        let result = if applied { "applied" } else { "refused" };
+        self.reloads.get_or_create(&ResultLabel { result }).inc();
     }
 
     /// Counts one request the reverse proxy handled.

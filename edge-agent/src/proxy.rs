@@ -87,7 +87,7 @@ use shared::{KeyKind, http::json_error};
 use tokio::time::{Instant, Sleep};
 
 use crate::{
-    Decision, Identity, IpText,
+    Decision, Identity, IdentityConfig, IpText,
     http::{self, AnswerBody, Api},
 };
 
@@ -356,12 +356,13 @@ struct IdleError(Duration);
 /// the module doc says.
 pub(crate) async fn handle(
     api: &Api,
+    identity: &IdentityConfig,
     proxy: &Proxy,
     peer: SocketAddr,
     request: HttpRequest<Incoming>,
 ) -> Response<AnswerBody> {
     let (parts, body) = request.into_parts();
-    let decision = match decide(api, peer, &parts).await {
+    let decision = match decide(api, identity, peer, &parts).await {
         Ok(decision) => decision,
         Err(message) => return bad_request(api, message),
     };
@@ -377,7 +378,12 @@ pub(crate) async fn handle(
 /// # Errors
 ///
 /// What makes it a `400`.
-async fn decide(api: &Api, peer: SocketAddr, parts: &Parts) -> Result<Decision, String> {
+async fn decide(
+    api: &Api,
+    identity: &IdentityConfig,
+    peer: SocketAddr,
+    parts: &Parts,
+) -> Result<Decision, String> {
     let raw_path = parts.uri.path();
     if !raw_path.starts_with('/') {
         return Err(format!(
@@ -385,11 +391,12 @@ async fn decide(api: &Api, peer: SocketAddr, parts: &Parts) -> Result<Decision, 
             parts.method, parts.uri
         ));
     }
-    let headers = text_headers(&parts.headers, |name| reads_header(api, name)).map_err(|name| {
-        format!("header {name}: the value is not UTF-8 text, and the limiter reads it")
-    })?;
+    let headers =
+        text_headers(&parts.headers, |name| reads_header(api, identity, name)).map_err(|name| {
+            format!("header {name}: the value is not UTF-8 text, and the limiter reads it")
+        })?;
     let path = decision_path(raw_path);
-    let identity = Identity::extract(&api.identity, peer.ip(), &headers);
+    let identity = Identity::extract(identity, peer.ip(), &headers);
     let mut ip_text = IpText::default();
     let base = shared::Request {
         headers: &headers,
@@ -630,8 +637,7 @@ const X_FORWARDED_FOR: &str = "x-forwarded-for";
 
 /// Whether the limiter reads header `name` (lower case, as hyper gives names): the identity
 /// headers, `X-Forwarded-For`, and any header a rule in force keys on.
-fn reads_header(api: &Api, name: &str) -> bool {
-    let identity = &api.identity;
+fn reads_header(api: &Api, identity: &IdentityConfig, name: &str) -> bool {
     let named = [
         identity.user_id_header.as_str(),
         identity.api_key_header.as_str(),

@@ -10,6 +10,7 @@ use std::{
     net::{SocketAddr, TcpStream},
     path::PathBuf,
     process::{Command, Output},
+    time::Duration,
 };
 
 use shared::net::{Ca, write_pki};
@@ -149,6 +150,17 @@ fn check_answers_as_design_8_says() {
     assert_eq!(v["retry_after"], retry);
     assert!(retry >= 1);
     assert_eq!(r.header("x-ratelimit-remaining"), Some("0"));
+    // The path is matched as the proxy matches a request line: escapes and dot segments
+    // cannot step around the rule.
+    for path in ["/api/%6Cogin", "/static/../api/login", "/api/./login"] {
+        let r = check(addr, &login.replace("/api/login", path));
+        assert_eq!(
+            (r.status, r.header("x-ratelimit-limit")),
+            (429, Some("3")),
+            "{path}: {}",
+            r.body
+        );
+    }
     // Another client address is another key.
     let r = check(addr, &login.replace("203.0.113.7", "203.0.113.8"));
     assert_eq!(r.status, 200);
@@ -335,4 +347,114 @@ fn metrics_parse_as_prometheus_text_and_count_what_was_decided() {
         404,
         "only GET"
     );
+}
+
+/// Writes `text` to `path` as an operator's tooling should (and a ConfigMap update does): to a
+/// temporary file, renamed over it, so the watcher never reads half a file.
+pub(crate) fn replace(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, text).expect("writable");
+    fs::rename(&tmp, path).expect("same directory");
+}
+
+#[test]
+fn a_changed_configuration_is_applied_while_running_and_a_bad_one_changes_nothing() {
+    const WITHIN: Duration = Duration::from_secs(10);
+    let dir = deployment("reload");
+    let config = dir.join("edge.yaml");
+    let rules = dir.join("rules.yaml");
+    let (mut edge, addr) = start(&dir);
+    let reloaded = |edge: &mut Spawned, what: &str| {
+        let what = what.to_owned();
+        edge.wait_for(&format!("a reload applying {what}"), WITHIN, |line| {
+            line.contains(&format!("configuration reloaded; applied: {what}"))
+                .then_some(())
+        });
+    };
+    let login = r#"{"path": "/api/login", "method": "POST", "ip": "203.0.113.7"}"#;
+    let statuses = |n| {
+        (0..n)
+            .map(|_| check(addr, login).status)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(statuses(4), [200, 200, 200, 429]);
+
+    // SIGHUP with nothing changed: read again, nothing to apply.
+    edge.signal("HUP");
+    reloaded(&mut edge, "nothing");
+
+    // A newer rules file, seen on disk without a signal: login 3 → 5, and the key keeps the
+    // 3 it used.
+    let v8 = RULES
+        .replace("version: 7", "version: 8")
+        .replace("limit: 3", "limit: 5");
+    replace(&rules, &v8);
+    reloaded(&mut edge, "rules");
+    let r = check(addr, login);
+    assert_eq!((r.status, r.header("x-ratelimit-limit")), (200, Some("5")));
+    assert_eq!(statuses(2), [200, 429]);
+
+    // The same rules edited without a new version: not applied, and the log says why.
+    replace(&rules, &v8.replace("limit: 5", "limit: 50"));
+    edge.wait_for("the not-newer warning", WITHIN, |line| {
+        line.contains("version 8 is not newer than the rules in force (version 8)")
+            .then_some(())
+    });
+    assert_eq!(check(addr, login).status, 429, "still 5");
+
+    // A bad configuration: refused with its file and field, nothing changes.
+    let good = fs::read_to_string(&config).expect("exists");
+    replace(&config, &good.replace("[127.0.0.1]", "[127.0.0.1/8]"));
+    let refusal = edge.wait_for("the refusal", WITHIN, |line| {
+        line.contains("configuration reload refused")
+            .then(|| line.to_owned())
+    });
+    assert!(
+        refusal.contains("edge.yaml: identity.trusted_proxies[0]"),
+        "{refusal}"
+    );
+    // 127.0.0.1 is still trusted: two forwarded clients are two keys.
+    let by_ip = |forwarded: &str| {
+        let body = r#"{"path": "/api/login", "method": "POST"}"#;
+        request(
+            addr,
+            "POST",
+            "/v1/check",
+            &format!("x-forwarded-for: {forwarded}\r\n"),
+            body.as_bytes(),
+        )
+        .status
+    };
+    assert_eq!(by_ip("198.51.100.1"), 200);
+    assert_eq!(by_ip("198.51.100.2"), 200);
+
+    // Trust nobody, and move `listen`: the first from the next request on, the second only
+    // at a restart (said in the log).
+    replace(
+        &config,
+        &good
+            .replace("[127.0.0.1]", "[]")
+            .replace("listen: 127.0.0.1:0", "listen: 127.0.0.1:1"),
+    );
+    // (Logged before the line saying what was applied.)
+    edge.wait_for("the restart warning", WITHIN, |line| {
+        line.contains("listen changed; the running values stay until the next restart")
+            .then_some(())
+    });
+    reloaded(&mut edge, "identity");
+    // Every forwarded address is now the socket's 127.0.0.1: one key, 5 a day.
+    let statuses: Vec<u16> = (0..6)
+        .map(|i| by_ip(&format!("198.51.100.{}", 10 + i)))
+        .collect();
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 429]);
+
+    let m = metrics::parse(&request(addr, "GET", "/metrics", "", b"").body).expect("parses");
+    assert_eq!(
+        m.get("edge_config_reloads_total", &[("result", "refused")]),
+        1.0
+    );
+    assert!(m.get("edge_config_reloads_total", &[("result", "applied")]) >= 4.0);
+    assert_eq!(m.get("edge_rule_set_version", &[]), 8.0);
+    let logged = edge.printed();
+    assert!(!logged.contains("panicked"), "{logged}");
 }

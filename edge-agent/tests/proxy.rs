@@ -34,7 +34,7 @@ use system_tests::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use crate::binary::{deployment_with, start};
+use crate::binary::{deployment_with, replace, start};
 
 const BIN: &str = env!("CARGO_BIN_EXE_edge-agent");
 
@@ -702,4 +702,48 @@ fn validate_checks_the_proxy_section() {
 
     let help = Command::new(BIN).arg("--help").output().expect("runs");
     assert!(String::from_utf8_lossy(&help.stdout).contains("proxy:"));
+}
+
+#[test]
+fn a_reloaded_proxy_section_moves_the_next_requests_to_the_new_upstream() {
+    let (first, second) = (Upstream::start(), Upstream::start());
+    let dir = deployment_with(
+        "proxy-reload",
+        RULES,
+        &format!("proxy:\n  upstream: {}\n", first.url()),
+    );
+    let (mut edge, addr) = start(&dir);
+    let get = |path: &str| request(addr, "GET", path, "", b"").status;
+    assert_eq!(get("/api/one"), 200);
+    let config = dir.join("edge.yaml");
+    let text = std::fs::read_to_string(&config).expect("exists");
+    let applied = |edge: &mut Spawned| {
+        edge.wait_for(
+            "a reload applying the proxy",
+            Duration::from_secs(10),
+            |line| {
+                line.contains("configuration reloaded; applied: proxy")
+                    .then_some(())
+            },
+        );
+    };
+
+    replace(&config, &text.replace(&first.url(), &second.url()));
+    edge.signal("HUP");
+    applied(&mut edge);
+    assert_eq!(get("/api/two"), 200);
+    let uris = |u: &Upstream| u.seen().into_iter().map(|s| s.uri).collect::<Vec<_>>();
+    assert_eq!(uris(&first), ["/api/one"]);
+    assert_eq!(uris(&second), ["/api/two"]);
+
+    // No `proxy:` at all: the edge answers only its own paths.
+    let without: String = text
+        .lines()
+        .filter(|l| !l.starts_with("proxy:") && !l.starts_with("  upstream:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    replace(&config, &without);
+    applied(&mut edge);
+    assert_eq!(get("/api/three"), 404);
+    assert_eq!(uris(&second), ["/api/two"]);
 }
