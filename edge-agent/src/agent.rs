@@ -235,6 +235,13 @@ impl Agent {
         self.inner.rules()
     }
 
+    /// `f` of the rule set in force, without taking a reference to it: for a lookup on every
+    /// request, where [`rules`](Agent::rules)' reference count would be one more write that
+    /// every thread shares.
+    pub fn with_rules<R>(&self, f: impl FnOnce(&RuleSet) -> R) -> R {
+        f(&self.inner.policy.load().rules)
+    }
+
     /// Enforces `rules` from the next check on, if its [`version`](RuleSet::version) is newer
     /// than the version in force; returns whether it did. An older or equal version is
     /// ignored and the running rules stay, so a push that is resent or overtaken changes

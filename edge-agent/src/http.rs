@@ -21,7 +21,7 @@
 //! an ordinary response.
 
 use std::{
-    collections::BTreeMap, future::Future, net::IpAddr, net::SocketAddr, num::NonZeroU32,
+    borrow::Cow, collections::BTreeMap, future::Future, net::IpAddr, net::SocketAddr, num::NonZeroU32,
     sync::Arc, time::Instant,
 };
 
@@ -31,7 +31,7 @@ use http_body_util::{Either, Full};
 use hyper::{
     HeaderMap, Method, Request as HttpRequest, Response, StatusCode,
     body::Incoming,
-    header::{self, HeaderValue},
+    header::{self, HeaderName, HeaderValue},
 };
 use serde::{Deserialize, Serialize};
 use shared::http::{json, json_error, read_body};
@@ -39,6 +39,7 @@ use tokio::net::TcpListener;
 
 use crate::{
     Agent, Decision, EdgeMetrics, IdentityConfig, IpText, QuicUpstream, client_ip,
+    identity::X_FORWARDED_FOR,
     proxy::{self, Proxy, ProxyConfig, UpstreamBody},
 };
 
@@ -138,30 +139,32 @@ impl Api {
 }
 
 /// The `POST /v1/check` body (DESIGN §8). Only `path` is required; `method` defaults to
-/// `GET`, `cost` to 1, `ip` to the caller's address.
+/// `GET`, `cost` to 1, `ip` to the caller's address. Text is borrowed from the body where it
+/// holds no escapes, so a check allocates nothing for it.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CheckBody {
+pub struct CheckBody<'a> {
     /// The request's path.
-    pub path: String,
+    #[serde(borrow)]
+    pub path: Cow<'a, str>,
     /// Its method.
-    #[serde(default)]
-    pub method: Option<String>,
+    #[serde(default, borrow)]
+    pub method: Option<Cow<'a, str>>,
     /// The client's address.
     #[serde(default)]
     pub ip: Option<IpAddr>,
     /// The authenticated user.
-    #[serde(default)]
-    pub user_id: Option<String>,
+    #[serde(default, borrow)]
+    pub user_id: Option<Cow<'a, str>>,
     /// The API key presented.
-    #[serde(default)]
-    pub api_key: Option<String>,
+    #[serde(default, borrow)]
+    pub api_key: Option<Cow<'a, str>>,
     /// The client's tier.
-    #[serde(default)]
-    pub tier: Option<String>,
+    #[serde(default, borrow)]
+    pub tier: Option<Cow<'a, str>>,
     /// Headers the rules may key on.
-    #[serde(default)]
-    pub headers: BTreeMap<String, String>,
+    #[serde(default, borrow)]
+    pub headers: BTreeMap<Cow<'a, str>, Cow<'a, str>>,
     /// What the request costs, at least 1.
     #[serde(default)]
     pub cost: Option<NonZeroU32>,
@@ -198,9 +201,11 @@ pub async fn handle(
     peer: SocketAddr,
     request: HttpRequest<Incoming>,
 ) -> Response<AnswerBody> {
-    let served = api.served();
-    if let (Some(proxy), false) = (&served.proxy, is_own_path(request.uri().path())) {
-        return proxy::handle(api, &served.identity, proxy, peer, request).await;
+    if !is_own_path(request.uri().path()) {
+        let served = api.served();
+        if let Some(proxy) = &served.proxy {
+            return proxy::handle(api, &served.identity, proxy, peer, request).await;
+        }
     }
     own(api, peer, request).await.map(Either::Left)
 }
@@ -262,19 +267,20 @@ async fn check(
     };
     let ip = body.ip.unwrap_or_else(|| {
         // The caller is the client, or a proxy in front of it: the socket, or a trusted
-        // proxy's X-Forwarded-For.
-        let headers: Vec<(&str, &str)> = parts
+        // proxy's X-Forwarded-For (the only header read, so the only one collected).
+        let forwarded: Vec<(&str, &str)> = parts
             .headers
+            .get_all(X_FORWARDED_FOR)
             .iter()
-            .filter_map(|(name, value)| Some((name.as_str(), value.to_str().ok()?)))
+            .filter_map(|value| Some((X_FORWARDED_FOR, value.to_str().ok()?)))
             .collect();
-        client_ip(&api.served.load().identity, peer.ip(), &headers)
+        client_ip(&api.served.load().identity, peer.ip(), &forwarded)
     });
     let ip_text = IpText::new(ip);
     let headers: Vec<(&str, &str)> = body
         .headers
         .iter()
-        .map(|(name, value)| (name.as_str(), value.as_str()))
+        .map(|(name, value)| (name.as_ref(), value.as_ref()))
         .collect();
     // Matched as the proxy matches a request line, so that a caller that passes the raw path
     // it received gets the same answer: `/api/%6Cogin` and `/static/../api/login` are
@@ -297,33 +303,55 @@ async fn check(
 
 /// The body as a [`CheckBody`], or why not: the field (`cost`, `headers.x-tenant`) or the
 /// position in the text, and what is wrong.
-fn parse(bytes: &[u8]) -> Result<CheckBody, String> {
-    let mut json = serde_json::Deserializer::from_slice(bytes);
-    let body: CheckBody = serde_path_to_error::deserialize(&mut json).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if path == "." {
-            inner.to_string()
-        } else {
-            format!("{path}: {inner}")
-        }
-    })?;
-    json.end()
-        .map_err(|e| format!("after the JSON object: {e}"))?;
+///
+/// Parsed plainly first; only a body that fails is parsed again with its path tracked, which
+/// costs on every field, for the message.
+fn parse(bytes: &[u8]) -> Result<CheckBody<'_>, String> {
+    let body: CheckBody = match serde_json::from_slice(bytes) {
+        Ok(body) => body,
+        Err(_) => return Err(refusal(bytes)),
+    };
     if !body.path.starts_with('/') {
         return Err(format!("path: {:?} does not start with '/'", body.path));
     }
     Ok(body)
 }
 
+/// Why `bytes` is not a [`CheckBody`], with the field or position at fault.
+#[cold]
+fn refusal(bytes: &[u8]) -> String {
+    let mut json = serde_json::Deserializer::from_slice(bytes);
+    let parsed: Result<CheckBody, _> = serde_path_to_error::deserialize(&mut json);
+    if let Err(e) = parsed {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        return if path == "." {
+            inner.to_string()
+        } else {
+            format!("{path}: {inner}")
+        };
+    }
+    match json.end() {
+        Err(e) => format!("after the JSON object: {e}"),
+        // The two parsers accept the same bodies; should they ever differ, say so plainly.
+        Ok(()) => "the body is not a check".to_owned(),
+    }
+}
+
 /// The answer to a decision: `200` or `429`, the decision as JSON, and the rate-limit headers.
 /// A denied proxied request gets exactly this too.
 pub(crate) fn answer(api: &Api, d: &Decision) -> Response<Full<Bytes>> {
-    let rules = api.agent.rules();
-    let rule = d
-        .rule
-        .and_then(|id| rules.limit(id))
-        .map(|(rule, _)| rule.id());
+    api.agent.with_rules(|rules| {
+        let rule = d
+            .rule
+            .and_then(|id| rules.limit(id))
+            .map(|(rule, _)| rule.id());
+        answer_as(rule, d)
+    })
+}
+
+/// [`answer`], `rule` naming the rule that decided.
+fn answer_as(rule: Option<&str>, d: &Decision) -> Response<Full<Bytes>> {
     let denied = !d.allowed;
     let body = CheckAnswer {
         allowed: d.allowed,
@@ -352,13 +380,18 @@ pub(crate) fn answer(api: &Api, d: &Decision) -> Response<Full<Bytes>> {
     response
 }
 
+// Names made once: a name given as text is parsed and checked on every insert.
+const X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+const X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+
 /// Sets `X-RateLimit-Limit`, `-Remaining` and `-Reset` when a rule decided, and `Retry-After`
 /// on a denial, replacing any already there (an upstream's own, in proxy mode).
 pub(crate) fn rate_limit_headers(headers: &mut HeaderMap, d: &Decision) {
     if d.rule.is_some() {
-        headers.insert("x-ratelimit-limit", HeaderValue::from(d.limit));
-        headers.insert("x-ratelimit-remaining", HeaderValue::from(d.remaining));
-        headers.insert("x-ratelimit-reset", HeaderValue::from(d.reset_at_secs()));
+        headers.insert(X_RATELIMIT_LIMIT, HeaderValue::from(d.limit));
+        headers.insert(X_RATELIMIT_REMAINING, HeaderValue::from(d.remaining));
+        headers.insert(X_RATELIMIT_RESET, HeaderValue::from(d.reset_at_secs()));
     }
     if !d.allowed {
         headers.insert(header::RETRY_AFTER, HeaderValue::from(d.retry_after_secs()));

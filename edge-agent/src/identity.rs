@@ -459,7 +459,8 @@ fn identity_header<'a>(headers: &[(&'a str, &'a str)], name: &str) -> Option<&'a
     (value.len() <= MAX_KEY_LEN).then_some(value)
 }
 
-const X_FORWARDED_FOR: &str = "x-forwarded-for";
+/// The header trusted proxies name the client in, as hyper spells header names.
+pub(crate) const X_FORWARDED_FOR: &str = "x-forwarded-for";
 
 /// The longest text form of an IP address: `INET6_ADDRSTRLEN` without the NUL, as in
 /// `ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255`. Rust's own rendering is at most 39 bytes.

@@ -88,6 +88,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::{
     Decision, Identity, IdentityConfig, IpText,
+    identity::X_FORWARDED_FOR,
     http::{self, AnswerBody, Api},
 };
 
@@ -633,8 +634,6 @@ fn append_forwarded_for(headers: &mut HeaderMap, peer: IpAddr) {
     headers.insert(X_FORWARDED_FOR, value);
 }
 
-const X_FORWARDED_FOR: &str = "x-forwarded-for";
-
 /// Whether the limiter reads header `name` (lower case, as hyper gives names): the identity
 /// headers, `X-Forwarded-For`, and any header a rule in force keys on.
 fn reads_header(api: &Api, identity: &IdentityConfig, name: &str) -> bool {
@@ -647,11 +646,12 @@ fn reads_header(api: &Api, identity: &IdentityConfig, name: &str) -> bool {
     if named.iter().any(|h| h.eq_ignore_ascii_case(name)) {
         return true;
     }
-    api.agent
-        .rules()
-        .rules()
-        .iter()
-        .any(|rule| matches!(rule.key(), KeyKind::Header(h) if h.eq_ignore_ascii_case(name)))
+    api.agent.with_rules(|rules| {
+        rules
+            .rules()
+            .iter()
+            .any(|rule| matches!(rule.key(), KeyKind::Header(h) if h.eq_ignore_ascii_case(name)))
+    })
 }
 
 /// The headers as text for the matcher. A value that is not UTF-8 is left out, unless `read`
