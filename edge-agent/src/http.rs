@@ -21,8 +21,8 @@
 //! an ordinary response.
 
 use std::{
-    borrow::Cow, collections::BTreeMap, future::Future, net::IpAddr, net::SocketAddr, num::NonZeroU32,
-    sync::Arc, time::Instant,
+    borrow::Cow, collections::BTreeMap, future::Future, net::IpAddr, net::SocketAddr,
+    num::NonZeroU32, sync::Arc, time::Instant,
 };
 
 use arc_swap::ArcSwap;

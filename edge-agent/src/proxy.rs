@@ -88,8 +88,8 @@ use tokio::time::{Instant, Sleep};
 
 use crate::{
     Decision, Identity, IdentityConfig, IpText,
-    identity::X_FORWARDED_FOR,
     http::{self, AnswerBody, Api},
+    identity::X_FORWARDED_FOR,
 };
 
 /// Default of [`ProxyConfig::connect_timeout`]: an upstream on the same host or network

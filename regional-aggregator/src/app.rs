@@ -170,7 +170,10 @@ pub async fn run(checked: Checked, shutdown: impl Future<Output = ()>) -> Result
     let (store, breaker): (Arc<dyn Store>, _) = match &config.redis {
         None => (Arc::new(MemoryStore::new()), None),
         Some(redis) => {
-            let primary = RedisStore::connect(&redis.topology, redis.breaker.timeout).await?;
+            // The breaker bounds each call by its own timeout; the client's is the backstop
+            // for the write-back's larger calls (`write_back_timeout`).
+            let primary =
+                RedisStore::connect(&redis.topology, redis.breaker.write_back_timeout()).await?;
             let guarded = GuardedStore::new(
                 Arc::new(primary),
                 redis.breaker.clone(),

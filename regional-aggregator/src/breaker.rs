@@ -59,7 +59,10 @@ use crate::store::{
 pub struct BreakerConfig {
     /// Failures or timeouts in a row that open the breaker. Default 5.
     pub failures: u32,
-    /// How long it stays open before a probe. Default 60 s.
+    /// How long it stays open before a probe. Default 5 s: while open the region decides
+    /// from memory, which is less exact (module doc), so a stall that passes (a failover, a
+    /// starved CPU) should cost seconds of that, not a minute; a probe of a Redis that is
+    /// still down costs one call every cooldown.
     pub cooldown: Duration,
     /// The longest one store call may take before it counts as a failure and the call is
     /// served from memory. Default 25 ms: half the edge's 50 ms timeout, so a slow Redis
@@ -67,11 +70,26 @@ pub struct BreakerConfig {
     pub timeout: Duration,
 }
 
+impl BreakerConfig {
+    /// The longest one write-back chunk ([`WRITE_BACK_CHUNK`] ledgers, more work than any
+    /// decision's call) may take: four per-call timeouts. It is also the Redis client's own
+    /// response timeout: the breaker bounds every other call by `timeout` itself, and a
+    /// client timeout as short would cut write-back chunks on a loaded box, so that every
+    /// probe failed and the breaker stayed open for as long as the load lasted.
+    pub fn write_back_timeout(&self) -> Duration {
+        self.timeout * 4
+    }
+}
+
+/// Ledgers (or limiter states) written back to the primary per call when the breaker
+/// closes: small enough that one chunk fits its timeout on a busy Redis.
+pub const WRITE_BACK_CHUNK: usize = 256;
+
 impl Default for BreakerConfig {
     fn default() -> BreakerConfig {
         BreakerConfig {
             failures: 5,
-            cooldown: Duration::from_secs(60),
+            cooldown: Duration::from_secs(5),
             timeout: Duration::from_millis(25),
         }
     }
@@ -213,6 +231,7 @@ struct Inner {
     breaker: Mutex<Breaker>,
     clock: Arc<dyn Clock + Send + Sync>,
     timeout: Duration,
+    write_back_timeout: Duration,
     /// Names this regional's outages in the write-back tags: `<node>-<outage start>`.
     node: String,
     outage: Mutex<Option<String>>,
@@ -233,6 +252,7 @@ impl GuardedStore {
                 primary,
                 fallback: Mutex::new(Arc::new(MemoryStore::new())),
                 timeout: config.timeout,
+                write_back_timeout: config.write_back_timeout(),
                 breaker: Mutex::new(Breaker::new(config)),
                 clock,
                 node: node.into(),
@@ -372,16 +392,22 @@ impl Inner {
         let now = self.clock.now();
         let timed_out = |_| StoreError::Transient("write-back timed out".into());
         let ledgers = memory.snapshot(now);
-        for chunk in ledgers.chunks(shared::wire::MAX_KEYS_PER_BATCH) {
-            tokio::time::timeout(self.timeout * 4, self.primary.absorb(tag, now, chunk))
-                .await
-                .map_err(timed_out)??;
+        for chunk in ledgers.chunks(WRITE_BACK_CHUNK) {
+            tokio::time::timeout(
+                self.write_back_timeout,
+                self.primary.absorb(tag, now, chunk),
+            )
+            .await
+            .map_err(timed_out)??;
         }
         let states = memory.state_snapshot(now);
-        for chunk in states.chunks(shared::wire::MAX_KEYS_PER_BATCH) {
-            tokio::time::timeout(self.timeout * 4, self.primary.absorb_state(tag, now, chunk))
-                .await
-                .map_err(timed_out)??;
+        for chunk in states.chunks(WRITE_BACK_CHUNK) {
+            tokio::time::timeout(
+                self.write_back_timeout,
+                self.primary.absorb_state(tag, now, chunk),
+            )
+            .await
+            .map_err(timed_out)??;
         }
         self.stats
             .written_back
@@ -614,7 +640,7 @@ mod tests {
         for _ in 0..5 {
             b.failed(t);
         }
-        let later = t + Nanos::from_secs(60);
+        let later = t + Nanos::from(BreakerConfig::default().cooldown);
         assert_eq!(b.route(later - Nanos(1)), Route::Fallback);
         assert_eq!(b.route(later), Route::Probe);
         assert_eq!(b.state(), BreakerState::HalfOpen);
@@ -635,11 +661,12 @@ mod tests {
         for _ in 0..5 {
             b.failed(t);
         }
-        let probe_at = t + Nanos::from_secs(60);
+        let cooldown = Nanos::from(BreakerConfig::default().cooldown);
+        let probe_at = t + cooldown;
         assert_eq!(b.route(probe_at), Route::Probe);
         b.probe_failed(probe_at);
         assert_eq!(b.state(), BreakerState::Open);
-        assert_eq!(b.route(probe_at + Nanos::from_secs(59)), Route::Fallback);
-        assert_eq!(b.route(probe_at + Nanos::from_secs(60)), Route::Probe);
+        assert_eq!(b.route(probe_at + cooldown - Nanos(1)), Route::Fallback);
+        assert_eq!(b.route(probe_at + cooldown), Route::Probe);
     }
 }

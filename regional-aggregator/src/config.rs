@@ -15,7 +15,7 @@
 //!   url: redis://127.0.0.1:6379  # or `cluster: [redis://10.0.0.1:7000, ...]`
 //!   timeout: 25ms                # one store call; past it the breaker counts a failure
 //!   failures: 5                  # failures in a row that open the breaker
-//!   cooldown: 60s                # open this long before a probe
+//!   cooldown: 5s                 # open this long before a probe
 //! coordinator:                   # absent: this region owns every limit whole
 //!   addr: 127.0.0.1:7500         # the coordinator's QUIC address (ip:port, or host:port
 //!                                # resolved at every connect)
@@ -76,8 +76,8 @@ pub struct Config {
 pub struct RedisConfig {
     /// One Redis or a cluster's seeds.
     pub topology: RedisTopology,
-    /// The breaker: failures, cooldown, and the per-call timeout (also Redis's connect and
-    /// response timeout).
+    /// The breaker: failures, cooldown, and the per-call timeout (four of which are Redis's
+    /// connect and response timeout, [`BreakerConfig::write_back_timeout`]).
     pub breaker: BreakerConfig,
 }
 

@@ -168,6 +168,21 @@ async fn redis_killed_mid_load_then_back_counts_everything_once() {
     }
     regional.sync(EdgeId(1), sync(55)).await.unwrap();
     regional.sync(EdgeId(2), sync(7)).await.unwrap();
+    // Many keys seen only in memory: more than one write-back chunk's worth.
+    const MANY: usize = regional_aggregator::breaker::WRITE_BACK_CHUNK * 2 + 88;
+    let many = SyncBatch {
+        entries: (0..MANY)
+            .map(|i| SyncEntry {
+                limit,
+                key: format!("u:{i}"),
+                window,
+                used: 1,
+                released: 0,
+                want: 0,
+            })
+            .collect(),
+    };
+    regional.sync(EdgeId(3), many).await.unwrap();
     assert_eq!(guarded.state(), BreakerState::Open);
     assert_eq!(guarded.stats().opened.load(Ordering::Relaxed), 1);
     let m = scrape();
@@ -219,7 +234,16 @@ async fn redis_killed_mid_load_then_back_counts_everything_once() {
         "exact admissions, each counted once"
     );
     assert_eq!(view.total(), load.admitted + 55 + 7);
-    assert!(guarded.stats().written_back.load(Ordering::Relaxed) >= 1);
+    assert!(guarded.stats().written_back.load(Ordering::Relaxed) > MANY as u64);
+    for i in [0, MANY / 2, MANY - 1] {
+        let at = LedgerKey {
+            limit,
+            key: format!("u:{i}"),
+            window,
+        };
+        let view = redis.ledger(&at).await.unwrap().unwrap();
+        assert_eq!(view.total(), 1, "u:{i}, written back in its chunk");
+    }
 
     // Writing the same outage back again changes nothing (idempotent by max).
     let before = view.clone();
