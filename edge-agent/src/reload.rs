@@ -181,10 +181,11 @@ pub async fn watch(path: PathBuf, started: Settings, mut seen: Seen, api: Arc<Ap
     }
 }
 
-/// Whether the configuration or the rules file differs from `seen` (one that cannot be read
-/// differs, so that the error is reported).
+/// Whether the configuration or the rules file differs from `seen`. A file that cannot be
+/// read reads as empty: its going missing is a change, reported once, and not again every
+/// second while it stays missing.
 fn changed(config: &Path, rules: &Path, seen: &Seen) -> bool {
-    let differs = |path: &Path, text: &str| read_file(path).map_or(true, |now| now != text);
+    let differs = |path: &Path, text: &str| read_file(path).unwrap_or_default() != text;
     differs(config, &seen.config) || differs(rules, &seen.rules)
 }
 

@@ -448,10 +448,18 @@ fn a_changed_configuration_is_applied_while_running_and_a_bad_one_changes_nothin
         .collect();
     assert_eq!(statuses, [200, 200, 200, 200, 200, 429]);
 
+    // A rules file gone missing is refused once, not again every second while it stays gone.
+    fs::remove_file(&rules).expect("exists");
+    edge.wait_for("the missing-file refusal", WITHIN, |line| {
+        (line.contains("configuration reload refused") && line.contains("rules.yaml"))
+            .then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(2500));
+
     let m = metrics::parse(&request(addr, "GET", "/metrics", "", b"").body).expect("parses");
     assert_eq!(
         m.get("edge_config_reloads_total", &[("result", "refused")]),
-        1.0
+        2.0
     );
     assert!(m.get("edge_config_reloads_total", &[("result", "applied")]) >= 4.0);
     assert_eq!(m.get("edge_rule_set_version", &[]), 8.0);
