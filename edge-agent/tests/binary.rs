@@ -451,8 +451,7 @@ fn a_changed_configuration_is_applied_while_running_and_a_bad_one_changes_nothin
     // A rules file gone missing is refused once, not again every second while it stays gone.
     fs::remove_file(&rules).expect("exists");
     edge.wait_for("the missing-file refusal", WITHIN, |line| {
-        (line.contains("configuration reload refused") && line.contains("rules.yaml"))
-            .then_some(())
+        (line.contains("configuration reload refused") && line.contains("rules.yaml")).then_some(())
     });
     std::thread::sleep(Duration::from_millis(2500));
 
