@@ -20,7 +20,7 @@ use std::{fmt, future::Future, net::SocketAddr, path::Path, sync::Arc};
 
 use shared::{
     ConfigError, RuleSet,
-    net::{self, Identity, TlsError},
+    net::{Identity, TlsError},
 };
 
 use crate::{
@@ -96,9 +96,9 @@ impl fmt::Display for Checked {
 ///
 /// The first problem found, naming its file (and field, where there is one).
 pub fn check(path: &Path) -> Result<Checked, StartError> {
-    let (settings, rules, seen) = reload::read(path)?;
-    let identity = Identity::from_files(&settings.tls.ca, &settings.tls.cert, &settings.tls.key)?;
-    net::client_config(&identity)?;
+    let read = reload::read(path);
+    let (settings, rules, identity) = read.result?;
+    let seen = read.seen;
     Ok(Checked {
         settings,
         rules,
@@ -113,6 +113,7 @@ pub fn check(path: &Path) -> Result<Checked, StartError> {
 ///
 /// When the HTTP address cannot be bound or the QUIC client cannot be set up.
 pub async fn run(checked: Checked, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    let hangup = reload::hangup();
     let summary = checked.to_string();
     let Checked {
         settings,
@@ -151,6 +152,7 @@ pub async fn run(checked: Checked, shutdown: impl Future<Output = ()>) -> Result
         settings,
         seen,
         api.clone(),
+        hangup,
     ));
     http::serve(listener, api, shutdown).await;
     tracing::info!("shutting down: sending the last counts to the regional");

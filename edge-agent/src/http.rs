@@ -139,35 +139,49 @@ impl Api {
 }
 
 /// The `POST /v1/check` body (DESIGN §8). Only `path` is required; `method` defaults to
-/// `GET`, `cost` to 1, `ip` to the caller's address. Text is borrowed from the body where it
-/// holds no escapes, so a check allocates nothing for it.
+/// `GET`, `cost` to 1, `ip` to the caller's address.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckBody<'a> {
-    /// The request's path.
+    /// The request's path, with its query if the caller has one (not matched).
     #[serde(borrow)]
-    pub path: Cow<'a, str>,
+    pub path: Text<'a>,
     /// Its method.
     #[serde(default, borrow)]
-    pub method: Option<Cow<'a, str>>,
+    pub method: Option<Text<'a>>,
     /// The client's address.
     #[serde(default)]
     pub ip: Option<IpAddr>,
     /// The authenticated user.
     #[serde(default, borrow)]
-    pub user_id: Option<Cow<'a, str>>,
+    pub user_id: Option<Text<'a>>,
     /// The API key presented.
     #[serde(default, borrow)]
-    pub api_key: Option<Cow<'a, str>>,
+    pub api_key: Option<Text<'a>>,
     /// The client's tier.
     #[serde(default, borrow)]
-    pub tier: Option<Cow<'a, str>>,
+    pub tier: Option<Text<'a>>,
     /// Headers the rules may key on.
     #[serde(default, borrow)]
-    pub headers: BTreeMap<Cow<'a, str>, Cow<'a, str>>,
+    pub headers: BTreeMap<Text<'a>, Text<'a>>,
     /// What the request costs, at least 1.
     #[serde(default)]
     pub cost: Option<NonZeroU32>,
+}
+
+/// A string of a check's body, borrowed from the body unless it holds escapes, so a check
+/// allocates nothing for its text. (serde borrows a bare `Cow<str>` field, but not one inside
+/// an `Option` or a map: this wrapper is what makes those borrow too.)
+#[derive(Debug, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(transparent)]
+pub struct Text<'a>(#[serde(borrow)] pub Cow<'a, str>);
+
+impl std::ops::Deref for Text<'_> {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
 }
 
 /// The answer to a check, `200` or `429`.
@@ -280,12 +294,9 @@ async fn check(
     let headers: Vec<(&str, &str)> = body
         .headers
         .iter()
-        .map(|(name, value)| (name.as_ref(), value.as_ref()))
+        .map(|(name, value)| (&**name, &**value))
         .collect();
-    // Matched as the proxy matches a request line, so that a caller that passes the raw path
-    // it received gets the same answer: `/api/%6Cogin` and `/static/../api/login` are
-    // `/api/login`.
-    let path = proxy::decision_path(&body.path);
+    let path = check_path(&body.path);
     let request = shared::Request {
         path: &path,
         method: body.method.as_deref().unwrap_or("GET"),
@@ -301,6 +312,21 @@ async fn check(
     answer(api, &decision)
 }
 
+/// The path a check is matched by, normalised as the proxy normalises a request line so that
+/// a caller that passes the raw path it received gets the same answer (`/api/%6Cogin` and
+/// `/static/../api/login` are `/api/login`). A query or fragment is kept as it is, after the
+/// normalised path: dot segments in it (`?next=/../static`) are not the path's.
+fn check_path(raw: &str) -> Cow<'_, str> {
+    let (path, rest) = raw.split_at(raw.find(['?', '#']).unwrap_or(raw.len()));
+    match proxy::decision_path(path) {
+        Cow::Borrowed(_) => Cow::Borrowed(raw),
+        Cow::Owned(mut normal) => {
+            normal.push_str(rest);
+            Cow::Owned(normal)
+        }
+    }
+}
+
 /// The body as a [`CheckBody`], or why not: the field (`cost`, `headers.x-tenant`) or the
 /// position in the text, and what is wrong.
 ///
@@ -312,7 +338,7 @@ fn parse(bytes: &[u8]) -> Result<CheckBody<'_>, String> {
         Err(_) => return Err(refusal(bytes)),
     };
     if !body.path.starts_with('/') {
-        return Err(format!("path: {:?} does not start with '/'", body.path));
+        return Err(format!("path: {:?} does not start with '/'", &*body.path));
     }
     Ok(body)
 }
@@ -395,5 +421,39 @@ pub(crate) fn rate_limit_headers(headers: &mut HeaderMap, d: &Decision) {
     }
     if !d.allowed {
         headers.insert(header::RETRY_AFTER, HeaderValue::from(d.retry_after_secs()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_check_body_borrows_its_text_unless_escaped() {
+        let body = br#"{"path": "/a", "method": "POST", "user_id": "u-1", "tier": "p\u0072o",
+            "headers": {"x-tenant": "acme"}}"#;
+        let body = parse(body).unwrap();
+        let borrowed = |t: &Text<'_>| matches!(t.0, Cow::Borrowed(_));
+        assert!(borrowed(&body.path));
+        assert!(body.method.as_ref().is_some_and(borrowed));
+        assert!(body.user_id.as_ref().is_some_and(borrowed));
+        assert!(body.headers.iter().all(|(k, v)| borrowed(k) && borrowed(v)));
+        // An escape needs an owned copy, and means the same text.
+        let tier = body.tier.as_ref().unwrap();
+        assert!(!borrowed(tier));
+        assert_eq!(&**tier, "pro");
+    }
+
+    #[test]
+    fn a_check_path_is_normalised_up_to_its_query() {
+        assert_eq!(check_path("/api/login"), "/api/login");
+        assert_eq!(check_path("/a/../api/%6Cogin?x=1"), "/api/login?x=1");
+        assert_eq!(
+            check_path("/api/login?next=/../../static"),
+            "/api/login?next=/../../static"
+        );
+        assert_eq!(check_path("/api/login#/../x"), "/api/login#/../x");
+        // An escaped separator stays a character of its segment.
+        assert_eq!(check_path("/api/login%3F/../x"), "/api/x");
     }
 }

@@ -62,8 +62,9 @@
 //! - `identity`: client identity from headers and the socket (trusted proxies only).
 //! - `metrics`: [`EdgeMetrics`], the Prometheus metrics the binary serves at `/metrics`.
 //! - The binary's own modules, public so tests and embedders can run it in-process:
-//!   [`settings`] (its config file), [`app`] (check and run), [`http`] (the HTTP API) and
-//!   [`proxy`] (reverse-proxy mode: decide, then forward to an upstream or answer `429`).
+//!   [`settings`] (its config file), [`app`] (check and run), [`http`] (the HTTP API),
+//!   [`proxy`] (reverse-proxy mode: decide, then forward to an upstream or answer `429`) and
+//!   [`reload`] (its config file read again on SIGHUP or a change on disk).
 //! - [`SystemClock`] is `shared`'s, re-exported: the wall clock the agent runs on.
 
 #![warn(missing_docs)]

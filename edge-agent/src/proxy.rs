@@ -671,8 +671,8 @@ fn text_headers(
     Ok(text)
 }
 
-/// The path rules are matched against: `raw` percent-decoded (except `%2F`, which stays a
-/// character of its segment rather than a new separator) with `.` and `..` segments resolved,
+/// The path rules are matched against: `raw` percent-decoded (except `%2F`, `%3F` and `%23`,
+/// which stay characters of their segment rather than separators) with `.` and `..` segments resolved,
 /// as an upstream would route it. A client cannot step around `/api/login`'s limit by writing
 /// `/api/%6Cogin` or `/static/../api/login`. Borrowed when there is nothing to do.
 ///
@@ -717,7 +717,9 @@ fn percent_decode_except_slash(raw: &str) -> String {
             _ => None,
         };
         match escaped {
-            Some(b'/') | None => {
+            // Separators stay escaped: a `/`, `?` or `#` decoded would start a new segment,
+            // the query or the fragment, where the upstream sees a character of this segment.
+            Some(b'/' | b'?' | b'#') | None => {
                 out.push(bytes[i]);
                 i += 1;
             }

@@ -3,7 +3,7 @@
 //! The binary watches both ([`watch`]): on `SIGHUP`, and whenever either file's contents
 //! differ from what it last read (looked at every [`WATCH_INTERVAL`], so a Kubernetes
 //! ConfigMap update or an editor's save is picked up without a signal), it reads them again
-//! and checks them whole, exactly as start-up does. A file that is refused changes nothing:
+//! and checks them whole, with the TLS files they name, exactly as start-up does ([`read`]). A file that is refused changes nothing:
 //! the error is logged with its file and field, `edge_config_reloads_total{result="refused"}`
 //! counts it, and the running configuration stays (a half-written file is simply read again
 //! at the next change).
@@ -30,9 +30,14 @@ use std::{
     time::Duration,
 };
 
-use shared::{ConfigError, RuleSet, process::read_file};
+use shared::{
+    RuleSet,
+    net::{self, Identity},
+    process::read_file,
+};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
-use crate::{Agent, http::Api, settings::Settings};
+use crate::{Agent, app::StartError, http::Api, settings::Settings};
 
 /// How often the files are looked at for a change.
 pub const WATCH_INTERVAL: Duration = Duration::from_secs(1);
@@ -60,17 +65,38 @@ pub struct Reloaded {
     pub rules_version: u64,
 }
 
-/// Reads the configuration at `path` and its rules file, as start-up reads them.
-///
-/// # Errors
-///
-/// The first problem found, naming its file and field.
-pub fn read(path: &Path) -> Result<(Settings, RuleSet, Seen), ConfigError> {
-    let config = read_file(path)?;
-    let settings = Settings::parse(path, &config)?;
-    let rules = read_file(&settings.rules)?;
-    let rule_set = RuleSet::from_yaml(&settings.rules.display().to_string(), &rules)?;
-    Ok((settings, rule_set, Seen { config, rules }))
+/// One reading of the configuration and everything it names, as start-up reads them.
+pub struct Attempt {
+    /// The texts read (empty for a file that could not be read): what the next change is
+    /// judged against, refused or not.
+    pub seen: Seen,
+    /// The rules file the configuration names, when it parsed that far.
+    pub rules_path: Option<PathBuf>,
+    /// The configuration, its rules and its TLS identity, or the first problem found, naming
+    /// its file and field.
+    pub result: Result<(Settings, RuleSet, Identity), StartError>,
+}
+
+/// Reads the configuration at `path`, its rules file and its TLS files, and checks them all.
+pub fn read(path: &Path) -> Attempt {
+    let mut seen = Seen::default();
+    let mut rules_path = None;
+    let result = (|| -> Result<_, StartError> {
+        seen.config = read_file(path)?;
+        let settings = Settings::parse(path, &seen.config)?;
+        rules_path = Some(settings.rules.clone());
+        seen.rules = read_file(&settings.rules)?;
+        let rules = RuleSet::from_yaml(&settings.rules.display().to_string(), &seen.rules)?;
+        let tls = &settings.tls;
+        let identity = Identity::from_files(&tls.ca, &tls.cert, &tls.key)?;
+        net::client_config(&identity)?;
+        Ok((settings, rules, identity))
+    })();
+    Attempt {
+        seen,
+        rules_path,
+        result,
+    }
 }
 
 /// Applies a checked configuration to a running edge that started with `started`, and says
@@ -92,9 +118,11 @@ pub async fn apply(
     let (new, running) = (rules.version(), agent.rules().version());
     if new > running {
         let swapped = tokio::task::spawn_blocking(move || agent.set_rules(rules)).await;
-        // A newer set pushed by the regional in between wins, as it should.
         if matches!(swapped, Ok(true)) {
             reloaded.applied.push("rules");
+        } else {
+            // A newer set pushed by the regional in between wins, as it should.
+            reloaded.rules_not_newer = Some((new, api.agent.rules().version()));
         }
     } else if rules_changed {
         reloaded.rules_not_newer = Some((new, running));
@@ -134,17 +162,23 @@ fn need_restart(started: &Settings, new: &Settings) -> Vec<&'static str> {
         .collect()
 }
 
-/// Reloads `path` on `SIGHUP` and on every change to it or its rules file, until the task is
-/// dropped. `seen` is what start-up read.
-pub async fn watch(path: PathBuf, started: Settings, mut seen: Seen, api: Arc<Api>) {
-    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(signal) => Some(signal),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGHUP; the files are still watched");
-            None
-        }
-    };
+/// Reloads `path` on `hangup` (SIGHUP, when it could be listened for) and on every change to
+/// it or its rules file, until the task is dropped. `seen` is what start-up read.
+///
+/// The signal is listened for by the caller before anything slow at start-up, so that a
+/// `systemctl reload` that comes early finds the handler in place rather than SIGHUP's
+/// default action, which ends the process.
+pub async fn watch(
+    path: PathBuf,
+    started: Settings,
+    mut seen: Seen,
+    api: Arc<Api>,
+    mut hangup: Option<Signal>,
+) {
     let mut rules_path = started.rules.clone();
+    // The rules text last judged by a reload that went through: whether the rules changed
+    // is asked against it, so that a refused reload in between does not hide a change.
+    let mut judged_rules = seen.rules.clone();
     let mut tick = tokio::time::interval(WATCH_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -160,23 +194,37 @@ pub async fn watch(path: PathBuf, started: Settings, mut seen: Seen, api: Arc<Ap
         if !forced && !changed(&path, &rules_path, &seen) {
             continue;
         }
-        match read(&path) {
-            Ok((settings, rules, now)) => {
-                rules_path = settings.rules.clone();
-                let rules_changed = now.rules != seen.rules;
-                seen = now;
+        let attempt = read(&path);
+        // What was read, refused or not, is what the next change is judged against: a
+        // half-written file that was refused is read again when it changes, and a rules file
+        // newly named is the one watched.
+        seen = attempt.seen;
+        if let Some(path) = attempt.rules_path {
+            rules_path = path;
+        }
+        match attempt.result {
+            Ok((settings, rules, _)) => {
+                let rules_changed = seen.rules != judged_rules;
+                judged_rules = seen.rules.clone();
                 let reloaded = apply(&started, settings, rules, rules_changed, &api).await;
                 api.metrics.record_reload(true);
                 log(&path, &reloaded);
             }
             Err(e) => {
-                // Remember what was refused, so that it is not refused again every second;
-                // the next edit is read again.
-                seen.config = read_file(&path).unwrap_or_default();
-                seen.rules = read_file(&rules_path).unwrap_or_default();
                 api.metrics.record_reload(false);
                 tracing::error!("configuration reload refused, the running one stays: {e}");
             }
+        }
+    }
+}
+
+/// SIGHUP, listened for from now on; `None`, with a warning, when it cannot be.
+pub fn hangup() -> Option<Signal> {
+    match signal(SignalKind::hangup()) {
+        Ok(signal) => Some(signal),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; the files are still watched");
+            None
         }
     }
 }

@@ -152,7 +152,13 @@ fn check_answers_as_design_8_says() {
     assert_eq!(r.header("x-ratelimit-remaining"), Some("0"));
     // The path is matched as the proxy matches a request line: escapes and dot segments
     // cannot step around the rule.
-    for path in ["/api/%6Cogin", "/static/../api/login", "/api/./login"] {
+    for path in [
+        "/api/%6Cogin",
+        "/static/../api/login",
+        "/api/./login",
+        // Dot segments in the query are not the path's.
+        "/api/login?next=/../../static",
+    ] {
         let r = check(addr, &login.replace("/api/login", path));
         assert_eq!(
             (r.status, r.header("x-ratelimit-limit")),
@@ -455,13 +461,30 @@ fn a_changed_configuration_is_applied_while_running_and_a_bad_one_changes_nothin
     });
     std::thread::sleep(Duration::from_millis(2500));
 
+    // The configuration names another rules file, not there yet: refused. Once it is there,
+    // it is the file watched, and its rules apply.
+    let now = fs::read_to_string(&config).expect("exists");
+    replace(
+        &config,
+        &now.replace("rules: rules.yaml", "rules: rules-v9.yaml"),
+    );
+    edge.wait_for("the refusal of a missing rules file", WITHIN, |line| {
+        (line.contains("configuration reload refused") && line.contains("rules-v9.yaml"))
+            .then_some(())
+    });
+    replace(
+        &dir.join("rules-v9.yaml"),
+        &RULES.replace("version: 7", "version: 9"),
+    );
+    reloaded(&mut edge, "rules");
+
     let m = metrics::parse(&request(addr, "GET", "/metrics", "", b"").body).expect("parses");
     assert_eq!(
         m.get("edge_config_reloads_total", &[("result", "refused")]),
-        2.0
+        3.0
     );
     assert!(m.get("edge_config_reloads_total", &[("result", "applied")]) >= 4.0);
-    assert_eq!(m.get("edge_rule_set_version", &[]), 8.0);
+    assert_eq!(m.get("edge_rule_set_version", &[]), 9.0);
     let logged = edge.printed();
     assert!(!logged.contains("panicked"), "{logged}");
 }

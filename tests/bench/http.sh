@@ -14,6 +14,8 @@
 #
 # wrk is installed with apt-get when absent (as root, or with sudo).
 set -euo pipefail
+# `-e` inside $(...) too: a wrk that fails in a round stops the run.
+shopt -s inherit_errexit
 cd "$(dirname "$0")/../.."
 
 duration="${BENCH_DURATION:-10s}"
@@ -29,7 +31,13 @@ metrics_port="${BENCH_METRICS_PORT:-19401}"
 if ! command -v wrk >/dev/null; then
   echo "==> installing wrk"
   sudo=""
-  if [ "$(id -u)" != 0 ]; then sudo=sudo; fi
+  if [ "$(id -u)" != 0 ]; then
+    if ! command -v sudo >/dev/null; then
+      echo "tests/bench/http.sh: wrk is not installed, and installing it needs root" >&2
+      exit 1
+    fi
+    sudo=sudo
+  fi
   $sudo apt-get update -qq && $sudo apt-get install -y -qq wrk >/dev/null
 fi
 
@@ -45,7 +53,9 @@ stop() {
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
 }
-trap stop INT TERM EXIT
+trap stop EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 for port in "$edge_port" "$ceiling_port" "$metrics_port"; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
@@ -98,9 +108,10 @@ start() { # name, command...
 wait_ready() { # port, path, name
   local port="$1" path="$2" name="$3" status=""
   for _ in $(seq 1 100); do
-    if exec 3<>"/dev/tcp/127.0.0.1/$port" 2>/dev/null; then
+    # Braces: the 2>/dev/null is the connect's alone, not the script's from now on.
+    if { exec 3<>"/dev/tcp/127.0.0.1/$port"; } 2>/dev/null; then
       printf 'GET %s HTTP/1.0\r\n\r\n' "$path" >&3
-      read -r _ status _ <&3 || true
+      read -r -t 2 _ status _ <&3 || true
       exec 3<&-
       if [ "$status" = 200 ]; then return 0; fi
     fi
@@ -123,8 +134,8 @@ round() { # name, port
   out="$(wrk --latency -t"$threads" -c"$connections" -d"$duration" -s "$dir/check.lua" \
     "http://127.0.0.1:$2/v1/check")"
   echo "$out" >"$dir/logs/wrk-$1-$(date +%s%N).log"
-  if echo "$out" | grep -q "Non-2xx"; then
-    echo "tests/bench/http.sh: $1 answered something other than 2xx:" >&2
+  if echo "$out" | grep -q "Non-2xx\|Socket errors"; then
+    echo "tests/bench/http.sh: $1 answered something other than 2xx, or sockets failed:" >&2
     echo "$out" >&2
     exit 1
   fi
@@ -133,7 +144,7 @@ round() { # name, port
     /Requests\/sec:/ { rps = $2 }
     $1 == "50%" { p50 = ms($2) }
     $1 == "99%" { p99 = ms($2) }
-    END { printf "%.0f %.3f %.3f\n", rps, p50, p99 }'
+    END { if (rps == "") exit 1; printf "%.0f %.3f %.3f\n", rps, p50, p99 }'
 }
 
 # Warm up: every key's first request goes to the regional.

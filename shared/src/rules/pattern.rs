@@ -15,8 +15,9 @@ use std::fmt;
 /// `**` matches whatever is left, including nothing (`/api/**` matches `/api`, `/api/a` and
 /// `/api/a/b`). Request paths are read by segments: the query (`?...`) and fragment (`#...`)
 /// are ignored, and empty segments are skipped, so `/api//login/` is `/api/login`. That keeps a
-/// client from slipping past a limit by doubling a slash. We do not percent-decode or resolve
-/// `.`/`..` segments: a caller whose backend does must hand us the normalized path.
+/// client from slipping past a limit by doubling a slash. The matcher does not percent-decode
+/// or resolve `.`/`..` segments: whoever hands it a path must normalize it as the backend
+/// would (the edge's HTTP API and proxy do, `edge_agent::proxy::decision_path`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PathPattern {
     /// The pattern as the operator wrote it, for names and messages.
