@@ -15,7 +15,7 @@
 //! | `DELETE /api/v1/partitions/{rule}/pin` | the rule follows demand again |
 //! | `POST /api/v1/rebalance` | recompute every unpinned rule's shares now |
 //! | `GET /api/v1/regions` | the regions, their floors, connected regionals and edges, last report age |
-//! | `GET /api/v1/debug/{key}` | what every connected region holds for that key: partition, usage, each edge's counters |
+//! | `GET /api/v1/debug/{key}` | what every region holds for that key: partition, usage, each edge's counters (or that no regional of it is connected) |
 //! | `GET /api/v1/metrics` | the same counters as `/metrics`, as JSON |
 //!
 //! Every change that is applied is then pushed to the regionals: a new rule set at once, new
@@ -233,10 +233,16 @@ impl Admin {
         }
     }
 
-    /// `GET /api/v1/debug/{key}`: every connected region's ledgers of `key`, with rule ids.
+    /// `GET /api/v1/debug/{key}`: every region's ledgers of `key`, with rule ids; a region
+    /// with no regional connected says so rather than being left out.
     async fn debug(&self, key: &str) -> serde_json::Value {
         let rules = self.coordinator.rules();
-        let reports = self.links.key_reports(key).await;
+        let mut reports = self.links.key_reports(key).await;
+        for region in self.coordinator.regions() {
+            reports
+                .entry(region.name.clone())
+                .or_insert_with(|| Err("no regional of this region is connected".to_owned()));
+        }
         let regions: BTreeMap<String, serde_json::Value> = reports
             .into_iter()
             .map(|(region, report)| {

@@ -234,6 +234,15 @@ fn the_admin_api_needs_the_token_and_refuses_a_bad_rule_set_whole() {
         404
     );
     assert_eq!(api(addr, "GET", "/api/v1/nope", "").status, 404);
+    // No regional is connected: every region is listed, saying so.
+    let v = json(&api(addr, "GET", "/api/v1/debug/alice", ""));
+    assert_eq!(v["key"], "alice");
+    for region in ["eu", "us"] {
+        assert_eq!(
+            v["regions"][region]["error"], "no regional of this region is connected",
+            "{v}"
+        );
+    }
 
     // /metrics needs no token and parses as Prometheus text.
     let r = request(addr, "GET", "/metrics", "", b"");
