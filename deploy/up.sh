@@ -66,51 +66,15 @@ echo "==> certificates in $dir/pki"
   --node edge-eu-1 --node edge-eu-2 --node edge-us-1 --node edge-us-2 \
   --san localhost --san 127.0.0.1 >/dev/null
 
-start() { # name, command...
-  local name="$1"
-  shift
-  "$@" >"$dir/logs/$name.log" 2>&1 &
-  pids+=("$!")
-}
-
-# Waits until something accepts TCP on 127.0.0.1:$1 (bash's /dev/tcp: no curl needed).
-wait_tcp() {
-  local port="$1" name="$2"
-  for _ in $(seq 1 100); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  echo "deploy/up.sh: $name did not start; its log:" >&2
-  cat "$dir/logs/$name.log" >&2
-  exit 1
-}
-
-# Waits until the edge on 127.0.0.1:$1 answers GET /readyz with 200: connected to its regional.
-# Before that, its rules' failure modes decide (a `closed` login rule would answer 429).
-wait_ready() {
-  local port="$1" name="$2" status=""
-  for _ in $(seq 1 100); do
-    if exec 3<>"/dev/tcp/127.0.0.1/$port" 2>/dev/null; then
-      printf 'GET /readyz HTTP/1.0\r\n\r\n' >&3
-      read -r _ status _ <&3 || true
-      exec 3<&-
-      if [ "$status" = 200 ]; then return 0; fi
-    fi
-    sleep 0.1
-  done
-  echo "deploy/up.sh: $name is not connected to its regional; its log:" >&2
-  cat "$dir/logs/$name.log" >&2
-  exit 1
-}
+# start, wait_tcp, wait_http, refuse_busy.
+prog=deploy/up.sh
+# shellcheck source=deploy/lib.sh
+source deploy/lib.sh
 
 # Another topology (an earlier up.sh still running) would answer on our ports and be taken for
 # ours: refuse to start beside it.
-for port in 9000 8080 8081 8082 8083 9401 9402 6391 6392; do
-  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-    echo "deploy/up.sh: 127.0.0.1:$port is in use (another deploy/up.sh still running?); stop it first" >&2
-    exit 1
-  fi
-done
+refuse_busy "another deploy/up.sh still running?; stop it first" \
+  9000 8080 8081 8082 8083 9401 9402 6391 6392
 
 # The admin token: fresh and random each run, readable only by us.
 (umask 077 && od -An -N24 -tx1 /dev/urandom | tr -d ' \n' >"$dir/admin.token")
@@ -142,7 +106,9 @@ for edge in eu-1 eu-2 us-1 us-2; do
 done
 for edge in eu-1 eu-2 us-1 us-2; do
   wait_tcp "${edge_port[$edge]}" "edge-$edge"
-  wait_ready "${edge_port[$edge]}" "edge-$edge"
+  # Ready once connected to its regional; until then its rules' failure modes decide (a
+  # `closed` login rule would answer 429).
+  wait_http "${edge_port[$edge]}" /readyz "edge-$edge" "is not connected to its regional"
 done
 
 # Until both regionals are linked to the coordinator and have reported their edges: the

@@ -26,7 +26,6 @@ use shared::{
 use crate::{
     Agent, BuildError, QuicConfig, QuicError, QuicUpstream,
     http::{self, Api},
-    proxy::Proxy,
     reload::{self, Seen},
     settings::Settings,
 };
@@ -142,11 +141,12 @@ pub async fn run(checked: Checked, shutdown: impl Future<Output = ()>) -> Result
         })?;
     let listen = listener.local_addr().unwrap_or(settings.listen);
     tracing::info!(%listen, "{summary}");
-    let mut api = Api::new(agent.clone(), settings.identity.clone(), upstream);
-    if let Some(proxy) = settings.proxy.clone() {
-        api = api.with_proxy(Proxy::new(proxy));
-    }
-    let api = Arc::new(api);
+    let api = Arc::new(Api::new(
+        agent.clone(),
+        upstream,
+        settings.identity.clone(),
+        settings.proxy.clone(),
+    ));
     let watch = tokio::spawn(reload::watch(
         settings.file.clone(),
         settings,

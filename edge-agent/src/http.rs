@@ -3,7 +3,7 @@
 //! OpenMetrics text, `GET /readyz` whether it is connected to its
 //! regional (until then every decision that needs the regional is its rule's failure mode, so
 //! a load balancer or `deploy/up.sh` should wait for it). Any other path is `404`, or, when
-//! the edge runs as a reverse proxy ([`Api::with_proxy`]), decided and forwarded to the
+//! the edge runs as a reverse proxy ([`Served::proxy`]), decided and forwarded to the
 //! upstream by [`proxy`], which answers denials with the same code as a check.
 //!
 //! A check flows like this: the body is read up to [`MAX_BODY`] (more is `413`), parsed as
@@ -70,9 +70,14 @@ pub struct Served {
 }
 
 impl Api {
-    /// Answers for `agent`, reading identities as `identity` says; ready while `upstream` is
-    /// connected.
-    pub fn new(agent: Arc<Agent>, identity: IdentityConfig, upstream: Arc<QuicUpstream>) -> Api {
+    /// Answers for `agent`, reading identities as `identity` says and forwarding other paths
+    /// as `proxy` says (`None`: they are `404`); ready while `upstream` is connected.
+    pub fn new(
+        agent: Arc<Agent>,
+        upstream: Arc<QuicUpstream>,
+        identity: IdentityConfig,
+        proxy: Option<ProxyConfig>,
+    ) -> Api {
         let metrics = EdgeMetrics::new(agent.clone(), Some(upstream.clone()));
         Api {
             agent,
@@ -80,19 +85,9 @@ impl Api {
             metrics,
             served: ArcSwap::from_pointee(Served {
                 identity,
-                proxy: None,
+                proxy: proxy.map(|config| Arc::new(Proxy::new(config))),
             }),
         }
-    }
-
-    /// The same API, also forwarding every path that is not the edge's own through `proxy`.
-    pub fn with_proxy(self, proxy: Proxy) -> Api {
-        let identity = self.served.load().identity.clone();
-        self.served.store(Arc::new(Served {
-            identity,
-            proxy: Some(Arc::new(proxy)),
-        }));
-        self
     }
 
     /// What requests are served with now.

@@ -57,12 +57,11 @@ trap stop EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-for port in "$edge_port" "$ceiling_port" "$metrics_port"; do
-  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-    echo "tests/bench/http.sh: 127.0.0.1:$port is in use; set BENCH_*_PORT" >&2
-    exit 1
-  fi
-done
+# start, wait_http, refuse_busy.
+prog=tests/bench/http.sh
+# shellcheck source=deploy/lib.sh
+source deploy/lib.sh
+refuse_busy "set BENCH_*_PORT" "$edge_port" "$ceiling_port" "$metrics_port"
 
 "$bin/regional-aggregator" pki --dir "$dir/pki" --node regional-eu-1 --node edge-eu-1 \
   --san localhost --san 127.0.0.1 >/dev/null
@@ -99,34 +98,11 @@ request = function()
 end
 LUA
 
-start() { # name, command...
-  local name="$1"
-  shift
-  "$@" >"$dir/logs/$name.log" 2>&1 &
-  pids+=("$!")
-}
-wait_ready() { # port, path, name
-  local port="$1" path="$2" name="$3" status=""
-  for _ in $(seq 1 100); do
-    # Braces: the 2>/dev/null is the connect's alone, not the script's from now on.
-    if { exec 3<>"/dev/tcp/127.0.0.1/$port"; } 2>/dev/null; then
-      printf 'GET %s HTTP/1.0\r\n\r\n' "$path" >&3
-      read -r -t 2 _ status _ <&3 || true
-      exec 3<&-
-      if [ "$status" = 200 ]; then return 0; fi
-    fi
-    sleep 0.1
-  done
-  echo "tests/bench/http.sh: $name is not ready; its log:" >&2
-  cat "$dir/logs/$name.log" >&2
-  exit 1
-}
-
 start regional "$bin/regional-aggregator" --config "$dir/regional.yaml" --log warn
 start edge "$bin/edge-agent" --config "$dir/edge.yaml" --log warn
 start ceiling "$bin/examples/ceiling" "127.0.0.1:$ceiling_port"
-wait_ready "$edge_port" /readyz edge
-wait_ready "$ceiling_port" /healthz ceiling
+wait_http "$edge_port" /readyz edge "is not connected to its regional"
+wait_http "$ceiling_port" /healthz ceiling "is not answering"
 
 # One wrk round against port $2; prints "req/s p50_ms p99_ms".
 round() { # name, port

@@ -24,7 +24,7 @@ use shared::{
     Key, LimitId, Request, RuleSet, Selector, Strictness, algorithm::Limiter, rules::Segment,
 };
 
-use super::sample::{Rng, Weighted};
+use super::sample::{Rng, Weighted, parse_weight};
 
 /// One `--mix` item: `RULE[@TIER]=WEIGHT`.
 #[derive(Clone, Debug, PartialEq)]
@@ -44,16 +44,9 @@ impl FromStr for MixWeight {
         let (target, weight) = s
             .rsplit_once('=')
             .ok_or_else(|| format!("{s:?} is not RULE[@TIER]=WEIGHT"))?;
-        let weight: f64 = weight
-            .trim()
-            .parse()
-            .map_err(|_| format!("{s:?}: the weight {weight:?} is not a number"))?;
-        if !weight.is_finite() || weight < 0.0 {
-            return Err(format!("{s:?}: a weight is a number ≥ 0"));
-        }
         Ok(MixWeight {
             target: target.trim().to_owned(),
-            weight,
+            weight: parse_weight(s, weight)?,
         })
     }
 }

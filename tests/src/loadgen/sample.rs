@@ -56,6 +56,16 @@ pub struct Weighted {
     cdf: Vec<f64>,
 }
 
+/// A relative weight as written in the flag item `item` (`search=2`, `eu=3`): a finite
+/// number ≥ 0, or why not.
+pub fn parse_weight(item: &str, text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(weight) if weight.is_finite() && weight >= 0.0 => Ok(weight),
+        Ok(_) => Err(format!("{item:?}: a weight is a number ≥ 0")),
+        Err(_) => Err(format!("{item:?}: the weight {text:?} is not a number")),
+    }
+}
+
 impl Weighted {
     /// Outcome `i` with probability `weights[i] / Σ weights`; `None` when there is no weight
     /// above zero, or one is negative or not finite.

@@ -11,7 +11,7 @@ use std::{
 
 use serde::Serialize;
 
-use super::client::Connection;
+use super::{client::Connection, sample::parse_weight};
 
 /// One `--edge`: an address, optionally tagged with its region.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -65,15 +65,9 @@ impl FromStr for RegionWeight {
         let (region, weight) = s
             .split_once('=')
             .ok_or_else(|| format!("{s:?} is not REGION=WEIGHT"))?;
-        let weight: f64 = weight
-            .parse()
-            .map_err(|_| format!("{s:?}: {weight:?} is not a number"))?;
-        if !weight.is_finite() || weight < 0.0 {
-            return Err(format!("{s:?}: a weight is a number ≥ 0"));
-        }
         Ok(RegionWeight {
             region: region.to_owned(),
-            weight,
+            weight: parse_weight(s, weight)?,
         })
     }
 }
