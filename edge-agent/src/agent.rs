@@ -55,7 +55,8 @@ use tokio::{runtime::Handle, task::JoinHandle};
 use crate::{
     config::AgentConfig,
     decision::{Decision, DecisionPath},
-    local::{KeyState, Local, SlotKey, split},
+    keymap::KeyMap,
+    local::{KeyState, Local, SlotKey, StoredKey},
     upstream::{Upstream, UpstreamError},
 };
 
@@ -123,7 +124,7 @@ impl AgentBuilder {
                 upstream: self.upstream,
                 clock,
                 runtime,
-                keys: DashMap::with_hasher(foldhash::fast::RandomState::default()),
+                keys: KeyMap::new(),
                 edges: AtomicU32::new(0),
                 partitions: DashMap::with_hasher(foldhash::fast::RandomState::default()),
                 down_until: AtomicU64::new(0),
@@ -349,9 +350,8 @@ struct Inner {
     upstream: Arc<dyn Upstream>,
     clock: Arc<dyn Clock>,
     runtime: Handle,
-    /// Per (limit, key) state; see `local`. Hashed with foldhash (seeded per process): this
-    /// lookup is on every request.
-    keys: DashMap<Box<[u8]>, KeyState, foldhash::fast::RandomState>,
+    /// Per (limit, key) state; see `local` and `keymap`.
+    keys: KeyMap,
     /// `n`, as the regional last said; zero until it has (no cold allowance before then).
     edges: AtomicU32,
     /// Per limit, `P`: this region's partition of it, as the regional last said. Read only
@@ -440,7 +440,7 @@ struct ExactRequest {
 
 /// One limit of a request, as the slow paths need it.
 struct Part {
-    slot: SlotKey,
+    slot: StoredKey,
     limit: LimitId,
     value: u64,
     window: u64,
@@ -491,7 +491,10 @@ impl Inner {
             let limiter = m.limit.limiter();
             let Some(len) = local_window(limiter) else {
                 // Decided by the regional only, but a cached denial is still free.
-                let until = self.with_state(&slot, |s| s.denied_until);
+                let until = self
+                    .keys
+                    .get(&slot, |s| s.denied_until)
+                    .unwrap_or(Nanos::ZERO);
                 verdict = if until > now {
                     Local::Denied { until }
                 } else {
@@ -620,12 +623,11 @@ impl Inner {
             let want = self.with_state(&slot, |s| {
                 let lost = s.note_demand(now, w, cost);
                 self.stats.lost(lost);
-                s.window(w).0.demand.saturating_mul(2)
+                u64::from(s.window(w).0.demand).saturating_mul(2)
             });
-            let (_, wire_key) = split(slot.as_bytes());
             checks.push(Check {
                 limit: m.limit.id(),
-                key: wire_key.to_owned(),
+                key: slot.wire(),
                 window: w,
                 // `cost` came from a NonZeroU32.
                 cost: NonZeroU32::new(u32::try_from(cost).unwrap_or(u32::MAX))
@@ -633,7 +635,7 @@ impl Inner {
                 want,
             });
             parts.push(Part {
-                slot,
+                slot: StoredKey::new(&slot),
                 limit: m.limit.id(),
                 value: limiter.limit(),
                 window: w,
@@ -681,7 +683,7 @@ impl Inner {
             } else {
                 local_time(check.reset_at)
             };
-            let remaining = self.with_state(&part.slot, |s| {
+            let remaining = self.with_state(&part.slot.view(), |s| {
                 let rise = s.raise_granted(part.window, check.granted);
                 self.stats.granted.fetch_add(rise, Ordering::Relaxed);
                 if !reply.allowed && !check.allowed {
@@ -750,7 +752,7 @@ impl Inner {
                 FailureMode::Open => true,
                 FailureMode::Local => {
                     let share = self.partition(part.limit, part.value) / n;
-                    let after = self.with_state(&part.slot, |s| {
+                    let after = self.with_state(&part.slot.view(), |s| {
                         let (used, lost) = s.used_in(part.window);
                         self.stats.lost(lost);
                         used.saturating_add(exact.cost)
@@ -780,7 +782,7 @@ impl Inner {
         }
         let mut mode = FailureMode::Open;
         for part in &exact.parts {
-            self.with_state(&part.slot, |s| {
+            self.with_state(&part.slot.view(), |s| {
                 let lost = s.admit_unconditionally(now, part.window, exact.cost);
                 self.stats.lost(lost);
             });
@@ -842,17 +844,15 @@ impl Inner {
         self.partitions
             .retain(|limit, _| !changes.contains_key(limit));
         let mut returned = 0;
-        self.keys.retain(|key, state| {
-            let (limit, _) = split(key);
-            match changes.get(&limit) {
+        self.keys
+            .retain(|key, state| match changes.get(&key.limit()) {
                 None => true,
                 Some(Change::Forget) => false,
                 Some(Change::Regrant) => {
                     returned += state.limit_changed();
                     true
                 }
-            }
-        });
+            });
         self.stats.returned.fetch_add(returned, Ordering::Relaxed);
         true
     }
@@ -864,15 +864,8 @@ impl Inner {
 
     /// Runs `f` on the state of `slot`, creating it on first use. The shard lock is held only
     /// for `f`, which never waits on anything.
-    fn with_state<R>(&self, slot: &SlotKey, f: impl FnOnce(&mut KeyState) -> R) -> R {
-        if let Some(mut state) = self.keys.get_mut(slot.as_bytes()) {
-            return f(&mut state);
-        }
-        let mut state = self
-            .keys
-            .entry(slot.as_bytes().into())
-            .or_insert_with(KeyState::new);
-        f(&mut state)
+    fn with_state<R>(&self, slot: &SlotKey<'_>, f: impl FnOnce(&mut KeyState) -> R) -> R {
+        self.keys.with(slot, || KeyState::new(self.clock.now()), f)
     }
 
     async fn flush(&self) -> Result<(), UpstreamError> {
@@ -911,14 +904,14 @@ impl Inner {
     /// Walks every key: rolls windows forward, hands back idle or recalled grants, collects
     /// what the regional has not acknowledged, and forgets keys idle long enough.
     fn collect(&self, now: Nanos) -> Vec<SyncEntry> {
-        let idle_before = now - Nanos::from(self.config.idle_release);
-        let evict_before = now - Nanos::from(self.config.idle_eviction);
+        let idle_release = Nanos::from(self.config.idle_release);
+        let idle_eviction = Nanos::from(self.config.idle_eviction);
         let mut entries = Vec::new();
         let mut lost_total = 0;
         let mut returned = 0;
         let rules = self.rules();
         self.keys.retain(|key, state| {
-            let (limit, wire_key) = split(key);
+            let limit = key.limit();
             let Some((_, l)) = rules.limit(limit) else {
                 return false; // the rule is gone
             };
@@ -926,26 +919,20 @@ impl Inner {
             let current = now.as_u64() / len;
             let (_, lost) = state.window(current);
             lost_total += lost;
-            let idle = state.last_used < idle_before;
-            for win in [&mut state.prev, &mut state.cur] {
-                if win.index == u64::MAX {
-                    continue;
-                }
+            state.forget_settled_prev();
+            let idle_for = state.idle_for(now);
+            for win in state.windows() {
                 let past = win.index < current;
-                if idle || past || win.near_limit || win.recalled {
+                if idle_for > idle_release || past || win.near_limit || win.recalled {
                     returned += win.release_unused();
                 }
                 win.recalled = false;
-                let want = if win.near_limit || past {
-                    0
-                } else {
-                    win.demand.saturating_mul(2)
-                };
-                win.demand = 0;
+                let demand = win.take_demand();
+                let want = if win.near_limit || past { 0 } else { demand };
                 if win.unsynced() || want > 0 {
                     entries.push(SyncEntry {
                         limit,
-                        key: wire_key.to_owned(),
+                        key: key.wire(),
                         window: win.index,
                         used: win.used,
                         released: win.released,
@@ -953,7 +940,7 @@ impl Inner {
                     });
                 }
             }
-            state.unsynced() || state.last_used >= evict_before || state.denied_until > now
+            state.unsynced() || idle_for <= idle_eviction || state.denied_until > now
         });
         self.stats.lost(lost_total);
         self.stats.returned.fetch_add(returned, Ordering::Relaxed);
@@ -973,19 +960,19 @@ impl Inner {
             let Some(slot) = SlotKey::from_wire(e.limit, &e.key) else {
                 continue;
             };
-            if let Some(mut state) = self.keys.get_mut(slot.as_bytes())
-                && let Some(win) = state.slot(e.window)
-            {
-                // Everything only grows: a late or repeated answer changes nothing.
-                granted += win.raise_granted(e.granted);
-                win.acked_used = win.acked_used.max(e.used);
-                win.acked_released = win.acked_released.max(e.released);
-                if e.used >= win.used_at_total {
+            // Everything only grows: a late or repeated answer changes nothing.
+            granted += self
+                .keys
+                .get(&slot, |state| {
+                    let win = state.slot(e.window)?;
+                    win.acknowledge(e.used, e.released);
                     win.learn_total(e.total, e.used);
-                }
-                win.near_limit |= e.near_limit;
-                win.recalled |= e.recall;
-            }
+                    win.near_limit |= e.near_limit;
+                    win.recalled |= e.recall;
+                    Some(win.raise_granted(e.granted))
+                })
+                .flatten()
+                .unwrap_or(0);
         }
         for p in &ack.partitions {
             self.partitions.insert(p.limit, p.partition);
@@ -994,7 +981,7 @@ impl Inner {
             let Some(slot) = SlotKey::from_wire(hot.limit, &hot.key) else {
                 continue;
             };
-            self.with_state(&slot, |s| s.hot_window = hot.window);
+            self.with_state(&slot, |s| s.mark_hot(hot.window));
         }
         self.stats.granted.fetch_add(granted, Ordering::Relaxed);
     }

@@ -75,6 +75,7 @@ mod config;
 mod decision;
 pub mod http;
 mod identity;
+mod keymap;
 mod local;
 mod metrics;
 pub mod proxy;

@@ -1,91 +1,233 @@
 //! Per-key local state: grants, the cold allowance, cached denials, and the counts to sync.
 //!
-//! Each (limit, key) the edge has seen has one [`KeyState`] in the agent's map, holding the
-//! counters of the current window and, until they are acknowledged, of the previous one
+//! Each (limit, key) the edge has seen has one [`KeyState`] in the agent's [`KeyMap`], holding
+//! the counters of the current window and, until they are acknowledged, of the previous one
 //! (DESIGN §4: `granted`, `released`, `used`, all monotone within a window). Nothing here
-//! does I/O or takes a lock: the agent holds the map's shard lock around these calls, so they
-//! are short and never wait on the network.
+//! does I/O or takes a lock: the map holds its shard's lock around these calls, so they are
+//! short and never wait on the network.
 //!
 //! A request that matches several limits reserves into each key's `pending` one at a time,
 //! then commits (pending → used) or rolls back (pending → 0). The sync loop reports only
 //! `used`, so a reservation that is rolled back is never seen upstream, and no request ever
 //! holds two keys' locks at once.
+//!
+//! The state is kept small because an edge holds one per active key: a [`Window`] is 56 bytes,
+//! a [`KeyState`] 80, its [`StoredKey`] 32 (compile-time checked below). The previous window is
+//! boxed and exists only from a window's turn until its counts are acknowledged; times that
+//! only measure idleness are kept in milliseconds.
+//!
+//! [`KeyMap`]: crate::keymap::KeyMap
+
+use std::mem;
 
 use shared::{LimitId, Nanos, Strictness, rules::Key, wire::MAX_KEY_LEN};
 
-/// The map key: a limit's id (8 bytes, little-endian) followed by the key as it crosses the
-/// wire (`u:42`, `i:203.0.113.7`, …). Built on the stack, so a warm lookup allocates nothing.
-pub(crate) struct SlotKey {
-    buf: [u8; 8 + MAX_KEY_LEN],
-    len: usize,
+/// Which identity a key counts by: a user id and an IP with the same text never share a
+/// counter. On the wire it is the key's one-letter prefix (`u:42`, `i:203.0.113.7`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    User,
+    Ip,
+    ApiKey,
+    Header,
+    Global,
 }
 
-impl SlotKey {
-    /// The slot for `key` under `limit`. The key's kind is a one-letter prefix, so a user id
-    /// and an IP with the same text never share a counter. A value too long for the wire is
-    /// replaced by a 64-bit hash of it (`#` and 16 hex digits): distinct long values share a
-    /// counter only on a hash collision.
-    pub(crate) fn new(limit: LimitId, key: &Key<'_>) -> SlotKey {
-        let mut buf = [0u8; 8 + MAX_KEY_LEN];
-        buf[..8].copy_from_slice(&limit.0.to_le_bytes());
-        let (prefix, value): (&[u8], &str) = match key {
-            Key::UserId(v) => (b"u:", v),
-            Key::Ip(v) => (b"i:", v),
-            Key::ApiKey(v) => (b"k:", v),
-            Key::Header(v) => (b"h:", v),
-            Key::Global => (b"g:", ""),
-        };
-        let mut len = 8;
-        buf[len..len + 2].copy_from_slice(prefix);
-        len += 2;
-        if value.len() <= MAX_KEY_LEN - 2 {
-            buf[len..len + value.len()].copy_from_slice(value.as_bytes());
-            len += value.len();
-        } else {
-            let hash = fnv1a(value.as_bytes());
-            buf[len] = b'#';
-            len += 1;
-            for i in (0..16).rev() {
-                buf[len] = b"0123456789abcdef"[((hash >> (i * 4)) & 0xf) as usize];
-                len += 1;
-            }
+impl Kind {
+    fn letter(self) -> u8 {
+        match self {
+            Kind::User => b'u',
+            Kind::Ip => b'i',
+            Kind::ApiKey => b'k',
+            Kind::Header => b'h',
+            Kind::Global => b'g',
         }
-        SlotKey { buf, len }
     }
 
-    /// The slot for a limit and a key as it came back on the wire (an ack).
-    pub(crate) fn from_wire(limit: LimitId, wire_key: &str) -> Option<SlotKey> {
+    fn from_letter(letter: u8) -> Option<Kind> {
+        Some(match letter {
+            b'u' => Kind::User,
+            b'i' => Kind::Ip,
+            b'k' => Kind::ApiKey,
+            b'h' => Kind::Header,
+            b'g' => Kind::Global,
+            _ => return None,
+        })
+    }
+}
+
+/// A (limit, key) as a request or an answer names it, borrowed: what the key map is searched
+/// by. Building one copies nothing unless the value is too long for the wire.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SlotKey<'a> {
+    pub(crate) limit: LimitId,
+    kind: Kind,
+    value: Value<'a>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Value<'a> {
+    Text(&'a str),
+    /// A value too long for the wire, as `#` and 16 hex digits of its 64-bit hash.
+    Hashed([u8; 17]),
+}
+
+impl<'a> SlotKey<'a> {
+    /// The slot for `key` under `limit`. A value too long for the wire is replaced by a 64-bit
+    /// hash of it (`#` and 16 hex digits): distinct long values share a counter only on a hash
+    /// collision.
+    pub(crate) fn new(limit: LimitId, key: &Key<'a>) -> SlotKey<'a> {
+        let (kind, text) = match *key {
+            Key::UserId(v) => (Kind::User, v),
+            Key::Ip(v) => (Kind::Ip, v),
+            Key::ApiKey(v) => (Kind::ApiKey, v),
+            Key::Header(v) => (Kind::Header, v),
+            Key::Global => (Kind::Global, ""),
+        };
+        let value = if text.len() <= MAX_KEY_LEN - 2 {
+            Value::Text(text)
+        } else {
+            let hash = fnv1a(text.as_bytes());
+            let mut hashed = [b'#'; 17];
+            for (i, digit) in hashed[1..].iter_mut().enumerate() {
+                *digit = b"0123456789abcdef"[((hash >> ((15 - i) * 4)) & 0xf) as usize];
+            }
+            Value::Hashed(hashed)
+        };
+        SlotKey { limit, kind, value }
+    }
+
+    /// The slot for a limit and a key as it came back on the wire (an ack), or `None` for a
+    /// key this edge could not have sent.
+    pub(crate) fn from_wire(limit: LimitId, wire_key: &'a str) -> Option<SlotKey<'a>> {
         if wire_key.len() > MAX_KEY_LEN {
             return None;
         }
-        let mut buf = [0u8; 8 + MAX_KEY_LEN];
-        buf[..8].copy_from_slice(&limit.0.to_le_bytes());
-        buf[8..8 + wire_key.len()].copy_from_slice(wire_key.as_bytes());
+        let (prefix, value) = wire_key.split_at_checked(2)?;
+        let kind = match prefix.as_bytes() {
+            [letter, b':'] => Kind::from_letter(*letter)?,
+            _ => return None,
+        };
         Some(SlotKey {
-            buf,
-            len: 8 + wire_key.len(),
+            limit,
+            kind,
+            value: Value::Text(value),
         })
     }
 
-    /// The bytes the map is keyed by.
-    pub(crate) fn as_bytes(&self) -> &[u8] {
-        &self.buf[..self.len]
+    pub(crate) fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// The value as stored and sent: the text, or its hash for a long one.
+    pub(crate) fn value(&self) -> &[u8] {
+        match &self.value {
+            Value::Text(text) => text.as_bytes(),
+            Value::Hashed(hashed) => hashed,
+        }
+    }
+
+    /// The key as it crosses the wire: `u:42`.
+    pub(crate) fn wire(&self) -> String {
+        wire(self.kind, self.value())
     }
 }
 
-/// Splits a map key back into its limit and its wire key.
-pub(crate) fn split(bytes: &[u8]) -> (LimitId, &str) {
-    let mut id = [0u8; 8];
-    id.copy_from_slice(&bytes[..8]);
-    // The key part was copied from a `&str` (or is ASCII hex), so it is valid UTF-8.
-    let key = std::str::from_utf8(&bytes[8..]).unwrap_or("");
-    (LimitId(u64::from_le_bytes(id)), key)
+fn wire(kind: Kind, value: &[u8]) -> String {
+    let mut key = String::with_capacity(2 + value.len());
+    key.push(char::from(kind.letter()));
+    key.push(':');
+    // The value was copied from a `&str` (or is ASCII hex), so it is valid UTF-8.
+    key.push_str(std::str::from_utf8(value).unwrap_or(""));
+    key
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
     })
+}
+
+/// A (limit, key) as the map keeps it: 32 bytes, with values of up to [`INLINE`] bytes (user
+/// ids, IPv4 and short IPv6 addresses) held in place and longer ones in a box of their own.
+#[derive(Debug)]
+pub(crate) struct StoredKey {
+    limit: LimitId,
+    text: Text,
+}
+
+/// The longest value a [`StoredKey`] holds without a box.
+pub(crate) const INLINE: usize = 21;
+
+#[derive(Debug)]
+enum Text {
+    Inline {
+        kind: Kind,
+        len: u8,
+        bytes: [u8; INLINE],
+    },
+    Boxed {
+        kind: Kind,
+        value: Box<[u8]>,
+    },
+}
+
+impl StoredKey {
+    pub(crate) fn new(key: &SlotKey<'_>) -> StoredKey {
+        let value = key.value();
+        let text = match u8::try_from(value.len()) {
+            Ok(len) if value.len() <= INLINE => {
+                let mut bytes = [0; INLINE];
+                bytes[..value.len()].copy_from_slice(value);
+                Text::Inline {
+                    kind: key.kind,
+                    len,
+                    bytes,
+                }
+            }
+            _ => Text::Boxed {
+                kind: key.kind,
+                value: value.into(),
+            },
+        };
+        StoredKey {
+            limit: key.limit,
+            text,
+        }
+    }
+
+    /// The stored key as the borrowed form the map hashes and compares.
+    pub(crate) fn view(&self) -> SlotKey<'_> {
+        let (kind, value) = self.parts();
+        SlotKey {
+            limit: self.limit,
+            kind,
+            // Stored values were copied from a `SlotKey`'s value, which is UTF-8.
+            value: Value::Text(std::str::from_utf8(value).unwrap_or("")),
+        }
+    }
+
+    pub(crate) fn matches(&self, key: &SlotKey<'_>) -> bool {
+        let (kind, value) = self.parts();
+        self.limit == key.limit && kind == key.kind && value == key.value()
+    }
+
+    pub(crate) fn limit(&self) -> LimitId {
+        self.limit
+    }
+
+    /// The key as it crosses the wire: `u:42`.
+    pub(crate) fn wire(&self) -> String {
+        let (kind, value) = self.parts();
+        wire(kind, value)
+    }
+
+    fn parts(&self) -> (Kind, &[u8]) {
+        match &self.text {
+            Text::Inline { kind, len, bytes } => (*kind, &bytes[..usize::from(*len)]),
+            Text::Boxed { kind, value } => (*kind, value),
+        }
+    }
 }
 
 /// "No window": the index of a slot that holds nothing.
@@ -104,27 +246,23 @@ pub(crate) struct Window {
     pub(crate) used: u64,
     /// Reserved by requests still checking their other limits; never reported.
     pub(crate) pending: u64,
-    /// The regional's echo of `used` and `released`: resend until it covers ours.
-    pub(crate) acked_used: u64,
-    pub(crate) acked_released: u64,
-    /// `T` as of the last answer from the regional, for `remaining` (on the exact path, an
-    /// estimate that also counts other edges' unused grants as used: it never overstates).
-    pub(crate) total: u64,
-    /// Our `used` when `total` was learned: what we admitted since is not in it.
-    pub(crate) used_at_total: u64,
-    /// Cost asked for since the last flush (local or exact): this edge's demand.
-    pub(crate) demand: u64,
+    /// What the rest of the region had counted when the regional last answered (`T` less our
+    /// `used` then), for `remaining`. It only grows within a window, so the largest answer
+    /// wins whatever order answers arrive in, and it never overstates what is left (on the
+    /// exact path it also counts other edges' unused grants as used).
+    others: u64,
+    /// Cost asked for since the last flush (local or exact): this edge's demand. Saturates;
+    /// it only sizes the next grant.
+    pub(crate) demand: u32,
     /// The regional stopped granting: exact path until the window turns.
     pub(crate) near_limit: bool,
     /// The regional asked for unused quota back.
     pub(crate) recalled: bool,
+    /// `used` or `released` moved since the regional last echoed them: resend until it does.
+    dirty: bool,
 }
 
 impl Window {
-    fn empty() -> Window {
-        Window::at(NONE)
-    }
-
     fn at(index: u64) -> Window {
         Window {
             index,
@@ -132,32 +270,35 @@ impl Window {
             released: 0,
             used: 0,
             pending: 0,
-            acked_used: 0,
-            acked_released: 0,
-            total: 0,
-            used_at_total: 0,
+            others: 0,
             demand: 0,
             near_limit: false,
             recalled: false,
+            dirty: false,
         }
     }
 
-    /// What this edge knows is left of `limit`: the regional's last `T`, plus what it admitted
-    /// since, taken from `limit`.
+    /// What this edge knows is left of `limit`: what the rest of the region had counted when
+    /// the regional last answered, plus what this edge has admitted, taken from `limit`.
     pub(crate) fn remaining(&self, limit: u64) -> u64 {
-        let since = self.used.saturating_sub(self.used_at_total);
-        limit.saturating_sub(self.total.saturating_add(since))
+        limit.saturating_sub(self.others.saturating_add(self.used))
     }
 
-    /// Learns `T` (or an estimate of it) as of our `used` now.
+    /// Learns `T` (or an estimate of it) as of our `used` then.
     pub(crate) fn learn_total(&mut self, total: u64, used_then: u64) {
-        self.total = total;
-        self.used_at_total = used_then;
+        self.others = self.others.max(total.saturating_sub(used_then));
+    }
+
+    /// The regional echoed our counts: once the echo covers them, they are synced.
+    pub(crate) fn acknowledge(&mut self, used: u64, released: u64) {
+        if used >= self.used && released >= self.released {
+            self.dirty = false;
+        }
     }
 
     /// Counts the regional has not acknowledged yet.
     pub(crate) fn unsynced(&self) -> bool {
-        self.index != NONE && (self.used != self.acked_used || self.released != self.acked_released)
+        self.index != NONE && self.dirty
     }
 
     /// What may still be admitted under the grant.
@@ -179,8 +320,30 @@ impl Window {
     /// Hands back everything unused (idle key, recall, or near the limit); returns how much.
     pub(crate) fn release_unused(&mut self) -> u64 {
         let unused = self.unused();
-        self.released = self.released.saturating_add(unused);
+        if unused > 0 {
+            self.released = self.released.saturating_add(unused);
+            self.dirty = true;
+        }
         unused
+    }
+
+    /// Counts an admission.
+    fn admit(&mut self, cost: u64) {
+        self.used = self.used.saturating_add(cost);
+        self.dirty = true;
+    }
+
+    /// Notes demand for the next grant.
+    pub(crate) fn ask(&mut self, cost: u64) {
+        self.demand = self
+            .demand
+            .saturating_add(u32::try_from(cost).unwrap_or(u32::MAX));
+    }
+
+    /// The demand since the last flush, cleared, as the next grant to ask for (twice the
+    /// demand: room for it to grow until the next sync).
+    pub(crate) fn take_demand(&mut self) -> u64 {
+        u64::from(mem::take(&mut self.demand)).saturating_mul(2)
     }
 }
 
@@ -199,43 +362,74 @@ pub(crate) enum Local {
 #[derive(Clone, Debug)]
 pub(crate) struct KeyState {
     pub(crate) cur: Window,
-    pub(crate) prev: Window,
+    /// The window before `cur`, kept from the turn while it has counts to sync or a grant to
+    /// hand back, and dropped once the regional has acknowledged it.
+    pub(crate) prev: Option<Box<Window>>,
     /// A cached denial: deny locally until then.
     pub(crate) denied_until: Nanos,
-    pub(crate) last_used: Nanos,
-    /// The window in which the regional listed this key as hot (no cold allowance), or NONE.
-    pub(crate) hot_window: u64,
+    /// When the key was last used, in milliseconds since the epoch modulo 2³²: it only
+    /// measures idleness, which the sync loop acts on within minutes, far inside 49 days.
+    last_used: u32,
+    /// The window, modulo 2³², in which the regional listed this key as hot (no cold
+    /// allowance), or `u32::MAX`. A window 2³² later would read as hot again: at one-second
+    /// windows, 136 years on.
+    hot_window: u32,
+}
+
+const _: () = assert!(size_of::<Window>() == 56);
+const _: () = assert!(size_of::<KeyState>() == 80);
+const _: () = assert!(size_of::<StoredKey>() == 32);
+
+/// `now` in milliseconds, modulo 2³².
+fn stamp(now: Nanos) -> u32 {
+    (now.as_u64() / 1_000_000) as u32
 }
 
 impl KeyState {
-    pub(crate) fn new() -> KeyState {
+    pub(crate) fn new(now: Nanos) -> KeyState {
         KeyState {
-            cur: Window::empty(),
-            prev: Window::empty(),
+            cur: Window::at(NONE),
+            prev: None,
             denied_until: Nanos::ZERO,
-            last_used: Nanos::ZERO,
-            hot_window: NONE,
+            last_used: stamp(now),
+            hot_window: u32::MAX,
         }
     }
 
+    /// How long the key has gone unused at `now` (to the millisecond).
+    pub(crate) fn idle_for(&self, now: Nanos) -> Nanos {
+        Nanos::from_millis(u64::from(stamp(now).wrapping_sub(self.last_used)))
+    }
+
+    fn touch(&mut self, now: Nanos) {
+        self.last_used = stamp(now);
+    }
+
+    /// The regional lists this key as hot in window `w`.
+    pub(crate) fn mark_hot(&mut self, w: u64) {
+        self.hot_window = w as u32;
+    }
+
     /// The counters for window `w`, rolling the current window over when `w` is newer. The
-    /// previous window is kept while it has counts to sync; one older than that is dropped,
-    /// and the return says how many windows with unsynced counts were lost that way.
+    /// previous window is kept while it has counts to sync or a grant to hand back; one older
+    /// than that is dropped, and the return says how many windows with unsynced counts were
+    /// lost that way.
     pub(crate) fn window(&mut self, w: u64) -> (&mut Window, u32) {
         let mut lost = 0;
         if self.cur.index == NONE || w > self.cur.index {
-            if self.prev.unsynced() {
+            if self.prev.as_ref().is_some_and(|p| p.unsynced()) {
                 lost += 1;
             }
-            self.prev = if self.cur.index != NONE && self.cur.index + 1 == w {
-                self.cur
+            let old = mem::replace(&mut self.cur, Window::at(w));
+            let adjacent = old.index != NONE && old.index + 1 == w;
+            self.prev = if adjacent && (old.unsynced() || old.unused() > 0) {
+                Some(Box::new(old))
             } else {
-                if self.cur.unsynced() {
+                if old.unsynced() {
                     lost += 1;
                 }
-                Window::empty()
+                None
             };
-            self.cur = Window::at(w);
         }
         // A request tagged with an older window (a clock stepped back) counts in the current
         // one: never forget a count, never reopen a window.
@@ -260,7 +454,7 @@ impl KeyState {
                 0,
             );
         }
-        let hot = self.hot_window == w;
+        let hot = self.hot_window == w as u32;
         let (win, lost) = self.window(w);
         if win.near_limit {
             return (Local::Exact, lost);
@@ -287,9 +481,9 @@ impl KeyState {
     pub(crate) fn commit(&mut self, now: Nanos, cost: u64) {
         let win = &mut self.cur;
         win.pending = win.pending.saturating_sub(cost);
-        win.used = win.used.saturating_add(cost);
-        win.demand = win.demand.saturating_add(cost);
-        self.last_used = now;
+        win.admit(cost);
+        win.ask(cost);
+        self.touch(now);
     }
 
     /// Drops a reservation: nothing was admitted.
@@ -301,16 +495,16 @@ impl KeyState {
     /// `open`): counted, synced and replayed like any other, because counters only grow.
     pub(crate) fn admit_unconditionally(&mut self, now: Nanos, w: u64, cost: u64) -> u32 {
         let (win, lost) = self.window(w);
-        win.used = win.used.saturating_add(cost);
-        self.last_used = now;
+        win.admit(cost);
+        self.touch(now);
         lost
     }
 
     /// Notes demand that went to the exact path, so the next grant is sized for it.
     pub(crate) fn note_demand(&mut self, now: Nanos, w: u64, cost: u64) -> u32 {
         let (win, lost) = self.window(w);
-        win.demand = win.demand.saturating_add(cost);
-        self.last_used = now;
+        win.ask(cost);
+        self.touch(now);
         lost
     }
 
@@ -330,16 +524,34 @@ impl KeyState {
     pub(crate) fn slot(&mut self, w: u64) -> Option<&mut Window> {
         if self.cur.index == w {
             Some(&mut self.cur)
-        } else if self.prev.index == w {
-            Some(&mut self.prev)
         } else {
-            None
+            self.prev.as_deref_mut().filter(|p| p.index == w)
+        }
+    }
+
+    /// The windows the edge holds, previous first.
+    pub(crate) fn windows(&mut self) -> impl Iterator<Item = &mut Window> {
+        self.prev
+            .as_deref_mut()
+            .into_iter()
+            .chain(std::iter::once(&mut self.cur))
+            .filter(|win| win.index != NONE)
+    }
+
+    /// Drops the previous window once the regional has it all and it holds no grant.
+    pub(crate) fn forget_settled_prev(&mut self) {
+        if self
+            .prev
+            .as_ref()
+            .is_some_and(|p| !p.unsynced() && p.unused() == 0)
+        {
+            self.prev = None;
         }
     }
 
     /// Whether anything here still needs to reach the regional.
     pub(crate) fn unsynced(&self) -> bool {
-        self.cur.unsynced() || self.prev.unsynced()
+        self.cur.unsynced() || self.prev.as_ref().is_some_and(|p| p.unsynced())
     }
 
     /// The key's limit changed value (a new rule set, same windows). Its grants and its cached
@@ -348,11 +560,7 @@ impl KeyState {
     /// handed back.
     pub(crate) fn limit_changed(&mut self) -> u64 {
         self.denied_until = Nanos::ZERO;
-        [&mut self.prev, &mut self.cur]
-            .into_iter()
-            .filter(|win| win.index != NONE)
-            .map(Window::release_unused)
-            .sum()
+        self.windows().map(Window::release_unused).sum()
     }
 }
 
@@ -364,26 +572,65 @@ mod tests {
     fn slot_keys_separate_kinds_and_round_trip() {
         let a = SlotKey::new(LimitId(7), &Key::UserId("1.2.3.4"));
         let b = SlotKey::new(LimitId(7), &Key::Ip("1.2.3.4"));
-        assert_ne!(a.as_bytes(), b.as_bytes());
-        assert_eq!(split(a.as_bytes()), (LimitId(7), "u:1.2.3.4"));
+        let stored = StoredKey::new(&a);
+        assert!(stored.matches(&a) && !stored.matches(&b));
+        assert!(!stored.matches(&SlotKey::new(LimitId(8), &Key::UserId("1.2.3.4"))));
+        assert_eq!(
+            (a.wire(), stored.wire()),
+            ("u:1.2.3.4".into(), "u:1.2.3.4".into())
+        );
         let back = SlotKey::from_wire(LimitId(7), "u:1.2.3.4").unwrap();
-        assert_eq!(back.as_bytes(), a.as_bytes());
+        assert!(stored.matches(&back));
+        assert!(stored.matches(&stored.view()));
+        for bad in ["", "u", "u1.2.3.4", "x:1", "ü:1"] {
+            assert!(SlotKey::from_wire(LimitId(7), bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn values_longer_than_the_inline_room_are_boxed_and_still_match() {
+        for len in [0, 1, INLINE - 1, INLINE, INLINE + 1, 200] {
+            let value = "v".repeat(len);
+            let key = SlotKey::new(LimitId(3), &Key::ApiKey(&value));
+            let stored = StoredKey::new(&key);
+            assert!(stored.matches(&key), "{len}");
+            assert_eq!(stored.wire(), format!("k:{value}"));
+            let other = "w".repeat(len.max(1));
+            assert!(!stored.matches(&SlotKey::new(LimitId(3), &Key::ApiKey(&other))));
+        }
     }
 
     #[test]
     fn long_values_are_hashed_to_fit_the_wire() {
         let long = "x".repeat(1000);
         let k = SlotKey::new(LimitId(1), &Key::Header(&long));
-        let (_, wire) = split(k.as_bytes());
+        let wire = k.wire();
         assert!(
             wire.len() <= MAX_KEY_LEN && wire.starts_with("h:#"),
             "{wire}"
+        );
+        let other = "y".repeat(1000);
+        assert_ne!(wire, SlotKey::new(LimitId(1), &Key::Header(&other)).wire());
+        // What comes back on the wire finds the same slot.
+        let stored = StoredKey::new(&k);
+        assert!(stored.matches(&SlotKey::from_wire(LimitId(1), &wire).unwrap()));
+    }
+
+    #[test]
+    fn idleness_is_measured_across_the_millisecond_stamps_wrap() {
+        // 2³² ms after the epoch the stamp wraps to 0; a key used just before is 3 ms idle
+        // just after.
+        let wrap = Nanos::from_millis(1 << 32);
+        let s = KeyState::new(wrap - Nanos::from_millis(1));
+        assert_eq!(
+            s.idle_for(wrap + Nanos::from_millis(2)),
+            Nanos::from_millis(3)
         );
     }
 
     #[test]
     fn reserve_respects_the_grant_and_the_cold_allowance() {
-        let mut s = KeyState::new();
+        let mut s = KeyState::new(Nanos::ZERO);
         let now = Nanos::from_secs(1);
         // Soft, cold allowance 2.
         assert_eq!(
@@ -398,7 +645,7 @@ mod tests {
         s.commit(now, 1);
         assert_eq!(s.reserve(now, 0, 1, Strictness::Soft, || 2).0, Local::Exact);
         // Hard: never cold.
-        let mut h = KeyState::new();
+        let mut h = KeyState::new(Nanos::ZERO);
         assert_eq!(h.reserve(now, 0, 1, Strictness::Hard, || 2).0, Local::Exact);
         // A grant of 5 (ceiling counts the 2 already used).
         s.raise_granted(0, 5);
@@ -414,7 +661,7 @@ mod tests {
 
     #[test]
     fn a_soft_key_whose_grant_was_handed_back_may_spend_the_cold_allowance_once() {
-        let mut s = KeyState::new();
+        let mut s = KeyState::new(Nanos::ZERO);
         let now = Nanos::from_secs(1);
         assert_eq!(
             s.reserve(now, 0, 1, Strictness::Soft, || 2).0,
@@ -440,7 +687,7 @@ mod tests {
         }
         assert_eq!(s.reserve(now, 0, 1, Strictness::Soft, || 2).0, Local::Exact);
         // Hard keys never go beyond their grant.
-        let mut h = KeyState::new();
+        let mut h = KeyState::new(Nanos::ZERO);
         assert_eq!(h.reserve(now, 0, 1, Strictness::Hard, || 2).0, Local::Exact);
         h.raise_granted(0, 1);
         assert_eq!(
@@ -453,7 +700,7 @@ mod tests {
 
     #[test]
     fn a_rolled_back_reservation_leaves_no_trace() {
-        let mut s = KeyState::new();
+        let mut s = KeyState::new(Nanos::ZERO);
         s.window(0);
         s.raise_granted(0, 1);
         let now = Nanos::ZERO;
@@ -477,7 +724,7 @@ mod tests {
 
     #[test]
     fn a_changed_limit_hands_back_its_grant_and_keeps_its_counts() {
-        let mut s = KeyState::new();
+        let mut s = KeyState::new(Nanos::ZERO);
         let now = Nanos::from_secs(1);
         s.window(0);
         s.raise_granted(0, 5);
@@ -497,12 +744,39 @@ mod tests {
     }
 
     #[test]
+    fn the_previous_window_lasts_until_the_regional_has_it_all() {
+        let mut s = KeyState::new(Nanos::ZERO);
+        s.admit_unconditionally(Nanos::ZERO, 5, 3);
+        s.window(6);
+        assert!(s.prev.is_some());
+        s.forget_settled_prev();
+        assert!(s.prev.is_some(), "3 unsynced");
+        s.slot(5).unwrap().acknowledge(2, 0);
+        s.forget_settled_prev();
+        assert!(s.prev.is_some(), "an older echo covers only 2");
+        s.slot(5).unwrap().acknowledge(3, 0);
+        s.forget_settled_prev();
+        assert!(s.prev.is_none() && !s.unsynced());
+        // A grant left at the turn keeps the window until it is handed back and acknowledged.
+        s.raise_granted(6, 10);
+        s.window(7);
+        assert_eq!(s.prev.as_ref().map(|p| p.unused()), Some(10));
+        assert_eq!(s.slot(6).unwrap().release_unused(), 10);
+        s.slot(6).unwrap().acknowledge(0, 10);
+        s.forget_settled_prev();
+        assert!(s.prev.is_none());
+        // A window that turns with nothing to sync and nothing granted leaves nothing behind.
+        s.window(8);
+        assert!(s.prev.is_none());
+    }
+
+    #[test]
     fn the_previous_window_is_kept_until_synced_and_older_ones_are_counted_lost() {
-        let mut s = KeyState::new();
+        let mut s = KeyState::new(Nanos::ZERO);
         s.admit_unconditionally(Nanos::ZERO, 5, 3);
         assert_eq!(s.window(6).1, 0);
-        assert_eq!(s.prev.index, 5);
-        assert!(s.prev.unsynced());
+        assert_eq!(s.prev.as_ref().map(|p| p.index), Some(5));
+        assert!(s.unsynced());
         // Skipping a window: both 5 (unsynced) and 6 (empty) go; one window's counts lost.
         assert_eq!(s.window(8).1, 1);
     }

@@ -9,7 +9,7 @@ use std::{
     fmt,
     ops::{Add, Sub},
     sync::{
-        Arc,
+        Arc, LazyLock,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -115,16 +115,62 @@ pub trait Clock: Send + Sync {
 }
 
 /// Nanoseconds since the Unix epoch from the system clock: what every tier runs on.
+///
+/// Reading the wall clock costs about 40 ns on a virtual machine (`clock_gettime` through the
+/// vDSO, then the conversion), which was a fifth of an edge decision. So this reads the CPU's
+/// time-stamp counter instead (quanta: about 10 ns, calibrated against the monotonic clock) and
+/// adds an offset to the wall clock, taken again from `SystemTime` every [`ANCHOR_EVERY`]. Between
+/// two anchors the counter drifts from the wall clock only by its calibration error and NTP's
+/// slew (at most 500 ppm: 25 µs over 50 ms); a step of the wall clock shows within
+/// `ANCHOR_EVERY`. Where the CPU has no usable counter, quanta reads the monotonic clock and
+/// the same anchoring applies.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SystemClock;
 
+/// How often [`SystemClock`] takes the wall clock again.
+pub const ANCHOR_EVERY: Duration = Duration::from_millis(50);
+
+/// The counter, and where it stood when the process first asked the time.
+struct Counter {
+    clock: quanta::Clock,
+    base: u64,
+}
+
+static COUNTER: LazyLock<Counter> = LazyLock::new(|| {
+    let clock = quanta::Clock::new();
+    let base = clock.raw();
+    Counter { clock, base }
+});
+/// Wall-clock nanoseconds minus counter nanoseconds, as of the last anchor.
+static OFFSET: AtomicU64 = AtomicU64::new(0);
+/// Counter nanoseconds at which the next read anchors again (0: never anchored).
+static NEXT_ANCHOR: AtomicU64 = AtomicU64::new(0);
+
+fn wall() -> Nanos {
+    // A clock before 1970 is a broken host; count from the epoch rather than panic.
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(Nanos::from)
+        .unwrap_or(Nanos::ZERO)
+}
+
 impl Clock for SystemClock {
     fn now(&self) -> Nanos {
-        // A clock before 1970 is a broken host; count from the epoch rather than panic.
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(Nanos::from)
-            .unwrap_or(Nanos::ZERO)
+        let counter = &*COUNTER;
+        let elapsed = counter
+            .clock
+            .delta_as_nanos(counter.base, counter.clock.raw());
+        if elapsed < NEXT_ANCHOR.load(Ordering::Relaxed) {
+            return Nanos(elapsed.wrapping_add(OFFSET.load(Ordering::Relaxed)));
+        }
+        // Two threads may anchor at once; each stores an offset as good as the other's.
+        let now = wall();
+        OFFSET.store(now.0.wrapping_sub(elapsed), Ordering::Relaxed);
+        NEXT_ANCHOR.store(
+            elapsed.saturating_add(Nanos::from(ANCHOR_EVERY).0).max(1),
+            Ordering::Relaxed,
+        );
+        now
     }
 }
 
@@ -170,6 +216,23 @@ mod tests {
         let b = a.clone();
         a.advance(Nanos::from_millis(1500));
         assert_eq!(b.now(), Nanos(11_500_000_000));
+    }
+
+    #[test]
+    fn the_system_clock_follows_the_wall_clock_across_anchors() {
+        // Reads spread over three anchor intervals stay within a millisecond of the wall
+        // clock, read just before and after (its slew over 50 ms is tens of microseconds).
+        let slack = Nanos::from_millis(1);
+        for _ in 0..15 {
+            let before = wall();
+            let now = SystemClock.now();
+            let after = wall();
+            assert!(
+                now + slack >= before && now <= after + slack,
+                "{before:?} ≤ {now:?} ≤ {after:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     #[test]

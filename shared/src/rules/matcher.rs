@@ -2,9 +2,10 @@
 //! path trie the rule set builds once.
 //!
 //! Matching runs on every request at the edge, so it is built to cost little and allocate
-//! nothing: the trie is keyed by path segment, so a literal path costs one hash lookup per
-//! segment whatever the number of rules, and wildcard segments are followed only where some
-//! rule has one at that depth; keys borrow from the request; results go into a buffer the
+//! nothing: the trie is keyed by path segment, so a literal path costs one lookup per segment
+//! whatever the number of rules (a few comparisons where a node has few children, a hash
+//! lookup where it has many), and wildcard segments are followed only where some rule has one
+//! at that depth; keys borrow from the request; results go into a buffer the
 //! caller owns and reuses. The order of a request through here is: trie walk (endpoint rules,
 //! filtered by method) → `default` when no endpoint rule matched → the request tier's limits.
 //!
@@ -151,7 +152,7 @@ pub(crate) struct Matcher {
 #[derive(Clone, Debug, Default)]
 struct Node {
     /// Children by literal segment.
-    literals: HashMap<Box<str>, usize>,
+    literals: Literals,
     /// The child for `{name}` and `*` (they match the same thing).
     wildcard: Option<usize>,
     /// Rules whose pattern ends exactly here.
@@ -189,7 +190,7 @@ impl Matcher {
                     self.nodes[node].rest.push(index);
                     return;
                 }
-                Segment::Literal(lit) => self.nodes[node].literals.get(lit.as_str()).copied(),
+                Segment::Literal(lit) => self.nodes[node].literals.get(lit.as_str()),
                 Segment::Param(_) | Segment::Any => self.nodes[node].wildcard,
             };
             node = match next {
@@ -267,11 +268,55 @@ impl Matcher {
             }
             return;
         };
-        if let Some(&child) = here.literals.get(segment) {
+        if let Some(child) = here.literals.get(segment) {
             self.walk(child, rest, emit);
         }
         if let Some(child) = here.wildcard {
             self.walk(child, rest, emit);
+        }
+    }
+}
+
+/// A node's children by literal segment. Most nodes have a handful, and comparing a short
+/// segment with each of a few is several times faster than hashing it, so a node keeps a list
+/// until it has more than [`Literals::FEW`] children and a hash map after.
+#[derive(Clone, Debug)]
+enum Literals {
+    Few(Vec<(Box<str>, usize)>),
+    Many(HashMap<Box<str>, usize>),
+}
+
+impl Default for Literals {
+    fn default() -> Literals {
+        Literals::Few(Vec::new())
+    }
+}
+
+impl Literals {
+    const FEW: usize = 8;
+
+    fn get(&self, segment: &str) -> Option<usize> {
+        match self {
+            Literals::Few(few) => few
+                .iter()
+                .find(|(literal, _)| **literal == *segment)
+                .map(|&(_, child)| child),
+            Literals::Many(many) => many.get(segment).copied(),
+        }
+    }
+
+    /// Adds a child; `literal` is not among the children yet.
+    fn insert(&mut self, literal: Box<str>, child: usize) {
+        match self {
+            Literals::Few(few) if few.len() < Literals::FEW => few.push((literal, child)),
+            Literals::Few(few) => {
+                let mut many: HashMap<Box<str>, usize> = few.drain(..).collect();
+                many.insert(literal, child);
+                *self = Literals::Many(many);
+            }
+            Literals::Many(many) => {
+                many.insert(literal, child);
+            }
         }
     }
 }

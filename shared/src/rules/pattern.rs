@@ -208,7 +208,12 @@ pub(crate) struct Segments<'a> {
 
 impl<'a> Segments<'a> {
     pub(crate) fn new(path: &'a str) -> Segments<'a> {
-        let end = path.find(['?', '#']).unwrap_or(path.len());
+        // Bytes, not chars: `?`, `#` and `/` are ASCII, so they never split a UTF-8 sequence,
+        // and a byte loop over a short path is cheaper than a char searcher.
+        let end = path
+            .bytes()
+            .position(|b| b == b'?' || b == b'#')
+            .unwrap_or(path.len());
         Segments {
             rest: path.get(..end).unwrap_or(path),
         }
@@ -219,15 +224,16 @@ impl<'a> Iterator for Segments<'a> {
     type Item = &'a str;
 
     fn next(&mut self) -> Option<&'a str> {
-        let trimmed = self.rest.trim_start_matches('/');
-        if trimmed.is_empty() {
-            self.rest = trimmed;
-            return None;
-        }
-        let end = trimmed.find('/').unwrap_or(trimmed.len());
-        let (segment, rest) = trimmed.split_at(end);
-        self.rest = rest;
-        Some(segment)
+        let bytes = self.rest.as_bytes();
+        let start = bytes.iter().position(|&b| b != b'/').unwrap_or(bytes.len());
+        let end = bytes[start..]
+            .iter()
+            .position(|&b| b == b'/')
+            .map_or(bytes.len(), |i| start + i);
+        // Both ends sit next to an ASCII `/` or at an end of the string: char boundaries.
+        let segment = self.rest.get(start..end).unwrap_or("");
+        self.rest = self.rest.get(end..).unwrap_or("");
+        (!segment.is_empty()).then_some(segment)
     }
 }
 
