@@ -695,7 +695,7 @@ impl Inner {
                 // What is left for this client here: nobody's, plus what this edge holds.
                 let remaining = check.remaining.saturating_add(win.unused());
                 let used = win.used;
-                win.learn_total(part.value.saturating_sub(remaining), used);
+                win.estimate_total(part.value.saturating_sub(remaining), used);
                 remaining
             });
             let d = Decision {

@@ -247,9 +247,10 @@ pub(crate) struct Window {
     /// Reserved by requests still checking their other limits; never reported.
     pub(crate) pending: u64,
     /// What the rest of the region had counted when the regional last answered (`T` less our
-    /// `used` then), for `remaining`. It only grows within a window, so the largest answer
-    /// wins whatever order answers arrive in, and it never overstates what is left (on the
-    /// exact path it also counts other edges' unused grants as used).
+    /// `used` then), for `remaining`. Counts only grow within a window, so of the sync answers
+    /// the largest wins whatever order they arrive in; an exact answer's estimate (which also
+    /// counts other edges' unused grants as used) replaces it. It never overstates what is
+    /// left.
     others: u64,
     /// Cost asked for since the last flush (local or exact): this edge's demand. Saturates;
     /// it only sizes the next grant.
@@ -284,9 +285,16 @@ impl Window {
         limit.saturating_sub(self.others.saturating_add(self.used))
     }
 
-    /// Learns `T` (or an estimate of it) as of our `used` then.
+    /// Learns `T` from a sync answer, as of our `used` then.
     pub(crate) fn learn_total(&mut self, total: u64, used_then: u64) {
         self.others = self.others.max(total.saturating_sub(used_then));
+    }
+
+    /// Learns an estimate of `T` from an exact answer, as of our `used` then. It counts other
+    /// edges' unused grants as used, which they may hand back, so it replaces what was known
+    /// rather than only raising it; the next sync answer raises it again if it was low.
+    pub(crate) fn estimate_total(&mut self, total: u64, used_then: u64) {
+        self.others = total.saturating_sub(used_then);
     }
 
     /// The regional echoed our counts: once the echo covers them, they are synced.
@@ -396,9 +404,15 @@ impl KeyState {
         }
     }
 
-    /// How long the key has gone unused at `now` (to the millisecond).
+    /// How long the key has gone unused at `now` (to the millisecond). A use stamped after
+    /// `now` (a request that ran while the sync loop walked the map with an earlier `now`)
+    /// is no idleness at all, not 49 days of it.
     pub(crate) fn idle_for(&self, now: Nanos) -> Nanos {
-        Nanos::from_millis(u64::from(stamp(now).wrapping_sub(self.last_used)))
+        let idle = stamp(now).wrapping_sub(self.last_used);
+        if idle > u32::MAX / 2 {
+            return Nanos::ZERO;
+        }
+        Nanos::from_millis(u64::from(idle))
     }
 
     fn touch(&mut self, now: Nanos) {

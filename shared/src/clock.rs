@@ -136,15 +136,59 @@ struct Counter {
     base: u64,
 }
 
+/// Anchored on creation, so no thread ever reads an offset that was never set.
 static COUNTER: LazyLock<Counter> = LazyLock::new(|| {
     let clock = quanta::Clock::new();
     let base = clock.raw();
-    Counter { clock, base }
+    let counter = Counter { clock, base };
+    counter.anchor();
+    counter
 });
 /// Wall-clock nanoseconds minus counter nanoseconds, as of the last anchor.
 static OFFSET: AtomicU64 = AtomicU64::new(0);
-/// Counter nanoseconds at which the next read anchors again (0: never anchored).
+/// Counter nanoseconds at which the next read anchors again.
 static NEXT_ANCHOR: AtomicU64 = AtomicU64::new(0);
+
+/// A wall-clock read that took longer than this (the thread was descheduled between the
+/// counter and the wall) is taken again, up to three times, keeping the tightest.
+const ANCHOR_SLACK: u64 = 20_000;
+
+impl Counter {
+    /// Nanoseconds since `base`.
+    fn elapsed(&self) -> u64 {
+        self.clock.delta_as_nanos(self.base, self.clock.raw())
+    }
+
+    /// Reads the wall clock between two counter reads and sets the offset from their
+    /// midpoint, so a thread preempted in between does not shift every later reading.
+    /// Returns the wall clock read.
+    fn anchor(&self) -> Nanos {
+        let take = || {
+            let before = self.elapsed();
+            let wall = wall();
+            let after = self.elapsed();
+            let gap = after.saturating_sub(before);
+            (gap, before + gap / 2, wall)
+        };
+        let mut best = take();
+        for _ in 0..2 {
+            if best.0 <= ANCHOR_SLACK {
+                break;
+            }
+            let next = take();
+            if next.0 < best.0 {
+                best = next;
+            }
+        }
+        let (_, at, wall) = best;
+        OFFSET.store(wall.0.wrapping_sub(at), Ordering::Relaxed);
+        NEXT_ANCHOR.store(
+            at.saturating_add(Nanos::from(ANCHOR_EVERY).0),
+            Ordering::Relaxed,
+        );
+        wall
+    }
+}
 
 fn wall() -> Nanos {
     // A clock before 1970 is a broken host; count from the epoch rather than panic.
@@ -157,20 +201,17 @@ fn wall() -> Nanos {
 impl Clock for SystemClock {
     fn now(&self) -> Nanos {
         let counter = &*COUNTER;
-        let elapsed = counter
-            .clock
-            .delta_as_nanos(counter.base, counter.clock.raw());
-        if elapsed < NEXT_ANCHOR.load(Ordering::Relaxed) {
+        let elapsed = counter.elapsed();
+        let next = NEXT_ANCHOR.load(Ordering::Relaxed);
+        // Inside the last anchor's span the offset holds. Past it, or before it (the counter
+        // went back: another core's, or quanta's clamp to zero), anchor again. Two threads may
+        // anchor at once; each stores an offset as good as the other's, and a thread that
+        // pairs one anchor's span with the previous anchor's offset is off by the drift of
+        // one span.
+        if elapsed < next && elapsed.saturating_add(Nanos::from(ANCHOR_EVERY).0) >= next {
             return Nanos(elapsed.wrapping_add(OFFSET.load(Ordering::Relaxed)));
         }
-        // Two threads may anchor at once; each stores an offset as good as the other's.
-        let now = wall();
-        OFFSET.store(now.0.wrapping_sub(elapsed), Ordering::Relaxed);
-        NEXT_ANCHOR.store(
-            elapsed.saturating_add(Nanos::from(ANCHOR_EVERY).0).max(1),
-            Ordering::Relaxed,
-        );
-        now
+        counter.anchor()
     }
 }
 
