@@ -932,7 +932,7 @@ impl Inner {
                 if win.unsynced() || want > 0 {
                     entries.push(SyncEntry {
                         limit,
-                        key: key.wire(),
+                        key: key.view().wire(),
                         window: win.index,
                         used: win.used,
                         released: win.released,

@@ -116,13 +116,13 @@ impl KeyMap {
                 }
                 // Unlist the entry, move the last one into its place and repoint that one's
                 // position; the moved entry is looked at next.
-                let hash = self.hasher.hash_one_key(&entries[at].key.view());
+                let hash = self.hash(&entries[at].key.view());
                 if let Ok(listed) = index.find_entry(hash, |&p| p as usize == at) {
                     listed.remove();
                 }
                 let last = entries.len() - 1;
                 if at != last {
-                    let hash = self.hasher.hash_one_key(&entries[last].key.view());
+                    let hash = self.hash(&entries[last].key.view());
                     if let Some(p) = index.find_mut(hash, |&p| p as usize == last) {
                         *p = at as u32;
                     }
@@ -149,14 +149,19 @@ impl KeyMap {
             .sum()
     }
 
+    /// The one way a key is hashed, for lookups and stored keys alike.
     fn hash(&self, key: &SlotKey<'_>) -> u64 {
-        self.hasher.hash_one_key(key)
+        let mut h = self.hasher.build_hasher();
+        h.write_u64(key.limit.0);
+        h.write_u8(key.kind() as u8);
+        h.write(key.value());
+        h.finish()
     }
 
     fn rehash(&self, entries: &[Entry], position: u32) -> u64 {
         entries
             .get(position as usize)
-            .map_or(0, |e| self.hasher.hash_one_key(&e.key.view()))
+            .map_or(0, |e| self.hash(&e.key.view()))
     }
 
     /// The shard for `hash`, locked. Its bits 32 and up pick it: hashbrown places by the low
@@ -173,21 +178,6 @@ impl KeyMap {
 /// Whether position `at` holds `key`.
 fn is(entries: &[Entry], at: u32, key: &SlotKey<'_>) -> bool {
     entries.get(at as usize).is_some_and(|e| e.key.matches(key))
-}
-
-/// The one way a key is hashed, for lookups and stored keys alike.
-trait HashKey {
-    fn hash_one_key(&self, key: &SlotKey<'_>) -> u64;
-}
-
-impl HashKey for foldhash::fast::RandomState {
-    fn hash_one_key(&self, key: &SlotKey<'_>) -> u64 {
-        let mut h = self.build_hasher();
-        h.write_u64(key.limit.0);
-        h.write_u8(key.kind() as u8);
-        h.write(key.value());
-        h.finish()
-    }
 }
 
 #[cfg(test)]
@@ -226,7 +216,10 @@ mod tests {
         );
         // Drop the odd ones: every even one keeps its own state, found by its key.
         map.retain(|stored, state| {
-            assert_eq!(stored.wire(), format!("u:{}", key(state.cur.used as usize)));
+            assert_eq!(
+                stored.view().wire(),
+                format!("u:{}", key(state.cur.used as usize))
+            );
             state.cur.used % 2 == 0
         });
         assert_eq!(map.len(), n / 2);

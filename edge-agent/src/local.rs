@@ -67,7 +67,7 @@ pub(crate) struct SlotKey<'a> {
 
 #[derive(Clone, Copy, Debug)]
 enum Value<'a> {
-    Text(&'a str),
+    Text(&'a [u8]),
     /// A value too long for the wire, as `#` and 16 hex digits of its 64-bit hash.
     Hashed([u8; 17]),
 }
@@ -85,7 +85,7 @@ impl<'a> SlotKey<'a> {
             Key::Global => (Kind::Global, ""),
         };
         let value = if text.len() <= MAX_KEY_LEN - 2 {
-            Value::Text(text)
+            Value::Text(text.as_bytes())
         } else {
             let hash = fnv1a(text.as_bytes());
             let mut hashed = [b'#'; 17];
@@ -111,7 +111,7 @@ impl<'a> SlotKey<'a> {
         Some(SlotKey {
             limit,
             kind,
-            value: Value::Text(value),
+            value: Value::Text(value.as_bytes()),
         })
     }
 
@@ -122,24 +122,21 @@ impl<'a> SlotKey<'a> {
     /// The value as stored and sent: the text, or its hash for a long one.
     pub(crate) fn value(&self) -> &[u8] {
         match &self.value {
-            Value::Text(text) => text.as_bytes(),
+            Value::Text(text) => text,
             Value::Hashed(hashed) => hashed,
         }
     }
 
     /// The key as it crosses the wire: `u:42`.
     pub(crate) fn wire(&self) -> String {
-        wire(self.kind, self.value())
+        let value = self.value();
+        let mut key = String::with_capacity(2 + value.len());
+        key.push(char::from(self.kind.letter()));
+        key.push(':');
+        // Every value starts as a `&str` (or is ASCII hex), so it is valid UTF-8.
+        key.push_str(std::str::from_utf8(value).unwrap_or(""));
+        key
     }
-}
-
-fn wire(kind: Kind, value: &[u8]) -> String {
-    let mut key = String::with_capacity(2 + value.len());
-    key.push(char::from(kind.letter()));
-    key.push(':');
-    // The value was copied from a `&str` (or is ASCII hex), so it is valid UTF-8.
-    key.push_str(std::str::from_utf8(value).unwrap_or(""));
-    key
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
@@ -202,8 +199,7 @@ impl StoredKey {
         SlotKey {
             limit: self.limit,
             kind,
-            // Stored values were copied from a `SlotKey`'s value, which is UTF-8.
-            value: Value::Text(std::str::from_utf8(value).unwrap_or("")),
+            value: Value::Text(value),
         }
     }
 
@@ -214,12 +210,6 @@ impl StoredKey {
 
     pub(crate) fn limit(&self) -> LimitId {
         self.limit
-    }
-
-    /// The key as it crosses the wire: `u:42`.
-    pub(crate) fn wire(&self) -> String {
-        let (kind, value) = self.parts();
-        wire(kind, value)
     }
 
     fn parts(&self) -> (Kind, &[u8]) {
@@ -590,7 +580,7 @@ mod tests {
         assert!(stored.matches(&a) && !stored.matches(&b));
         assert!(!stored.matches(&SlotKey::new(LimitId(8), &Key::UserId("1.2.3.4"))));
         assert_eq!(
-            (a.wire(), stored.wire()),
+            (a.wire(), stored.view().wire()),
             ("u:1.2.3.4".into(), "u:1.2.3.4".into())
         );
         let back = SlotKey::from_wire(LimitId(7), "u:1.2.3.4").unwrap();
@@ -608,7 +598,7 @@ mod tests {
             let key = SlotKey::new(LimitId(3), &Key::ApiKey(&value));
             let stored = StoredKey::new(&key);
             assert!(stored.matches(&key), "{len}");
-            assert_eq!(stored.wire(), format!("k:{value}"));
+            assert_eq!(stored.view().wire(), format!("k:{value}"));
             let other = "w".repeat(len.max(1));
             assert!(!stored.matches(&SlotKey::new(LimitId(3), &Key::ApiKey(&other))));
         }

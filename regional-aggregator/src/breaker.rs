@@ -388,27 +388,29 @@ impl Inner {
         tracing::info!("store back: circuit breaker closed, memory counts written back");
     }
 
+    /// `absorb` on each [`WRITE_BACK_CHUNK`] of `items` in turn, each call bounded by the
+    /// write-back timeout.
+    async fn in_chunks<'a, T>(
+        &self,
+        items: &'a [T],
+        absorb: impl Fn(&'a [T]) -> StoreFuture<'a, ()>,
+    ) -> Result<(), StoreError> {
+        for chunk in items.chunks(WRITE_BACK_CHUNK) {
+            tokio::time::timeout(self.write_back_timeout, absorb(chunk))
+                .await
+                .map_err(|_| StoreError::Transient("write-back timed out".into()))??;
+        }
+        Ok(())
+    }
+
     async fn write_back(&self, tag: &str, memory: &MemoryStore) -> Result<(), StoreError> {
         let now = self.clock.now();
-        let timed_out = |_| StoreError::Transient("write-back timed out".into());
         let ledgers = memory.snapshot(now);
-        for chunk in ledgers.chunks(WRITE_BACK_CHUNK) {
-            tokio::time::timeout(
-                self.write_back_timeout,
-                self.primary.absorb(tag, now, chunk),
-            )
-            .await
-            .map_err(timed_out)??;
-        }
+        self.in_chunks(&ledgers, |chunk| self.primary.absorb(tag, now, chunk))
+            .await?;
         let states = memory.state_snapshot(now);
-        for chunk in states.chunks(WRITE_BACK_CHUNK) {
-            tokio::time::timeout(
-                self.write_back_timeout,
-                self.primary.absorb_state(tag, now, chunk),
-            )
-            .await
-            .map_err(timed_out)??;
-        }
+        self.in_chunks(&states, |chunk| self.primary.absorb_state(tag, now, chunk))
+            .await?;
         self.stats
             .written_back
             .fetch_add((ledgers.len() + states.len()) as u64, Ordering::Relaxed);

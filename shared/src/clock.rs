@@ -128,7 +128,7 @@ pub trait Clock: Send + Sync {
 pub struct SystemClock;
 
 /// How often [`SystemClock`] takes the wall clock again.
-pub const ANCHOR_EVERY: Duration = Duration::from_millis(50);
+pub const ANCHOR_EVERY: Nanos = Nanos::from_millis(50);
 
 /// The counter, and where it stood when the process first asked the time.
 struct Counter {
@@ -182,10 +182,7 @@ impl Counter {
         }
         let (_, at, wall) = best;
         OFFSET.store(wall.0.wrapping_sub(at), Ordering::Relaxed);
-        NEXT_ANCHOR.store(
-            at.saturating_add(Nanos::from(ANCHOR_EVERY).0),
-            Ordering::Relaxed,
-        );
+        NEXT_ANCHOR.store(at.saturating_add(ANCHOR_EVERY.0), Ordering::Relaxed);
         wall
     }
 }
@@ -208,7 +205,7 @@ impl Clock for SystemClock {
         // anchor at once; each stores an offset as good as the other's, and a thread that
         // pairs one anchor's span with the previous anchor's offset is off by the drift of
         // one span.
-        if elapsed < next && elapsed.saturating_add(Nanos::from(ANCHOR_EVERY).0) >= next {
+        if elapsed < next && elapsed.saturating_add(ANCHOR_EVERY.0) >= next {
             return Nanos(elapsed.wrapping_add(OFFSET.load(Ordering::Relaxed)));
         }
         counter.anchor()
