@@ -455,6 +455,7 @@ impl Links {
     /// to what is wanted (at most its unused partition) and confirms; the sum confirmed is the
     /// grant.
     async fn transfer(&self, region: &str, request: &QuotaRequest) -> u64 {
+        self.supersede_hot_split(request);
         let mut givers = self.one_regional_per_region();
         givers.retain(|(name, _)| name != region);
         let transfer = self.next_transfer.fetch_add(1, Ordering::Relaxed);
@@ -479,6 +480,20 @@ impl Links {
             granted, "transfer"
         );
         granted
+    }
+
+    /// An escalation is this window's own demand for its key, and escalations already move
+    /// the key's quota to where it is asked for. A split by the previous window's demand
+    /// (`follow_hot_keys`) still to come in this window would move quota back towards a
+    /// region that no longer asks, so that the asking region ran short mid-window: it is
+    /// dropped.
+    fn supersede_hot_split(&self, request: &QuotaRequest) {
+        let mut hot = self.hot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = hot.get_mut(&(request.limit, request.key.clone()))
+            && h.window + 1 == request.window
+        {
+            h.moved = true;
+        }
     }
 
     /// Asks one regional of every connected region what it holds for `key`.
@@ -539,7 +554,8 @@ impl Links {
     }
 
     /// Per-key partitions for hot keys (DESIGN §4 across regions): once the window after the
-    /// one a key was reported hot in has begun, the key's limit is split between the regions
+    /// one a key was reported hot in has begun, and unless a region has escalated for the key
+    /// in it already (`supersede_hot_split`), the key's limit is split between the regions
     /// by that key's own demand (with each region's floor) instead of the rule's shares, by
     /// a two-phase transfer in the new window: regions above their part release the excess
     /// (at most their unused partition, as for an escalation) and the sum confirmed is granted
