@@ -185,16 +185,28 @@ impl Agent {
     /// [`check_cost`](Agent::check_cost) for async callers: awaits the regional instead of
     /// blocking, with the same timeout.
     pub async fn check_async(&self, request: &Request<'_>, cost: NonZeroU32) -> Decision {
-        let inner = &self.inner;
-        match inner.begin(request, cost) {
-            Step::Done(decision) => decision,
-            Step::Exact(exact, acquire) => {
-                let call = inner.upstream.acquire(acquire);
-                let result = tokio::time::timeout(inner.config.upstream_timeout, call)
-                    .await
-                    .unwrap_or(Err(UpstreamError::Timeout));
-                inner.finish(exact, result)
-            }
+        match self.try_check(request, cost) {
+            Ok(decision) => decision,
+            Err(exact) => exact.decide().await,
+        }
+    }
+
+    /// [`check_async`](Agent::check_async) in two steps: the decision when it is made locally,
+    /// else the exact path begun, to be awaited. For a server whose request future is moved
+    /// whole on every request: what lives across the await is only the [`ExactCheck`], not the
+    /// request the decision was made from.
+    pub(crate) fn try_check(
+        &self,
+        request: &Request<'_>,
+        cost: NonZeroU32,
+    ) -> Result<Decision, ExactCheck<'_>> {
+        match self.inner.begin(request, cost) {
+            Step::Done(decision) => Ok(decision),
+            Step::Exact(exact, acquire) => Err(ExactCheck {
+                inner: &self.inner,
+                exact,
+                acquire,
+            }),
         }
     }
 
@@ -423,6 +435,28 @@ fn changes(old: &RuleSet, new: &RuleSet) -> HashMap<LimitId, Change> {
             Some((id, change))
         })
         .collect()
+}
+
+/// A decision on the exact path, waiting only for the regional's answer
+/// ([`Agent::try_check`]).
+#[must_use = "the request is undecided until the exact check is awaited"]
+pub(crate) struct ExactCheck<'a> {
+    inner: &'a Inner,
+    exact: ExactRequest,
+    acquire: Acquire,
+}
+
+impl ExactCheck<'_> {
+    /// Asks the regional, waiting at most the upstream timeout, and decides by its answer or
+    /// the rule's failure mode.
+    pub(crate) async fn decide(self) -> Decision {
+        let inner = self.inner;
+        let call = inner.upstream.acquire(self.acquire);
+        let result = tokio::time::timeout(inner.config.upstream_timeout, call)
+            .await
+            .unwrap_or(Err(UpstreamError::Timeout));
+        inner.finish(self.exact, result)
+    }
 }
 
 /// A decision, or the exact request that will make it.

@@ -9,6 +9,7 @@
 use std::{convert::Infallible, future::Future, net::SocketAddr, time::Duration};
 
 use bytes::Bytes;
+use futures_util::FutureExt as _;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{
     Request, Response, StatusCode,
@@ -53,10 +54,9 @@ where
             }
         };
         let handler = handler.clone();
-        let service = service_fn(move |request| {
-            let answer = handler(peer, request);
-            async move { Ok::<_, Infallible>(answer.await) }
-        });
+        // `map`, not an `async` block around the answer: hyper moves a request's future whole,
+        // and a block would add a copy of the request to it.
+        let service = service_fn(move |request| handler(peer, request).map(Ok::<_, Infallible>));
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_TIMEOUT)
