@@ -563,9 +563,12 @@ fn a_hot_key_gets_a_partition_that_follows_its_own_demand() {
     assert_eq!(world.admitted("us", "hot", 20), 0);
 }
 
-/// A token bucket is split as capacity and rate: under a 25/75 pin of a bucket of 40 at
-/// 20/s, eu admits its 10 at once and then 5 a second, us its 30 and then 15 a second; neither
-/// admits the whole bucket, as each did before buckets were partitioned.
+/// A token bucket is split as capacity and rate, and shares move without a burst. Of a bucket
+/// of 40 at 20/s pinned 50/50, each region holds 20 at 10/s. us spends its part of alice's bucket, then a
+/// 75/25 pin moves capacity to eu: us's cut applies at once, but eu's raise waits one refill
+/// time (2 s), so eu's full part of alice does not grow to 30 while us's spent 20 refill (which
+/// would admit 50 across regions where the bucket allows 40 and its rate). After the refill time,
+/// eu admits 30 at once and then 15 a second, us 10 and then 5 a second.
 #[test]
 fn a_token_bucket_is_split_between_regions_as_capacity_and_rate() {
     let world = World::with_rules(
@@ -574,19 +577,62 @@ fn a_token_bucket_is_split_between_regions_as_capacity_and_rate() {
          method: POST, algorithm: token_bucket, rate: 20/s, burst: 40, key: user_id, \
          strictness: hard }\n",
     );
+    // Even, whatever the warm-up's demand made of the shares; in force once a fresh key's
+    // part in each region is 20 (a raise waits out the refill time after the cut that makes
+    // room for it, and that cut may itself wait for a raise still to come).
     world.api(
         "POST",
         "/api/v1/partitions/login/pin",
-        r#"{"eu": 0.25, "us": 0.75}"#,
+        r#"{"eu": 0.5, "us": 0.5}"#,
     );
-    // The pin answers once the pushes are confirmed; a cut applies at once for a bucket.
-    for (region, burst, rate) in [("eu", 10.0, 5.0), ("us", 30.0, 15.0)] {
+    let probes = std::cell::Cell::new(0);
+    let wait_for_part = |region: &str, part: u64| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            probes.set(probes.get() + 1);
+            let probe = format!("probe-{}", probes.get());
+            if world.admitted(region, &probe, part as usize + 1) >= part {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{region}'s part never became {part}: {}",
+                world.api("GET", "/api/v1/partitions", "")
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait_for_part("eu", 20);
+    wait_for_part("us", 20);
+    let start = Instant::now();
+    let spent = world.admitted("us", "alice", 30) as f64;
+    world.api(
+        "POST",
+        "/api/v1/partitions/login/pin",
+        r#"{"eu": 0.75, "us": 0.25}"#,
+    );
+    let eu = world.admitted("eu", "alice", 40) as f64;
+    let elapsed = start.elapsed().as_secs_f64();
+    assert!(
+        spent >= 20.0 && spent <= 20.0 + 10.0 * elapsed + 1.0,
+        "us spent {spent} of its 20 at 10/s in {elapsed:.2}s"
+    );
+    assert!(
+        eu >= 20.0 && eu <= 20.0 + 10.0 * elapsed + 1.0,
+        "eu admitted {eu} of alice {elapsed:.2}s after us began spending it: its raise to 30 applied \
+         before us's spent part refilled"
+    );
+    // Then the pin comes into force; fresh keys have full parts.
+    wait_for_part("eu", 30);
+    for (region, burst, rate) in [("eu", 30.0, 15.0), ("us", 10.0, 5.0)] {
         let start = Instant::now();
         let admitted = world.admitted(region, &format!("fresh-{region}"), 80) as f64;
         let elapsed = start.elapsed().as_secs_f64();
         assert!(
             admitted >= burst && admitted <= burst + rate * elapsed + 1.0,
-            "{region} admitted {admitted} of a {burst} burst at {rate}/s in {elapsed:.2}s"
+            "{region} admitted {admitted} of a {burst} burst at {rate}/s in {elapsed:.2}s: {} {}",
+            world.api("GET", "/api/v1/partitions", ""),
+            world.api("GET", &format!("/api/v1/debug/fresh-{region}"), "")
         );
     }
 }

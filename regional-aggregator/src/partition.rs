@@ -44,6 +44,9 @@ struct Table {
     shares: HashMap<LimitId, Vec<(u64, u32)>>,
     /// What transfers added, per (limit, window), then per key: looked up by `&str`.
     extra: HashMap<(LimitId, u64), HashMap<String, u64>>,
+    /// Per limit, the first window from which every cut scheduled here has cleared (see
+    /// [`PartitionTable::apply`]): another region's raise may start then, not before.
+    cleared: HashMap<LimitId, u64>,
 }
 
 impl PartitionTable {
@@ -132,8 +135,9 @@ impl PartitionTable {
     /// now on the limit's schedule clock and how many windows a cut takes to clear; `None`
     /// for a limit the rules do not have) and answers with the shares held now, each with
     /// the window it applies from, later by the clearing windows: a sliding log still counts
-    /// what it admitted under its old share for one window after a cut, so another region's
-    /// raise must wait that long. A push not newer than the one held changes nothing.
+    /// what it admitted under its old share for one window after a cut, and a bucket what it
+    /// spent for one refill time, so another region's raise must wait that long. A push not
+    /// newer than the one held changes nothing.
     pub fn apply(
         &self,
         push: &Partitions,
@@ -157,25 +161,30 @@ impl PartitionTable {
             limits.sort_unstable();
             limits.dedup();
             for limit in limits {
-                let Some((now, _)) = current(limit) else {
+                let Some((now, clear)) = current(limit) else {
                     table.shares.remove(&limit);
+                    table.cleared.remove(&limit);
                     continue;
                 };
                 let (ppm, from) = pushed
                     .get(&limit)
                     .map_or((0, now), |r| (r.share_ppm.min(WHOLE), r.from_window));
-                schedule_change(table.shares.entry(limit).or_default(), now, ppm, from);
+                let schedule = table.shares.entry(limit).or_default();
+                if let Some(cut) = schedule_change(schedule, now, ppm, from) {
+                    let cleared = table.cleared.entry(limit).or_default();
+                    *cleared = (*cleared).max(cut.saturating_add(clear));
+                }
             }
         }
         let rules = table
             .shares
             .iter()
             .filter_map(|(&limit, s)| {
-                let clear = current(limit).map_or(0, |(_, clear)| clear);
+                let cleared = table.cleared.get(&limit).copied().unwrap_or(0);
                 s.last().map(|&(from_window, share_ppm)| RuleShare {
                     limit,
                     share_ppm,
-                    from_window: from_window.saturating_add(clear),
+                    from_window: from_window.max(cleared),
                 })
             })
             .collect();
@@ -198,6 +207,9 @@ impl PartitionTable {
         table
             .extra
             .retain(|(limit, _), _| rules.limit(*limit).is_some());
+        table
+            .cleared
+            .retain(|limit, _| rules.limit(*limit).is_some());
     }
 }
 
@@ -210,8 +222,10 @@ fn share_at(schedule: Option<&[(u64, u32)]>, window: u64) -> u32 {
 
 /// Schedules `ppm` from window `from` in a schedule whose current window is `now`: a lower
 /// share than the one in force now moves to the next window at the earliest; a higher one may
-/// start now. Entries no window at or after `now` reads are dropped.
-fn schedule_change(schedule: &mut Vec<(u64, u32)>, now: u64, ppm: u32, from: u64) {
+/// start now. Entries no window at or after `now` reads are dropped. Returns the window the
+/// change starts in when it is a cut: lower than the share it follows (a share scheduled but
+/// replaced before it began was never held, and cutting it is no cut).
+fn schedule_change(schedule: &mut Vec<(u64, u32)>, now: u64, ppm: u32, from: u64) -> Option<u64> {
     let in_force = share_at(Some(schedule), now);
     let from = if ppm < in_force {
         from.max(now + 1)
@@ -219,11 +233,13 @@ fn schedule_change(schedule: &mut Vec<(u64, u32)>, now: u64, ppm: u32, from: u64
         from.max(now)
     };
     schedule.retain(|(f, _)| *f < from);
+    let before = share_at(Some(schedule), from.saturating_sub(1));
     schedule.push((from, ppm));
     // Keep the entry in force now and every later one.
     if let Some(first) = schedule.iter().rposition(|(f, _)| *f <= now) {
         schedule.drain(..first);
     }
+    (ppm < before).then_some(from)
 }
 
 #[cfg(test)]
@@ -301,6 +317,42 @@ mod tests {
         assert_eq!(t.share(LimitId(1), 7), 600_000);
         assert_eq!(t.share(LimitId(1), 8), 200_000);
         assert_eq!(PartitionTable::whole().share(LimitId(1), 8), WHOLE);
+    }
+
+    #[test]
+    fn only_a_cut_holds_back_other_regions_raises() {
+        // A bucket's schedule: millisecond ticks, a cut clears after 2,000 of them.
+        let t = PartitionTable::coordinated();
+        let at = |now| move |_| Some((now, 2_000));
+        // A raise (from nothing) is confirmed from when it applies: nothing to wait for.
+        let held = t.apply(&push(1, &[(1, 500_000, 0)]), at(100));
+        assert_eq!(
+            (held.rules[0].share_ppm, held.rules[0].from_window),
+            (500_000, 100)
+        );
+        let held = t.apply(&push(2, &[(1, 900_000, 300)]), at(150));
+        assert_eq!(held.rules[0].from_window, 300);
+        // Replacing that raise before it begins cuts nothing this region ever held.
+        let held = t.apply(&push(3, &[(1, 500_000, 300)]), at(200));
+        assert_eq!(
+            (held.rules[0].share_ppm, held.rules[0].from_window),
+            (500_000, 300)
+        );
+        assert_eq!(t.share(LimitId(1), 400), 500_000);
+        // A cut of what is held: other regions wait until it has cleared.
+        let held = t.apply(&push(4, &[(1, 200_000, 0)]), at(500));
+        assert_eq!(
+            (held.rules[0].share_ppm, held.rules[0].from_window),
+            (200_000, 2_501)
+        );
+        assert_eq!(t.share(LimitId(1), 500), 500_000);
+        assert_eq!(t.share(LimitId(1), 501), 200_000);
+        // And still do after a later raise here: the cut's clearing is remembered.
+        let held = t.apply(&push(5, &[(1, 300_000, 600)]), at(600));
+        assert_eq!(
+            (held.rules[0].share_ppm, held.rules[0].from_window),
+            (300_000, 2_501)
+        );
     }
 
     #[test]

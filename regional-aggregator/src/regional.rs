@@ -1094,12 +1094,22 @@ impl Demand {
 /// The clock a limit's partition schedule runs on, and how many of its ticks a cut takes to
 /// clear. Window algorithms change share at window boundaries (a cut from the next window);
 /// a sliding log too, but what it admitted under the old share stays in it for one more
-/// window; buckets change at once, as a rate (a millisecond tick).
+/// window.
+///
+/// Buckets change share as a rate, on a millisecond tick: a cut at once, and another region's
+/// raise one refill time (burst / rate: the same for every region's part) after it. A part's
+/// state keeps its level as a fraction of its capacity, so a raise applied at once would fill
+/// the raised region's bucket by what the cut one may just have spent: both together could
+/// burst `C + Δ`. Waiting out a refill time, the rate the cut gave up over that time (`Δ`
+/// tokens) pays for it, and every interval admits at most `C + r·t` across regions.
 fn schedule_clock(limiter: &Limiter) -> (Nanos, u64) {
+    const TICK: Nanos = Nanos(1_000_000);
+    let refill = |time: Nanos| time.as_u64().div_ceil(TICK.as_u64());
     match limiter {
         Limiter::FixedWindow(_) | Limiter::SlidingWindow(_) => (limiter.window(), 0),
         Limiter::SlidingLog(l) => (l.window(), 1),
-        Limiter::TokenBucket(_) | Limiter::LeakyBucket(_) => (Nanos(1_000_000), 0),
+        Limiter::TokenBucket(g) => (TICK, refill(g.refill_time())),
+        Limiter::LeakyBucket(b) => (TICK, refill(b.drain_time())),
     }
 }
 
