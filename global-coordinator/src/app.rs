@@ -147,7 +147,11 @@ pub async fn run(checked: Checked, shutdown: impl Future<Output = ()>) -> Result
             source,
         })?;
     let admin_addr = listener.local_addr().unwrap_or(config.admin);
-    let links = Links::new(coordinator.clone(), config.node.clone());
+    let links = Links::new(
+        coordinator.clone(),
+        config.node.clone(),
+        Arc::new(shared::SystemClock),
+    );
     let endpoint = match (&config.link, &identity) {
         (Some(link), Some(identity)) => {
             let endpoint = shared::net::server_endpoint(link.listen, identity)?;

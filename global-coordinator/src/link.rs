@@ -29,7 +29,7 @@ use std::{
 
 use quinn::Connection;
 use shared::{
-    LimitId,
+    Clock, LimitId,
     algorithm::Limiter,
     net::{self, Peer, Service},
     quota::{RegionShare, ppm_for, share_of, split},
@@ -51,6 +51,8 @@ const RELEASE_TIMEOUT: Duration = Duration::from_millis(80);
 pub struct Links {
     coordinator: Arc<Coordinator>,
     node: String,
+    /// What window it is, for hot keys' splits: the same clock as every tier's (DESIGN §9).
+    clock: Arc<dyn Clock>,
     regions: Mutex<HashMap<String, Region>>,
     /// Per region, shares offered and not yet confirmed (raises count as held meanwhile).
     pending: Mutex<HashMap<String, Held>>,
@@ -138,14 +140,15 @@ pub struct RegionStatus {
 }
 
 impl Links {
-    /// The links of `coordinator`, node `node`.
-    pub fn new(coordinator: Arc<Coordinator>, node: String) -> Arc<Links> {
+    /// The links of `coordinator`, node `node`, telling window boundaries by `clock`.
+    pub fn new(coordinator: Arc<Coordinator>, node: String, clock: Arc<dyn Clock>) -> Arc<Links> {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2));
         Arc::new(Links {
             coordinator,
             node,
+            clock,
             regions: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
@@ -562,9 +565,7 @@ impl Links {
     /// to the regions below theirs, most short first. Nothing is granted before it is released,
     /// so `Σ P_r ≤ L` holds as for any transfer. Rules an operator pinned keep their split.
     async fn follow_hot_keys(&self) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        let now = self.clock.now().as_u64();
         let rules = self.coordinator.rules();
         let due: Vec<(LimitId, String, u64, HashMap<String, u64>)> = {
             let mut hot = self.hot.lock().unwrap_or_else(|e| e.into_inner());
