@@ -23,7 +23,7 @@ use std::{
 };
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use edge_agent::{Agent, AgentConfig, Request, Upstream, UpstreamFuture};
+use edge_agent::{Agent, AgentConfig, EdgeMetrics, Request, Upstream, UpstreamFuture};
 use governor::{Quota, RateLimiter};
 use shared::{
     Nanos, RuleSet,
@@ -276,10 +276,50 @@ fn render(mut n: u64, buf: &mut [u8; 20]) -> &str {
     std::str::from_utf8(&buf[i..]).unwrap_or("0")
 }
 
+/// What counting a decision costs when threads count at once: one atomic add on a line every
+/// thread shares (prometheus-client's `Counter`) against one on the thread's own stripe
+/// (`shared::metrics::Counter`, what the edge's metrics use), and the edge's whole
+/// `EdgeMetrics::record` (a counter and a latency histogram).
+fn counting(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("counting");
+    group
+        .measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(500))
+        .sample_size(20)
+        .throughput(Throughput::Elements(1));
+    let agent = Arc::new(agent(&rt, true, RULES));
+    let decision = agent.check(&search("counted"));
+    let metrics = EdgeMetrics::new(agent.clone(), None);
+    let shared_line = prometheus_client::metrics::counter::Counter::<u64>::default();
+    let striped = shared::metrics::Counter::default();
+    for threads in [1usize, 2] {
+        group.bench_function(BenchmarkId::new("shared_line", threads), |b| {
+            b.iter_custom(|iters| {
+                run_threads(iters, threads, |_, _| {
+                    black_box(shared_line.inc());
+                })
+            })
+        });
+        group.bench_function(BenchmarkId::new("striped", threads), |b| {
+            b.iter_custom(|iters| run_threads(iters, threads, |_, _| striped.inc()))
+        });
+        group.bench_function(BenchmarkId::new("record", threads), |b| {
+            b.iter_custom(|iters| {
+                run_threads(iters, threads, |_, i| {
+                    metrics.record(&decision, Duration::from_nanos(200 + i % 64));
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
 fn benches(c: &mut Criterion) {
     memory_per_key();
     fast_path(c);
     other_paths(c);
+    counting(c);
 }
 
 criterion_group!(check, benches);

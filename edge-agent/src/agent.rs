@@ -35,7 +35,7 @@ use std::{
     num::NonZeroU32,
     sync::{
         Arc, Mutex, PoisonError, Weak,
-        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicU32, AtomicU64, Ordering},
     },
 };
 
@@ -44,7 +44,7 @@ use dashmap::DashMap;
 use shared::{
     Clock, FailureMode, LimitId, Nanos, RuleSet,
     algorithm::Limiter,
-    metrics::Histogram,
+    metrics::{Histogram, Striped},
     quota::cold_allowance,
     rules::{Match, Request, recycle},
     wire::{Acquire, AcquireReply, Check, MAX_KEYS_PER_BATCH, SyncAck, SyncBatch, SyncEntry},
@@ -1035,35 +1035,6 @@ fn local_window(limiter: &Limiter) -> Option<u64> {
             Some(limiter.window().as_u64().max(1))
         }
         Limiter::SlidingLog(_) | Limiter::TokenBucket(_) | Limiter::LeakyBucket(_) => None,
-    }
-}
-
-/// A counter spread over cache lines, so threads counting decisions do not contend.
-#[derive(Default)]
-struct Striped {
-    cells: [Padded; STRIPES],
-}
-
-const STRIPES: usize = 8;
-
-#[derive(Default)]
-#[repr(align(64))]
-struct Padded(AtomicU64);
-
-static NEXT_STRIPE: AtomicUsize = AtomicUsize::new(0);
-
-thread_local! {
-    static STRIPE: usize = NEXT_STRIPE.fetch_add(1, Ordering::Relaxed) % STRIPES;
-}
-
-impl Striped {
-    fn add(&self, n: u64) {
-        let i = STRIPE.with(|s| *s);
-        self.cells[i].0.fetch_add(n, Ordering::Relaxed);
-    }
-
-    fn sum(&self) -> u64 {
-        self.cells.iter().map(|c| c.0.load(Ordering::Relaxed)).sum()
     }
 }
 

@@ -8,7 +8,8 @@
 //!   counters are looked up once per rule and cached, so recording is a map lookup and two
 //!   atomic adds. The cache follows the agent's rules: a decision by a limit it does not
 //!   know (a rule set pushed since) rebuilds it once from the rules in force, keeping the
-//!   counters of the limits that stay.
+//!   counters of the limits that stay. The counters and histograms are striped
+//!   ([`shared::metrics::Counter`]), so threads deciding at once do not share their lines.
 //! - What the agent counts anyway ([`Agent::stats`] and friends), read at scrape time by a
 //!   collector: the local-decision ratio, shadow would-denials, sync batches, sizes and lag,
 //!   grant utilisation, lost windows, keys held, the rule set's version and whether the
@@ -31,16 +32,12 @@ use arc_swap::ArcSwap;
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
-    metrics::{
-        MetricType,
-        counter::{ConstCounter, Counter},
-        family::Family,
-    },
+    metrics::{MetricType, counter::ConstCounter, family::Family},
     registry::{Registry, Unit},
 };
 use shared::{
     FailureMode, LimitId,
-    metrics::{Histogram, counter, gauge},
+    metrics::{Counter, Histogram, counter, gauge},
 };
 
 use crate::{Agent, Decision, DecisionPath, QuicUpstream, proxy::ProxyOutcome};

@@ -14,7 +14,7 @@ use std::{
     future::Future,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
 };
 
@@ -55,9 +55,88 @@ pub const LATENCY_BUCKETS_NS: &[u64] = &[
 /// Batch-size buckets, in entries: one key up to a full batch.
 pub const SIZE_BUCKETS: &[u64] = &[1, 4, 16, 64, 256, 1024, 4096];
 
+/// How many cache lines a striped metric spreads its counts over. A thread adds to the one its
+/// thread-local index picks, so threads serving requests on different cores do not pass the
+/// same line back and forth on every request (each pass costs about a hundred nanoseconds
+/// when the counts are shared); reading sums the stripes.
+pub const STRIPES: usize = 8;
+
+/// This thread's stripe: threads take them in turn as they first count.
+fn stripe() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static STRIPE: usize = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
+    }
+    STRIPE.with(|s| *s)
+}
+
+/// Eight counts on a cache line of their own.
+#[derive(Default)]
+#[repr(align(64))]
+struct Line([AtomicU64; 8]);
+
+/// A count spread over [`STRIPES`] cache lines, added to without contention and summed when
+/// read.
+#[derive(Default)]
+pub struct Striped {
+    lines: [Line; STRIPES],
+}
+
+impl Striped {
+    /// Adds `n`.
+    pub fn add(&self, n: u64) {
+        self.lines[stripe()].0[0].fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The count so far.
+    pub fn sum(&self) -> u64 {
+        self.lines
+            .iter()
+            .map(|l| l.0[0].load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+/// A Prometheus counter that is a [`Striped`] count: for counters every request adds to, where
+/// prometheus-client's `Counter` is one atomic that every thread shares.
+#[derive(Clone, Default)]
+pub struct Counter(Arc<Striped>);
+
+impl Counter {
+    /// Adds one.
+    pub fn inc(&self) {
+        self.0.add(1);
+    }
+
+    /// The count so far.
+    pub fn get(&self) -> u64 {
+        self.0.sum()
+    }
+}
+
+impl fmt::Debug for Counter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Counter").field(&self.get()).finish()
+    }
+}
+
+impl TypedMetric for Counter {
+    const TYPE: MetricType = MetricType::Counter;
+}
+
+impl EncodeMetric for Counter {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), fmt::Error> {
+        encoder.encode_counter::<NoLabelSet, _, u64>(&self.get(), None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Counter
+    }
+}
+
 /// A histogram of integer observations with fixed bounds, updated with two relaxed atomic
-/// adds (prometheus-client's own histogram takes a mutex per observation, which every thread
-/// serving requests would contend on).
+/// adds on the observing thread's stripe (prometheus-client's own histogram takes a mutex per
+/// observation, which every thread serving requests would contend on).
 #[derive(Clone)]
 pub struct Histogram {
     inner: Arc<HistogramInner>,
@@ -70,21 +149,38 @@ struct HistogramInner {
     /// divisor, not a factor: `1000 / 1e9` is exactly the double nearest 1e-6, `1000 · 1e-9`
     /// is not, and the bounds are label values.
     per_unit: f64,
-    /// Per bucket (not cumulative), the last one for everything above the last bound.
-    counts: Box<[AtomicU64]>,
-    sum: AtomicU64,
+    /// Cells per stripe: a count per bucket (not cumulative, the last one for everything
+    /// above the last bound), then the sum; rounded up to whole lines.
+    stride: usize,
+    /// [`STRIPES`] runs of `stride` cells, each starting a line.
+    lines: Box<[Line]>,
+}
+
+impl HistogramInner {
+    fn cell(&self, stripe: usize, i: usize) -> &AtomicU64 {
+        let at = stripe * self.stride + i;
+        &self.lines[at / 8].0[at % 8]
+    }
+
+    /// Bucket `i` (or the sum, at `bounds.len() + 1`) over every stripe.
+    fn total(&self, i: usize) -> u64 {
+        (0..STRIPES)
+            .map(|s| self.cell(s, i).load(Ordering::Relaxed))
+            .fold(0, u64::wrapping_add)
+    }
 }
 
 impl Histogram {
     /// A histogram with these upper bounds (ascending), exported divided by `per_unit`.
     pub fn new(bounds: &'static [u64], per_unit: f64) -> Histogram {
         debug_assert!(bounds.windows(2).all(|w| w[0] < w[1]), "ascending bounds");
+        let stride = (bounds.len() + 2).next_multiple_of(8);
         Histogram {
             inner: Arc::new(HistogramInner {
                 bounds,
                 per_unit,
-                counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
-                sum: AtomicU64::new(0),
+                stride,
+                lines: (0..STRIPES * stride / 8).map(|_| Line::default()).collect(),
             }),
         }
     }
@@ -101,17 +197,19 @@ impl Histogram {
 
     /// Records one observation.
     pub fn observe(&self, value: u64) {
-        let i = self.inner.bounds.partition_point(|&b| b < value);
-        self.inner.counts[i].fetch_add(1, Ordering::Relaxed);
-        self.inner.sum.fetch_add(value, Ordering::Relaxed);
+        let inner = &*self.inner;
+        let i = inner.bounds.partition_point(|&b| b < value);
+        let s = stripe();
+        inner.cell(s, i).fetch_add(1, Ordering::Relaxed);
+        inner
+            .cell(s, inner.bounds.len() + 1)
+            .fetch_add(value, Ordering::Relaxed);
     }
 
     /// Observations so far.
     pub fn count(&self) -> u64 {
-        self.inner
-            .counts
-            .iter()
-            .map(|c| c.load(Ordering::Relaxed))
+        (0..=self.inner.bounds.len())
+            .map(|i| self.inner.total(i))
             .sum()
     }
 }
@@ -132,12 +230,9 @@ impl EncodeMetric for Histogram {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), fmt::Error> {
         let inner = &self.inner;
         let mut count = 0;
-        let buckets: Vec<(f64, u64)> = inner
-            .counts
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let n = c.load(Ordering::Relaxed);
+        let buckets: Vec<(f64, u64)> = (0..=inner.bounds.len())
+            .map(|i| {
+                let n = inner.total(i);
                 count += n;
                 let bound = inner
                     .bounds
@@ -146,7 +241,7 @@ impl EncodeMetric for Histogram {
                 (bound, n)
             })
             .collect();
-        let sum = inner.sum.load(Ordering::Relaxed) as f64 / inner.per_unit;
+        let sum = inner.total(inner.bounds.len() + 1) as f64 / inner.per_unit;
         encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
     }
 
@@ -247,5 +342,40 @@ mod tests {
         assert!(text.contains("h_count 5\n"), "{text}");
         assert!(text.contains("h_sum 561.0\n"), "{text}");
         assert_eq!(h.count(), 5);
+    }
+
+    #[test]
+    fn striped_counts_from_many_threads_add_up() {
+        let mut registry = Registry::default();
+        let (h, c) = (Histogram::new(&[10], 1.0), Counter::default());
+        registry.register("h", "test", h.clone());
+        registry.register("c", "test", c.clone());
+        // More threads than stripes, so some share one.
+        std::thread::scope(|scope| {
+            for t in 0..(STRIPES as u64 + 3) {
+                let (h, c) = (h.clone(), c.clone());
+                scope.spawn(move || {
+                    for v in 0..1_000 {
+                        h.observe(v % 20 + t);
+                        c.inc();
+                    }
+                });
+            }
+        });
+        let threads = STRIPES as u64 + 3;
+        assert_eq!((h.count(), c.get()), (threads * 1_000, threads * 1_000));
+        // Per thread, 0..=19 fifty times each, shifted by the thread's number.
+        let sum: u64 = (0..threads).map(|t| 50 * (190 + 20 * t)).sum();
+        let below: u64 = (0..threads).map(|t| 50 * 11u64.saturating_sub(t)).sum();
+        let text = render(&registry);
+        assert!(text.contains(&format!("h_sum {sum}.0\n")), "{text}");
+        assert!(
+            text.contains(&format!("h_bucket{{le=\"10.0\"}} {below}\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("c_total {}\n", threads * 1_000)),
+            "{text}"
+        );
     }
 }
