@@ -10,9 +10,11 @@
 //! [`CheckBody`] (anything malformed is `400` naming the field or the position), turned into a
 //! [`shared::Request`] (its path normalised as the proxy's are, [`proxy::decision_path`]; the
 //! client's address from the body, else from the socket, believing
-//! `X-Forwarded-For` only from trusted proxies), and decided by [`Agent::check_async`], which
-//! waits for the regional at most its timeout. The answer is `200` or `429` with the decision
-//! as JSON and the `X-RateLimit-*` headers (`Retry-After` too on `429`).
+//! `X-Forwarded-For` only from trusted proxies), and decided as [`Agent::check_async`] decides,
+//! in its two steps: locally, or on the exact path by waiting for the regional at most its
+//! timeout (only that wait is part of the request's future; see [`handle`]). The answer is
+//! `200` or `429` with the decision as JSON and the `X-RateLimit-*` headers (`Retry-After`
+//! too on `429`).
 //!
 //! How identities are read and where the proxy forwards are [`Served`]: swapped whole when the
 //! binary reloads its configuration ([`Api::reconfigure`]).
