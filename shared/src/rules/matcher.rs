@@ -144,6 +144,15 @@ pub fn recycle<'b>(mut buf: Vec<Match<'_>>) -> Vec<Match<'b>> {
 pub(crate) struct Matcher {
     /// `nodes[0]` is the root (the path `/`).
     nodes: Vec<Node>,
+    /// The node a path written exactly as its literal segments (`/api/search`: one `/` before
+    /// each, none after) ends at, for the nodes whose rules are all such a path matches: no
+    /// node on the way has a `**` rule and none before the last has a wildcard child, so the
+    /// walk would find that node's `ends` and nothing else. One hash of the path instead of a
+    /// lookup per segment; any other path (a wildcard route, `//`, a trailing `/`) walks.
+    exact: HashMap<Box<str>, usize>,
+    /// Bit `n` set when some path in `exact` is `n` bytes long (bit 63: 63 or more), so that
+    /// most paths that are not there (parameters make them longer or shorter) skip the hash.
+    exact_lengths: u64,
     default: Option<usize>,
     tiers: HashMap<Box<str>, usize>,
 }
@@ -166,6 +175,8 @@ impl Matcher {
     pub(crate) fn new(rules: &[Rule]) -> Matcher {
         let mut matcher = Matcher {
             nodes: vec![Node::default()],
+            exact: HashMap::default(),
+            exact_lengths: 0,
             default: None,
             tiers: HashMap::default(),
         };
@@ -178,7 +189,38 @@ impl Matcher {
                 }
             }
         }
+        matcher.index_exact(0, String::new());
         matcher
+    }
+
+    /// Fills [`Matcher::exact`] below `node`, reached by the literal path `path`, no node on
+    /// the way having had a `**` rule or (before `node`) a wildcard child.
+    fn index_exact(&mut self, node: usize, path: String) {
+        let Some(here) = self.nodes.get(node) else {
+            return;
+        };
+        if !here.rest.is_empty() {
+            return;
+        }
+        if !here.ends.is_empty() {
+            let key = if path.is_empty() {
+                "/".into()
+            } else {
+                path.clone()
+            };
+            self.exact_lengths |= length_bit(key.len());
+            self.exact.insert(key.into_boxed_str(), node);
+        }
+        if here.wildcard.is_some() {
+            return;
+        }
+        let children: Vec<(String, usize)> = match &here.literals {
+            Literals::Few(few) => few.iter().map(|(l, c)| (l.to_string(), *c)).collect(),
+            Literals::Many(many) => many.iter().map(|(l, c)| (l.to_string(), *c)).collect(),
+        };
+        for (literal, child) in children {
+            self.index_exact(child, format!("{path}/{literal}"));
+        }
     }
 
     /// Adds the rule `index` under the pattern `segments`.
@@ -220,7 +262,7 @@ impl Matcher {
     ) {
         out.clear();
         let mut endpoint_matched = false;
-        self.walk(0, Segments::new(req.path), &mut |index| {
+        let mut emit = |index: usize| {
             let Some(rule) = rules.get(index) else {
                 return;
             };
@@ -234,7 +276,16 @@ impl Matcher {
             }
             endpoint_matched = true;
             push(rule, req, out);
-        });
+        };
+        let segments = Segments::new(req.path);
+        let path = segments.as_str();
+        let exact = (self.exact_lengths & length_bit(path.len()) != 0)
+            .then(|| self.exact.get(path))
+            .flatten();
+        match exact.and_then(|&node| self.nodes.get(node)) {
+            Some(node) => node.ends.iter().for_each(|&index| emit(index)),
+            None => self.walk(0, segments, &mut emit),
+        }
         // The walk visits rules in trie order; callers get them in file order. All matched rules
         // are elements of the one `rules` slice, so their addresses sort as their indices do.
         if out.len() > 1 {
@@ -275,6 +326,11 @@ impl Matcher {
             self.walk(child, rest, emit);
         }
     }
+}
+
+/// A path length's bit in [`Matcher::exact_lengths`].
+fn length_bit(len: usize) -> u64 {
+    1 << len.min(63)
 }
 
 /// A node's children by literal segment. Most nodes have a handful, and comparing a short

@@ -218,6 +218,11 @@ impl<'a> Segments<'a> {
             rest: path.get(..end).unwrap_or(path),
         }
     }
+
+    /// What is left of the path, as written.
+    pub(crate) fn as_str(&self) -> &'a str {
+        self.rest
+    }
 }
 
 impl<'a> Iterator for Segments<'a> {
