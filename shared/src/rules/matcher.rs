@@ -2,7 +2,8 @@
 //! path trie the rule set builds once.
 //!
 //! Matching runs on every request at the edge, so it is built to cost little and allocate
-//! nothing: the trie is keyed by path segment, so a literal path costs one lookup per segment
+//! nothing: a path spelled exactly as an all-literal route is one hash lookup (`exact`); other
+//! paths walk the trie, keyed by path segment, so a literal path costs one lookup per segment
 //! whatever the number of rules (a few comparisons where a node has few children, a hash
 //! lookup where it has many), and wildcard segments are followed only where some rule has one
 //! at that depth; keys borrow from the request; results go into a buffer the
