@@ -203,19 +203,6 @@ pub struct Regional {
     released: Mutex<HashMap<u64, (Nanos, u64)>>,
 }
 
-/// Whether a denial of `op`, answered `r`, may be helped by another region's tokens: a bucket
-/// that is empty here. Not a log (its units are entries that age out, not tokens to move), not
-/// a cost above the capacity, and not a denial the store could not decide (another region's
-/// tokens would not make the count known, and would be lost to it).
-fn refillable(op: &StateOp, r: &StateReply) -> bool {
-    r.outcome.verdict == Verdict::Deny
-        && !r.unknown
-        && matches!(
-            op.limiter,
-            StateLimiter::TokenBucket(_) | StateLimiter::LeakyBucket(_)
-        )
-}
-
 /// Where quota an escalation brings back goes.
 enum Landing<'a> {
     /// Into the key's partition of its window (window limits).
@@ -606,6 +593,13 @@ impl Regional {
     ) -> bool {
         let Some(escalation) = self.escalation() else {
             return false;
+        };
+        let refillable = |op: &StateOp, r: &StateReply| {
+            r.outcome.verdict == Verdict::Deny
+                && matches!(
+                    op.limiter,
+                    StateLimiter::TokenBucket(_) | StateLimiter::LeakyBucket(_)
+                )
         };
         if plan
             .state
@@ -1324,49 +1318,4 @@ fn hot_keys(hot: &mut HashMap<(LimitId, String), u64>, rules: &RuleSet, now: Nan
             window: *window,
         })
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use std::num::NonZeroU64;
-
-    use shared::algorithm::{Gcra, SlidingLog};
-
-    use super::*;
-
-    #[test]
-    fn only_a_bucket_that_is_empty_here_escalates_for_tokens() {
-        let one = NonZeroU64::MIN;
-        let ten = NonZeroU64::new(10).unwrap();
-        let bucket = StateLimiter::TokenBucket(Gcra::new(one, Nanos(1_000_000), ten).unwrap());
-        let log = StateLimiter::SlidingLog(SlidingLog::new(ten, Nanos(1_000_000_000)).unwrap());
-        let op = |limiter| StateOp {
-            at: StateKey {
-                limit: LimitId(1),
-                key: "k".into(),
-            },
-            limiter,
-            cost: NonZeroU32::MIN,
-            exact_since: None,
-        };
-        let reply = |verdict, unknown| StateReply {
-            outcome: Outcome {
-                verdict,
-                limit: 10,
-                remaining: 0,
-                reset_at: Nanos(5),
-                retry_after: Nanos(5),
-            },
-            receipt: 0,
-            unknown,
-        };
-        assert!(refillable(&op(bucket), &reply(Verdict::Deny, false)));
-        // The store could not decide: the breaker's answer for a closed rule in an outage.
-        assert!(!refillable(&op(bucket), &reply(Verdict::Deny, true)));
-        assert!(!refillable(
-            &op(bucket),
-            &reply(Verdict::InsufficientCapacity, false)
-        ));
-        assert!(!refillable(&op(log), &reply(Verdict::Deny, false)));
-    }
 }

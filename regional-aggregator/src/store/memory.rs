@@ -170,7 +170,6 @@ impl MemoryStore {
         StateReply {
             outcome,
             receipt: 0,
-            unknown: false,
         }
     }
 
