@@ -20,10 +20,7 @@
 //! the coordinator, through its [`Escalation`], for more of that key's limit, within a budget,
 //! and decides once more with what came back. The other half of a transfer,
 //! [`Regional::release`], gives away unused partition by consuming it on the exact path, so
-//! giving it and admitting with it are one atomic check against the same `T + G`. A bucket
-//! whose part here is empty escalates the same way for tokens: the giving region acquires them
-//! from its part of the key's bucket, and they are added to this region's part (at most to
-//! its capacity).
+//! giving it and admitting with it are one atomic check against the same `T + G`.
 //!
 //! An [`Acquire`] may mix algorithms. Its window checks (fixed and sliding window) become
 //! [`ExactOp`]s on ledgers, decided in the window that is current here; its token bucket,
@@ -47,7 +44,6 @@
 
 use std::{
     collections::HashMap,
-    num::NonZeroU32,
     sync::{
         Arc, Mutex, RwLock,
         atomic::{AtomicU32, AtomicU64, Ordering},
@@ -201,14 +197,6 @@ pub struct Regional {
     demand: Mutex<Demand>,
     /// Transfers already released: id → (when, units), so a resent `Release` gives once.
     released: Mutex<HashMap<u64, (Nanos, u64)>>,
-}
-
-/// Where quota an escalation brings back goes.
-enum Landing<'a> {
-    /// Into the key's partition of its window (window limits).
-    Partition,
-    /// Into this region's part of the op's bucket, as tokens, at the given time.
-    Tokens(&'a StateOp, Nanos),
 }
 
 /// One key's escalations: taken in turn, counted when done.
@@ -527,7 +515,7 @@ impl Regional {
             exact.iter().all(|r| r.allowed) && state.iter().all(|r| r.outcome.is_allowed());
         if !allowed {
             self.refund(now, &plan, &exact, &state).await;
-            if self.escalate(now, &plan, &exact, &state).await {
+            if self.escalate(&plan, &exact, &state).await {
                 // Decided once more, with the partitions the coordinator just raised.
                 plan = match self.plan(request, now) {
                     Ok(plan) => plan,
@@ -576,46 +564,15 @@ impl Regional {
     }
 
     /// Asks the coordinator for more of every key whose partition alone denied the request
-    /// (not grants other edges hold: those come back by themselves), and of every bucket whose
-    /// part here is empty; true when all of them got some. Only when every denial is of those
-    /// kinds: a log, or a cost above a bucket's capacity, cannot be helped.
-    ///
-    /// A bucket gets tokens, not capacity: the giving region takes them from its part of the
-    /// key's bucket and this one adds them to its own, never past its capacity. The sum of
-    /// the regions' levels does not grow, nor do their capacities or rates, so the bucket's
-    /// bound across regions (`C + r·t`) holds through a transfer as it does without one.
-    async fn escalate(
-        &self,
-        now: Nanos,
-        plan: &Plan,
-        exact: &[ExactReply],
-        state: &[StateReply],
-    ) -> bool {
+    /// (not grants other edges hold: those come back by themselves); true when any came back.
+    /// Only when every denial is of that kind: a limiter state that denied cannot be helped.
+    async fn escalate(&self, plan: &Plan, exact: &[ExactReply], state: &[StateReply]) -> bool {
         let Some(escalation) = self.escalation() else {
             return false;
         };
-        let refillable = |op: &StateOp, r: &StateReply| {
-            r.outcome.verdict == Verdict::Deny
-                && matches!(
-                    op.limiter,
-                    StateLimiter::TokenBucket(_) | StateLimiter::LeakyBucket(_)
-                )
-        };
-        if plan
-            .state
-            .iter()
-            .zip(state)
-            .any(|(op, r)| !r.outcome.is_allowed() && !refillable(op, r))
-        {
+        if state.iter().any(|r| !r.outcome.is_allowed()) {
             return false;
         }
-        let empty: Vec<&StateOp> = plan
-            .state
-            .iter()
-            .zip(state)
-            .filter(|(op, r)| !r.outcome.is_allowed() && refillable(op, r))
-            .map(|(op, _)| op)
-            .collect();
         let spent: Vec<&ExactOp> = plan
             .exact
             .iter()
@@ -623,75 +580,43 @@ impl Regional {
             .filter(|(_, r)| !r.allowed)
             .map(|(op, _)| op)
             .collect();
-        if (spent.is_empty() && empty.is_empty()) || exact.iter().any(|r| !r.allowed && r.held) {
+        if spent.is_empty() || exact.iter().any(|r| !r.allowed && r.held) {
             return false;
         }
         self.stats.escalations.fetch_add(1, Ordering::Relaxed);
         let rules = self.rules();
-        let whole = |limit: LimitId| rules.limit(limit).map(|(_, l)| l.limiter().limit());
-        let ledgers = spent.iter().map(|op| {
-            let whole = whole(op.at.limit).unwrap_or(op.cost);
-            let at = (op.at.limit, op.at.key.as_str(), op.at.window);
-            self.escalate_key(
-                &*escalation,
-                at,
-                op.cost.max(whole / 20),
-                Landing::Partition,
-            )
-        });
-        let buckets = empty.iter().map(|&op| {
-            let cost = u64::from(op.cost.get());
-            let whole = whole(op.at.limit).unwrap_or(cost);
-            // Buckets have no windows: one escalation per key at a time, under window 0.
-            let at = (op.at.limit, op.at.key.as_str(), 0);
-            self.escalate_key(
-                &*escalation,
-                at,
-                cost.max(whole / 20),
-                Landing::Tokens(op, now),
-            )
-        });
-        let (ledgers, buckets) = futures_util::future::join(
-            futures_util::future::join_all(ledgers),
-            futures_util::future::join_all(buckets),
-        )
-        .await;
-        if ledgers
+        let whole = |op: &ExactOp| {
+            rules
+                .limit(op.at.limit)
+                .and_then(|(_, l)| window_of(l.limiter()))
+                .map_or(op.cost, |w| w.limit)
+        };
+        let asks = spent
             .iter()
-            .chain(&buckets)
-            .any(|&u| u > 0 && u != u64::MAX)
-        {
+            .map(|op| self.escalate_key(&*escalation, op, whole(op)));
+        let granted = futures_util::future::join_all(asks).await;
+        if granted.iter().any(|&u| u > 0) {
             self.stats
                 .escalations_granted
                 .fetch_add(1, Ordering::Relaxed);
         }
         // Decide again when every spent key's partition grew, by this escalation or by
         // another one that ran meanwhile (a burst escalates many requests at once, and the
-        // one that lands the transfer must not be the only one that uses it); a bucket,
-        // when tokens landed (`u64::MAX`: another escalation landed some meanwhile).
+        // one that lands the transfer must not be the only one that uses it).
         spent.iter().all(|op| {
-            let whole = whole(op.at.limit).unwrap_or(op.cost);
-            self.partition(op.at.limit, &op.at.key, op.at.window, whole) > op.bounds.partition
-        }) && buckets.iter().all(|&u| u > 0)
+            self.partition(op.at.limit, &op.at.key, op.at.window, whole(op)) > op.bounds.partition
+        })
     }
 
-    /// Asks for `wanted` more of one key (`at`: limit, key, window) and lands what comes back
-    /// as `landing` says; returns that (`u64::MAX` when it did not ask because another
-    /// escalation of the key completed while this one waited its turn, 0 when none was
-    /// available).
+    /// Asks for more of one key (`op`'s) whose limit is `whole`, and adds what comes back to
+    /// its partition; returns that.
     ///
     /// One escalation per key at a time: a request that finds one in flight waits for it and
     /// asks only if none completed meanwhile. Otherwise a burst would race its own transfers:
     /// a late ask finds the other regions already released to this one (grants not yet landed
     /// here), gets nothing, and denies a request the landing quota would have admitted.
-    async fn escalate_key(
-        &self,
-        escalation: &dyn Escalation,
-        (limit, key_name, window): (LimitId, &str, u64),
-        wanted: u64,
-        landing: Landing<'_>,
-    ) -> u64 {
-        let at = (limit, key_name.to_owned(), window);
+    async fn escalate_key(&self, escalation: &dyn Escalation, op: &ExactOp, whole: u64) -> u64 {
+        let at = (op.at.limit, op.at.key.clone(), op.at.window);
         let key = self
             .escalating
             .lock()
@@ -703,26 +628,25 @@ impl Regional {
         let units = {
             let _turn = key.turn.lock().await;
             if key.completed.load(Ordering::Acquire) != seen {
-                u64::MAX
+                0
             } else {
-                // A twentieth of the whole limit at a time (`wanted`), so a key moving its
-                // traffic to this region escalates a few times per window, not once per
-                // request.
-                let units = escalation.request(limit, key_name, window, wanted).await;
-                let landed = if units == 0 {
-                    0
-                } else {
-                    match landing {
-                        Landing::Partition => {
-                            let oldest = window.saturating_sub(1);
-                            self.partitions.add(limit, key_name, window, units, oldest);
-                            units
-                        }
-                        Landing::Tokens(op, now) => self.land_tokens(op, units, now).await,
-                    }
-                };
+                // A twentieth of the whole limit at a time, so a key moving its traffic to
+                // this region escalates a few times per window, not once per request.
+                let wanted = op.cost.max(whole / 20);
+                let units = escalation
+                    .request(op.at.limit, &op.at.key, op.at.window, wanted)
+                    .await;
+                if units > 0 {
+                    self.partitions.add(
+                        op.at.limit,
+                        &op.at.key,
+                        op.at.window,
+                        units,
+                        op.at.window.saturating_sub(1),
+                    );
+                }
                 key.completed.fetch_add(1, Ordering::Release);
-                landed
+                units
             }
         };
         let mut escalating = self.escalating.lock().unwrap_or_else(|e| e.into_inner());
@@ -731,46 +655,6 @@ impl Regional {
             escalating.remove(&at);
         }
         units
-    }
-
-    /// Adds `units` tokens another region released to this region's part of `op`'s bucket,
-    /// at most what it has room for (a bucket holds no more than its capacity; the rest is
-    /// lost, a false denial later at worst). Returns `units`, or 0 when the store failed.
-    async fn land_tokens(&self, op: &StateOp, units: u64, now: Nanos) -> u64 {
-        let cost = NonZeroU32::new(u32::try_from(units).unwrap_or(u32::MAX)).unwrap_or(op.cost);
-        let interval = match op.limiter {
-            StateLimiter::TokenBucket(g) => g.emission_interval(),
-            StateLimiter::LeakyBucket(b) => b.drain_interval(),
-            StateLimiter::SlidingLog(_) => return 0,
-        };
-        let taken = u64::from(cost.get()).saturating_mul(interval.as_u64());
-        // A refund of an acquire of `units` that started now: the level drops by them, and
-        // never below empty (a bucket's state is never before `now`).
-        let refund = StateRefund {
-            at: op.at.clone(),
-            limiter: op.limiter,
-            cost,
-            admitted: Outcome {
-                verdict: Verdict::Allow,
-                limit: op.limiter.limiter().limit(),
-                remaining: 0,
-                reset_at: Nanos(now.as_u64().saturating_add(taken)),
-                retry_after: Nanos::ZERO,
-            },
-            receipt: 0,
-        };
-        match self
-            .store
-            .refund_state(now, std::slice::from_ref(&refund))
-            .await
-        {
-            Ok(()) => units,
-            Err(e) => {
-                self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, "tokens released to this region were not added");
-                0
-            }
-        }
     }
 
     /// Gives away up to `amount` of this region's unused partition of `key` in `window`, for
@@ -799,15 +683,6 @@ impl Regional {
             return Ok(units);
         }
         let rules = self.rules();
-        if let Some((rule, l)) = rules.limit(limit)
-            && let Some(bucket) = StateLimiter::new(l.limiter())
-            && !matches!(bucket, StateLimiter::SlidingLog(_))
-        {
-            let released = self
-                .release_tokens(rule, bucket, limit, key, amount, now)
-                .await?;
-            return Ok(self.released(transfer, now, released));
-        }
         let Some((rule, w)) = rules
             .limit(limit)
             .and_then(|(r, l)| Some((r, window_of(l.limiter())?)))
@@ -862,63 +737,6 @@ impl Regional {
             }
             op.cost = op.cost.min(reply.remaining);
         }
-        Ok(self.released(transfer, now, released))
-    }
-
-    /// Takes up to `amount` tokens from this region's part of `key`'s bucket (`bucket`, the
-    /// whole one, of `rule`), for a transfer: an acquire of that cost, so nothing admitted
-    /// here can use them any more; a denial says how many there were, which the next try
-    /// takes (unless requests took them meanwhile).
-    async fn release_tokens(
-        &self,
-        rule: &shared::rules::Rule,
-        bucket: StateLimiter,
-        limit: LimitId,
-        key: &str,
-        amount: u64,
-        now: Nanos,
-    ) -> Result<u64, StoreError> {
-        let (tick, _) = schedule_clock(&bucket.limiter());
-        let share = self
-            .partitions
-            .share(limit, now.as_u64() / tick.as_u64().max(1));
-        let Some(part) = bucket.partitioned(share) else {
-            return Ok(0);
-        };
-        let mut op = StateOp {
-            at: StateKey {
-                limit,
-                key: key.to_owned(),
-            },
-            limiter: part,
-            cost: NonZeroU32::MIN,
-            exact_since: state_exact_since(rule.on_failure(), &part, now),
-        };
-        let mut wanted = amount.min(part.limiter().limit());
-        for _ in 0..3 {
-            let Some(cost) = NonZeroU32::new(u32::try_from(wanted).unwrap_or(u32::MAX)) else {
-                break;
-            };
-            op.cost = cost;
-            let replies = self
-                .store
-                .acquire_state(now, std::slice::from_ref(&op))
-                .await
-                .inspect_err(|_| {
-                    self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
-                })?;
-            let Some(reply) = replies.first() else { break };
-            if reply.outcome.is_allowed() {
-                return Ok(u64::from(cost.get()));
-            }
-            wanted = wanted.min(reply.outcome.remaining);
-        }
-        Ok(0)
-    }
-
-    /// Records that transfer `transfer` released `released` (so a resent `Release` gets the
-    /// same answer), and returns it.
-    fn released(&self, transfer: u64, now: Nanos, released: u64) -> u64 {
         self.stats
             .released_units
             .fetch_add(released, Ordering::Relaxed);
@@ -926,7 +744,7 @@ impl Regional {
         let keep = self.config.replay_window;
         done.retain(|_, (at, _)| now.saturating_sub(*at) < keep);
         done.insert(transfer, (now, released));
-        released
+        Ok(released)
     }
 
     /// What this region saw since the last call: per limit, and the hot keys (hottest first,
