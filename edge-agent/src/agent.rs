@@ -164,21 +164,9 @@ impl Agent {
 
     /// [`check`](Agent::check) for a request that costs `cost` units of every limit.
     pub fn check_cost(&self, request: &Request<'_>, cost: NonZeroU32) -> Decision {
-        let inner = &self.inner;
-        match inner.begin(request, cost) {
-            Step::Done(decision) => decision,
-            Step::Exact(exact, acquire) => {
-                let (tx, rx) = std::sync::mpsc::sync_channel(1);
-                let call = inner.upstream.acquire(acquire);
-                inner.runtime.spawn(async move {
-                    // The receiver may have timed out and gone; nothing to do then.
-                    let _ = tx.send(call.await);
-                });
-                let result = rx
-                    .recv_timeout(inner.config.upstream_timeout)
-                    .unwrap_or(Err(UpstreamError::Timeout));
-                inner.finish(exact, result)
-            }
+        match self.try_check(request, cost) {
+            Ok(decision) => decision,
+            Err(exact) => exact.decide_blocking(),
         }
     }
 
@@ -200,14 +188,7 @@ impl Agent {
         request: &Request<'_>,
         cost: NonZeroU32,
     ) -> Result<Decision, ExactCheck<'_>> {
-        match self.inner.begin(request, cost) {
-            Step::Done(decision) => Ok(decision),
-            Step::Exact(exact, acquire) => Err(ExactCheck {
-                inner: &self.inner,
-                exact,
-                acquire,
-            }),
-        }
+        self.inner.begin(request, cost)
     }
 
     /// Syncs once: hands back idle grants, sends unacknowledged counts, applies the answers.
@@ -438,7 +419,7 @@ fn changes(old: &RuleSet, new: &RuleSet) -> HashMap<LimitId, Change> {
 }
 
 /// A decision on the exact path, waiting only for the regional's answer
-/// ([`Agent::try_check`]).
+/// ([`Agent::try_check`]): what deciding a request gives when it is not decided locally.
 #[must_use = "the request is undecided until the exact check is awaited"]
 pub(crate) struct ExactCheck<'a> {
     inner: &'a Inner,
@@ -457,13 +438,26 @@ impl ExactCheck<'_> {
             .unwrap_or(Err(UpstreamError::Timeout));
         inner.finish(self.exact, result)
     }
+
+    /// [`decide`](ExactCheck::decide), blocking the calling thread: the call runs on the
+    /// agent's runtime.
+    fn decide_blocking(self) -> Decision {
+        let inner = self.inner;
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let call = inner.upstream.acquire(self.acquire);
+        inner.runtime.spawn(async move {
+            // The receiver may have timed out and gone; nothing to do then.
+            let _ = tx.send(call.await);
+        });
+        let result = rx
+            .recv_timeout(inner.config.upstream_timeout)
+            .unwrap_or(Err(UpstreamError::Timeout));
+        inner.finish(self.exact, result)
+    }
 }
 
 /// A decision, or the exact request that will make it.
-enum Step {
-    Done(Decision),
-    Exact(ExactRequest, Acquire),
-}
+type Step<'a> = Result<Decision, ExactCheck<'a>>;
 
 /// What `finish` needs to turn the regional's answer into a decision.
 struct ExactRequest {
@@ -488,7 +482,7 @@ thread_local! {
 }
 
 impl Inner {
-    fn begin(&self, request: &Request<'_>, cost: NonZeroU32) -> Step {
+    fn begin(&self, request: &Request<'_>, cost: NonZeroU32) -> Step<'_> {
         let now = self.clock.now();
         let cost = u64::from(cost.get());
         // One version decides the whole request: loaded once, lock-free, no allocation.
@@ -508,10 +502,10 @@ impl Inner {
         step
     }
 
-    fn decide(&self, matches: &[Match<'_>], now: Nanos, cost: u64) -> Step {
+    fn decide(&self, matches: &[Match<'_>], now: Nanos, cost: u64) -> Step<'_> {
         let Some(last) = matches.len().checked_sub(1) else {
             self.stats.local.add(1);
-            return Step::Done(Decision::unlimited());
+            return Ok(Decision::unlimited());
         };
         let n = self.edges.load(Ordering::Relaxed);
         // Pass 1: reserve each limit locally, one key lock at a time. The last limit decides
@@ -591,7 +585,7 @@ impl Inner {
         match verdict {
             Local::Reserved => {
                 self.stats.local.add(1);
-                Step::Done(answer.unwrap_or_else(Decision::unlimited))
+                Ok(answer.unwrap_or_else(Decision::unlimited))
             }
             Local::Denied { until } => {
                 self.stats.local.add(1);
@@ -599,7 +593,7 @@ impl Inner {
                 let m = &matches[reserved];
                 let limiter = m.limit.limiter();
                 let len = limiter.window().as_u64().max(1);
-                Step::Done(Decision {
+                Ok(Decision {
                     allowed: false,
                     limit: limiter.limit(),
                     remaining: 0,
@@ -646,7 +640,7 @@ impl Inner {
 
     /// Prepares the exact request for every limit of the request, or decides by failure mode
     /// at once when the regional just failed.
-    fn exact(&self, matches: &[Match<'_>], now: Nanos, cost: u64) -> Step {
+    fn exact(&self, matches: &[Match<'_>], now: Nanos, cost: u64) -> Step<'_> {
         let mut parts = Vec::with_capacity(matches.len());
         let mut checks = Vec::with_capacity(matches.len());
         for m in matches {
@@ -679,13 +673,17 @@ impl Inner {
         }
         let exact = ExactRequest { now, cost, parts };
         if now.as_u64() < self.down_until.load(Ordering::Relaxed) {
-            return Step::Done(self.fallback(exact));
+            return Ok(self.fallback(exact));
         }
         let acquire = Acquire {
             request_id: self.next_request.fetch_add(1, Ordering::Relaxed),
             checks,
         };
-        Step::Exact(exact, acquire)
+        Err(ExactCheck {
+            inner: self,
+            exact,
+            acquire,
+        })
     }
 
     /// Turns the regional's answer (or its failure) into a decision.
