@@ -44,8 +44,11 @@ use crate::coordinator::{Coordinator, Held};
 
 /// How long one push or one release may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long a transfer waits for the giving regions (inside the requester's 100 ms budget).
-const RELEASE_TIMEOUT: Duration = Duration::from_millis(80);
+/// How long a transfer waits for the giving regions' confirms. Well past the asker's budget
+/// (100 ms by default): the asker keeps waiting for the answer after its request is denied
+/// and lands what comes for its next requests (up to 2 s, longer than this), while a confirm
+/// given up on here is quota released and then lost to the window.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The connected regionals, and what the coordinator knows of each region.
 pub struct Links {

@@ -201,7 +201,7 @@ pub async fn run(checked: Checked, shutdown: impl Future<Output = ()>) -> Result
                 config.node.clone(),
                 config.region.clone(),
             );
-            regional.set_escalation(uplink.clone());
+            regional.set_escalation(uplink.clone(), link.escalation_budget);
             let bind = net::Address::client_bind([&link.addr]);
             let client = net::client_endpoint(bind, &identity)?;
             Some((uplink.clone(), tokio::spawn(uplink.run(client))))

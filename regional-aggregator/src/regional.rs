@@ -48,6 +48,7 @@ use std::{
         Arc, Mutex, RwLock,
         atomic::{AtomicU32, AtomicU64, Ordering},
     },
+    time::Duration,
 };
 
 use shared::{
@@ -128,8 +129,13 @@ pub struct RegionalStats {
 /// How a regional asks the coordinator for more of a key's limit before denying it
 /// (DESIGN §4, escalation). The uplink to the coordinator implements it.
 pub trait Escalation: Send + Sync + 'static {
-    /// Asks for `wanted` more units of `limit` for `key` in `window`; answers what was added
-    /// to this region's partition (0 when nothing could be), within the escalation budget.
+    /// Asks for `wanted` more units of `limit` for `key` in `window`; answers what the
+    /// coordinator granted this region (0 when nothing could be, or the link failed).
+    ///
+    /// The answer may come after the escalation budget: the request that asked is denied by
+    /// then, but what other regions released for this one still lands in its partition for
+    /// the requests after it. So the future should wait as long as a transfer can take, not
+    /// just the budget.
     fn request(
         &self,
         limit: LimitId,
@@ -137,6 +143,18 @@ pub trait Escalation: Send + Sync + 'static {
         window: u64,
         wanted: u64,
     ) -> std::pin::Pin<Box<dyn Future<Output = u64> + Send + '_>>;
+}
+
+/// What an escalation did for a denied request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Escalated {
+    /// Every spent key's partition grew: decide again.
+    Grown,
+    /// A transfer is still on its way after the budget: deny, but only for the hold, since
+    /// what it brings lands in the partition for the next requests.
+    Landing,
+    /// Nothing came, nor will.
+    Nothing,
 }
 
 /// One limit's demand since the last report.
@@ -190,8 +208,10 @@ pub struct Regional {
     replies: Mutex<Replies>,
     hot: Mutex<HashMap<(LimitId, String), u64>>,
     stats: RegionalStats,
-    partitions: PartitionTable,
-    escalation: RwLock<Option<Arc<dyn Escalation>>>,
+    /// Shared with escalations still landing after their request gave up on them.
+    partitions: Arc<PartitionTable>,
+    /// How to escalate, and how long a request waits for it (the budget).
+    escalation: RwLock<Option<(Arc<dyn Escalation>, Duration)>>,
     /// Keys being escalated now, so that one key has one escalation at a time.
     escalating: Mutex<HashMap<(LimitId, String, u64), Arc<KeyEscalation>>>,
     demand: Mutex<Demand>,
@@ -304,11 +324,11 @@ impl Regional {
             replies: Mutex::new(Replies::default()),
             hot: Mutex::new(HashMap::new()),
             stats: RegionalStats::default(),
-            partitions: if config_coordinated {
+            partitions: Arc::new(if config_coordinated {
                 PartitionTable::coordinated()
             } else {
                 PartitionTable::whole()
-            },
+            }),
             escalation: RwLock::new(None),
             escalating: Mutex::new(HashMap::new()),
             demand: Mutex::new(Demand::default()),
@@ -321,12 +341,13 @@ impl Regional {
         &self.partitions
     }
 
-    /// Escalates through `escalation` from now on.
-    pub fn set_escalation(&self, escalation: Arc<dyn Escalation>) {
-        *self.escalation.write().unwrap_or_else(|e| e.into_inner()) = Some(escalation);
+    /// Escalates through `escalation` from now on; a denied request waits at most `budget`
+    /// for it (DESIGN §4).
+    pub fn set_escalation(&self, escalation: Arc<dyn Escalation>, budget: Duration) {
+        *self.escalation.write().unwrap_or_else(|e| e.into_inner()) = Some((escalation, budget));
     }
 
-    fn escalation(&self) -> Option<Arc<dyn Escalation>> {
+    fn escalation(&self) -> Option<(Arc<dyn Escalation>, Duration)> {
         self.escalation
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -515,18 +536,24 @@ impl Regional {
             exact.iter().all(|r| r.allowed) && state.iter().all(|r| r.outcome.is_allowed());
         if !allowed {
             self.refund(now, &plan, &exact, &state).await;
-            if self.escalate(&plan, &exact, &state).await {
-                // Decided once more, with the partitions the coordinator just raised.
-                plan = match self.plan(request, now) {
-                    Ok(plan) => plan,
-                    Err(denied) => return Ok(denied),
-                };
-                (exact, state) = self.decide(edge, now, &plan).await?;
-                allowed =
-                    exact.iter().all(|r| r.allowed) && state.iter().all(|r| r.outcome.is_allowed());
-                if !allowed {
-                    self.refund(now, &plan, &exact, &state).await;
+            match self.escalate(&plan, &exact, &state).await {
+                Escalated::Grown => {
+                    // Decided once more, with the partitions the coordinator just raised.
+                    plan = match self.plan(request, now) {
+                        Ok(plan) => plan,
+                        Err(denied) => return Ok(denied),
+                    };
+                    (exact, state) = self.decide(edge, now, &plan).await?;
+                    allowed = exact.iter().all(|r| r.allowed)
+                        && state.iter().all(|r| r.outcome.is_allowed());
+                    if !allowed {
+                        self.refund(now, &plan, &exact, &state).await;
+                    }
                 }
+                // The edge caches this denial for the hold, not until the window ends: the
+                // quota on its way is for its next requests.
+                Escalated::Landing => exact.iter_mut().for_each(|r| r.held |= !r.allowed),
+                Escalated::Nothing => {}
             }
         }
         if self.partitions.is_coordinated() {
@@ -564,14 +591,14 @@ impl Regional {
     }
 
     /// Asks the coordinator for more of every key whose partition alone denied the request
-    /// (not grants other edges hold: those come back by themselves); true when any came back.
-    /// Only when every denial is of that kind: a limiter state that denied cannot be helped.
-    async fn escalate(&self, plan: &Plan, exact: &[ExactReply], state: &[StateReply]) -> bool {
-        let Some(escalation) = self.escalation() else {
-            return false;
+    /// (not grants other edges hold: those come back by themselves). Only when every denial
+    /// is of that kind: a limiter state that denied cannot be helped.
+    async fn escalate(&self, plan: &Plan, exact: &[ExactReply], state: &[StateReply]) -> Escalated {
+        let Some((escalation, budget)) = self.escalation() else {
+            return Escalated::Nothing;
         };
         if state.iter().any(|r| !r.outcome.is_allowed()) {
-            return false;
+            return Escalated::Nothing;
         }
         let spent: Vec<&ExactOp> = plan
             .exact
@@ -581,7 +608,7 @@ impl Regional {
             .map(|(op, _)| op)
             .collect();
         if spent.is_empty() || exact.iter().any(|r| !r.allowed && r.held) {
-            return false;
+            return Escalated::Nothing;
         }
         self.stats.escalations.fetch_add(1, Ordering::Relaxed);
         let rules = self.rules();
@@ -593,9 +620,9 @@ impl Regional {
         };
         let asks = spent
             .iter()
-            .map(|op| self.escalate_key(&*escalation, op, whole(op)));
+            .map(|op| self.escalate_key(&escalation, budget, op, whole(op)));
         let granted = futures_util::future::join_all(asks).await;
-        if granted.iter().any(|&u| u > 0) {
+        if granted.iter().any(|g| g.is_some_and(|u| u > 0)) {
             self.stats
                 .escalations_granted
                 .fetch_add(1, Ordering::Relaxed);
@@ -603,19 +630,36 @@ impl Regional {
         // Decide again when every spent key's partition grew, by this escalation or by
         // another one that ran meanwhile (a burst escalates many requests at once, and the
         // one that lands the transfer must not be the only one that uses it).
-        spent.iter().all(|op| {
+        let grown = spent.iter().all(|op| {
             self.partition(op.at.limit, &op.at.key, op.at.window, whole(op)) > op.bounds.partition
-        })
+        });
+        if grown {
+            Escalated::Grown
+        } else if granted.contains(&None) {
+            Escalated::Landing
+        } else {
+            Escalated::Nothing
+        }
     }
 
     /// Asks for more of one key (`op`'s) whose limit is `whole`, and adds what comes back to
-    /// its partition; returns that.
+    /// its partition; returns that, or `None` when the budget ran out first.
     ///
     /// One escalation per key at a time: a request that finds one in flight waits for it and
     /// asks only if none completed meanwhile. Otherwise a burst would race its own transfers:
     /// a late ask finds the other regions already released to this one (grants not yet landed
     /// here), gets nothing, and denies a request the landing quota would have admitted.
-    async fn escalate_key(&self, escalation: &dyn Escalation, op: &ExactOp, whole: u64) -> u64 {
+    ///
+    /// The ask runs on its own task, so a transfer that outlasts the budget still lands: the
+    /// other regions gave that quota up for this one, and dropping the answer would lose it
+    /// for the window.
+    async fn escalate_key(
+        &self,
+        escalation: &Arc<dyn Escalation>,
+        budget: Duration,
+        op: &ExactOp,
+        whole: u64,
+    ) -> Option<u64> {
         let at = (op.at.limit, op.at.key.clone(), op.at.window);
         let key = self
             .escalating
@@ -625,36 +669,40 @@ impl Regional {
             .or_default()
             .clone();
         let seen = key.completed.load(Ordering::Acquire);
-        let units = {
-            let _turn = key.turn.lock().await;
-            if key.completed.load(Ordering::Acquire) != seen {
-                0
-            } else {
-                // A twentieth of the whole limit at a time, so a key moving its traffic to
-                // this region escalates a few times per window, not once per request.
-                let wanted = op.cost.max(whole / 20);
-                let units = escalation
-                    .request(op.at.limit, &op.at.key, op.at.window, wanted)
-                    .await;
+        // A twentieth of the whole limit at a time, so a key moving its traffic to this
+        // region escalates a few times per window, not once per request.
+        let wanted = op.cost.max(whole / 20);
+        let ask = {
+            let (key, escalation, partitions) =
+                (key.clone(), escalation.clone(), self.partitions.clone());
+            let (limit, name, window) = at.clone();
+            async move {
+                let _turn = key.turn.lock().await;
+                if key.completed.load(Ordering::Acquire) != seen {
+                    return 0;
+                }
+                let units = escalation.request(limit, &name, window, wanted).await;
                 if units > 0 {
-                    self.partitions.add(
-                        op.at.limit,
-                        &op.at.key,
-                        op.at.window,
-                        units,
-                        op.at.window.saturating_sub(1),
-                    );
+                    partitions.add(limit, &name, window, units, window.saturating_sub(1));
                 }
                 key.completed.fetch_add(1, Ordering::Release);
                 units
             }
         };
-        let mut escalating = self.escalating.lock().unwrap_or_else(|e| e.into_inner());
-        // The map's handle and ours: nobody else is waiting on this key.
-        if Arc::strong_count(&key) <= 2 {
-            escalating.remove(&at);
+        let landed = tokio::time::timeout(budget, tokio::spawn(ask)).await;
+        drop(key);
+        // Forget the keys nobody escalates any more (only the map holds them); one still
+        // landing keeps its place until it is done.
+        self.escalating
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, k| Arc::strong_count(k) > 1);
+        match landed {
+            Ok(Ok(units)) => Some(units),
+            // The task panicked: nothing landed, nor will.
+            Ok(Err(_)) => Some(0),
+            Err(_) => None,
         }
-        units
     }
 
     /// Gives away up to `amount` of this region's unused partition of `key` in `window`, for

@@ -15,8 +15,10 @@
 //! - [`TransferGrant`]: phase two, added to the key's partition once per transfer id.
 //! - [`KeyQuery`]: every ledger of the key, for the admin API's debug view.
 //!
-//! Escalation ([`Escalation`]) goes the other way, on a stream this side opens, and never waits
-//! longer than the budget: without a connection it answers 0 at once.
+//! Escalation ([`Escalation`]) goes the other way, on a stream this side opens: without a
+//! connection it answers 0 at once; with one it waits for the transfer's answer up to
+//! [`TRANSFER_TIMEOUT`], well past the budget, because the request that asked is denied at the
+//! budget but what the other regions released for it still lands for the next ones.
 //!
 //! While the coordinator is away the region keeps its last partitions and keeps deciding
 //! (DESIGN §7); only transfers stop.
@@ -65,6 +67,10 @@ pub struct Uplink {
     /// Reports the coordinator answered (for `/metrics`).
     reports: AtomicU64,
 }
+
+/// How long an escalation waits for the coordinator's answer: longer than the coordinator
+/// waits for any giving region's confirm (1 s), so a transfer that ran is never dropped here.
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long a transfer id is remembered.
 const GRANT_MEMORY: Duration = Duration::from_secs(600);
@@ -357,7 +363,7 @@ impl Escalation for Uplink {
             };
             let id = request.request_id;
             let message = Message::from(request);
-            match net::call_within(&conn, &message, self.link.escalation_budget).await {
+            match net::call_within(&conn, &message, TRANSFER_TIMEOUT).await {
                 Ok(Message::QuotaReply(reply)) if reply.request_id == id => reply.granted,
                 Ok(other) => {
                     tracing::warn!(
@@ -366,7 +372,8 @@ impl Escalation for Uplink {
                     );
                     0
                 }
-                // Out of budget or link lost: the request is denied (DESIGN §4).
+                // The coordinator did not answer or the link was lost: whatever the transfer
+                // released is lost to the window (a false reject, never an overshoot).
                 Err(e) => {
                     tracing::debug!(error = %e, "escalation failed");
                     0

@@ -568,3 +568,109 @@ async fn a_sync_ack_tells_the_edge_each_named_limits_partition() {
     let ack = coordinated.sync(EdgeId(1), batch).await.unwrap();
     assert_eq!(partitions(&ack), [(login, 37)]);
 }
+
+/// A coordinator that answers an escalation only after `delay`, granting what was asked the
+/// first time and nothing after, and counts the asks.
+struct SlowCoordinator {
+    delay: Duration,
+    asks: std::sync::atomic::AtomicU64,
+}
+
+impl regional_aggregator::Escalation for SlowCoordinator {
+    fn request(
+        &self,
+        _limit: shared::LimitId,
+        _key: &str,
+        _window: u64,
+        wanted: u64,
+    ) -> std::pin::Pin<Box<dyn Future<Output = u64> + Send + '_>> {
+        let first = self.asks.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+        Box::pin(async move {
+            tokio::time::sleep(self.delay).await;
+            if first { wanted } else { 0 }
+        })
+    }
+}
+
+/// An escalation whose transfer outlasts the budget denies the request that asked, but only
+/// for the hold (not until the window ends), and what the other regions released lands in
+/// this region's partition for the next request, which is admitted without asking again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_that_outlasts_the_budget_still_lands() {
+    let clock = ManualClock::new(T0 + Nanos::from_secs(5));
+    let rules = rules();
+    let login = limit(&rules, "login");
+    let regional = Regional::new(
+        RegionalConfig {
+            coordinated: true,
+            ..RegionalConfig::default()
+        },
+        rules.clone(),
+        Arc::new(MemoryStore::new()),
+        Arc::new(clock.clone()),
+    );
+    regional.partitions().apply(
+        &shared::wire::Partitions {
+            version: 1,
+            rules: vec![shared::wire::RuleShare {
+                limit: login,
+                share_ppm: shared::quota::ppm_for(50, 100),
+                from_window: 0,
+            }],
+            keys: vec![],
+        },
+        |limit| regional.schedule_index(limit),
+    );
+    let slow = Arc::new(SlowCoordinator {
+        delay: Duration::from_millis(300),
+        asks: Default::default(),
+    });
+    regional.set_escalation(slow.clone(), Duration::from_millis(30));
+    let asks = || slow.asks.load(std::sync::atomic::Ordering::SeqCst);
+
+    let spend = regional
+        .acquire(EdgeId(1), &acquire(1, vec![check(&rules, "login", 50)]))
+        .await
+        .expect("the store answers");
+    assert!(spend.allowed, "the region's 50 of 100: {spend:?}");
+
+    let started = std::time::Instant::now();
+    let denied = regional
+        .acquire(EdgeId(1), &acquire(2, vec![check(&rules, "login", 1)]))
+        .await
+        .expect("the store answers");
+    assert!(!denied.allowed, "the partition is spent: {denied:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(250),
+        "the request waited past its budget: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(asks(), 1);
+    // Cached by the edge for the hold only: the transfer is still on its way.
+    let hold = RegionalConfig::default().hold;
+    assert_eq!(denied.checks[0].reset_at, clock.now() + hold, "{denied:?}");
+
+    // The transfer lands (the region's partition grows by the 5 asked, a twentieth of 100).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while regional
+        .partitions()
+        .partition(login, "u:alice", check(&rules, "login", 1).window, 100)
+        == 50
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the transfer never landed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let admitted = regional
+        .acquire(EdgeId(1), &acquire(3, vec![check(&rules, "login", 5)]))
+        .await
+        .expect("the store answers");
+    assert!(admitted.allowed, "the landed 5: {admitted:?}");
+    assert_eq!(
+        asks(),
+        1,
+        "admitted from the landed quota, without asking again"
+    );
+}
