@@ -17,7 +17,7 @@
 //!
 //! Escalation ([`Escalation`]) goes the other way, on a stream this side opens: without a
 //! connection it answers 0 at once; with one it waits for the transfer's answer up to
-//! [`TRANSFER_TIMEOUT`], well past the budget, because the request that asked is denied at the
+//! `TRANSFER_TIMEOUT`, well past the budget, because the request that asked is denied at the
 //! budget but what the other regions released for it still lands for the next ones.
 //!
 //! While the coordinator is away the region keeps its last partitions and keeps deciding
