@@ -218,6 +218,11 @@ impl Agent {
         })
     }
 
+    /// The configuration the agent was built with.
+    pub fn config(&self) -> &AgentConfig {
+        &self.inner.config
+    }
+
     /// Counters of what the agent has done, for metrics.
     pub fn stats(&self) -> StatsSnapshot {
         self.inner.stats.snapshot()

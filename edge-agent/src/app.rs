@@ -122,6 +122,7 @@ pub async fn run(checked: Checked, shutdown: impl Future<Output = ()>) -> Result
     } = checked;
     let upstream = QuicUpstream::connect(QuicConfig {
         rule_set_version: rules.version(),
+        answer_within: settings.agent.upstream_timeout,
         ..QuicConfig::new(
             settings.regional_addresses.clone(),
             settings.regional_name.clone(),

@@ -30,7 +30,9 @@
 //! reached through [`QuicUpstream::attach`]: the agent owns its upstream, so the upstream
 //! holds only a weak handle back to it, which the embedder sets right after building the
 //! agent. Every `Hello` names the version the agent runs when it is sent (before `attach`,
-//! [`QuicConfig::rule_set_version`]), so a regional knows on each connection whether to push.
+//! [`QuicConfig::rule_set_version`]), so a regional knows on each connection whether to push;
+//! and how long the agent waits for an exact answer (its upstream timeout; before `attach`,
+//! [`QuicConfig::answer_within`]), so a regional that escalates answers in time.
 //! Anything but a `RuleSetPush` on such a stream is answered with an [`ErrorNotice`] of
 //! [`CloseCode::UnexpectedMessage`].
 //!
@@ -67,6 +69,7 @@ use tracing::{debug, error, info, warn};
 use crate::{
     Agent,
     agent::WeakAgent,
+    config::DEFAULT_UPSTREAM_TIMEOUT,
     upstream::{Upstream, UpstreamError, UpstreamFuture},
 };
 
@@ -104,6 +107,14 @@ pub struct QuicConfig {
     /// agent runs. Set it to the version of the rules the agent is built with, so that the
     /// first `Hello` is right even when it goes out before `attach`. Defaults to 0 (none yet).
     pub rule_set_version: u64,
+    /// How long the agent waits for an exact answer, sent in the `Hello` until an agent is
+    /// attached (from then on, that agent's [`upstream_timeout`]): a regional that escalates
+    /// a request answers within it. Defaults to [`DEFAULT_UPSTREAM_TIMEOUT`], the agent's own
+    /// default.
+    ///
+    /// [`upstream_timeout`]: crate::AgentConfig::upstream_timeout
+    /// [`DEFAULT_UPSTREAM_TIMEOUT`]: crate::DEFAULT_UPSTREAM_TIMEOUT
+    pub answer_within: Duration,
     /// The pause after the first round of failed attempts; it doubles every round. Defaults
     /// to 100 ms. Must not be zero.
     pub backoff_min: Duration,
@@ -138,6 +149,7 @@ impl QuicConfig {
             incarnation: u64::try_from(started.as_nanos()).unwrap_or(u64::MAX),
             region: region.into(),
             rule_set_version: 0,
+            answer_within: DEFAULT_UPSTREAM_TIMEOUT,
             backoff_min: DEFAULT_BACKOFF_MIN,
             backoff_max: DEFAULT_BACKOFF_MAX,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
@@ -358,6 +370,14 @@ impl Link {
             .map_or(configured, |agent| agent.rules().version())
     }
 
+    /// How long the agent waits for an exact answer, to name in a `Hello` now, in ms.
+    fn answer_within_ms(&self, configured: Duration) -> u32 {
+        let within = self
+            .agent()
+            .map_or(configured, |agent| agent.config().upstream_timeout);
+        u32::try_from(within.as_millis()).unwrap_or(u32::MAX)
+    }
+
     /// The reply to one message the regional sent on a stream it opened. Blocking: it may
     /// parse a rule set and walk the agent's keys.
     fn answer(&self, message: Message) -> Message {
@@ -443,6 +463,7 @@ async fn run(link: Arc<Link>, endpoint: Endpoint, config: QuicConfig) {
         role: Role::Edge,
         region: config.region.clone(),
         rule_set_version: config.rule_set_version,
+        answer_within_ms: 0,
     };
     let addresses = &config.addresses;
     let mut next = 0;
@@ -455,6 +476,7 @@ async fn run(link: Arc<Link>, endpoint: Endpoint, config: QuicConfig) {
         };
         next = (next + 1) % addresses.len();
         hello.rule_set_version = link.rule_set_version(config.rule_set_version);
+        hello.answer_within_ms = link.answer_within_ms(config.answer_within);
         let attempt = tokio::time::timeout(config.connect_timeout, async {
             let address = configured.resolve_for(&endpoint).await?;
             net::connect(&endpoint, address, &config.server_name, &hello)

@@ -761,6 +761,7 @@ fn hello(node: &str) -> Hello {
         role: Role::Edge,
         region: REGION.into(),
         rule_set_version: 0,
+        answer_within_ms: 50,
     }
 }
 

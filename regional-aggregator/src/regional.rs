@@ -522,6 +522,20 @@ impl Regional {
         edge: EdgeId,
         request: &Acquire,
     ) -> Result<AcquireReply, StoreError> {
+        self.acquire_within(edge, request, None).await
+    }
+
+    /// [`acquire`](Regional::acquire) for an edge that waits `within` for the answer: an
+    /// escalation waits at most half of that (and never past the budget), leaving the other
+    /// half for deciding again and the way back. An edge that waited in vain would decide by
+    /// its failure modes and stop asking for a while; denied in time, it caches the denial
+    /// for the hold and asks again once the transfer has landed.
+    pub async fn acquire_within(
+        &self,
+        edge: EdgeId,
+        request: &Acquire,
+        within: Option<Duration>,
+    ) -> Result<AcquireReply, StoreError> {
         let now = self.clock.now();
         if let Some(reply) = self.replayed(edge, request.request_id, now) {
             self.stats.replayed.fetch_add(1, Ordering::Relaxed);
@@ -536,7 +550,7 @@ impl Regional {
             exact.iter().all(|r| r.allowed) && state.iter().all(|r| r.outcome.is_allowed());
         if !allowed {
             self.refund(now, &plan, &exact, &state).await;
-            match self.escalate(&plan, &exact, &state).await {
+            match self.escalate(&plan, &exact, &state, within).await {
                 Escalated::Grown => {
                     // Decided once more, with the partitions the coordinator just raised.
                     plan = match self.plan(request, now) {
@@ -593,10 +607,17 @@ impl Regional {
     /// Asks the coordinator for more of every key whose partition alone denied the request
     /// (not grants other edges hold: those come back by themselves). Only when every denial
     /// is of that kind: a limiter state that denied cannot be helped.
-    async fn escalate(&self, plan: &Plan, exact: &[ExactReply], state: &[StateReply]) -> Escalated {
+    async fn escalate(
+        &self,
+        plan: &Plan,
+        exact: &[ExactReply],
+        state: &[StateReply],
+        within: Option<Duration>,
+    ) -> Escalated {
         let Some((escalation, budget)) = self.escalation() else {
             return Escalated::Nothing;
         };
+        let budget = within.map_or(budget, |w| budget.min(w / 2));
         if state.iter().any(|r| !r.outcome.is_allowed()) {
             return Escalated::Nothing;
         }

@@ -55,6 +55,8 @@ pub struct EdgeSession {
     pub edge: EdgeId,
     /// The rule-set version its `Hello` named.
     pub rule_set_version: u64,
+    /// How long it waits for an exact answer, as its `Hello` said (`None`: it did not say).
+    pub answer_within: Option<Duration>,
     id: u64,
     regional: Arc<Regional>,
 }
@@ -151,6 +153,8 @@ impl Service for EdgeService {
             node: hello.node.clone(),
             edge: EdgeId::of(&hello.node, hello.incarnation),
             rule_set_version: hello.rule_set_version,
+            answer_within: (hello.answer_within_ms > 0)
+                .then(|| Duration::from_millis(u64::from(hello.answer_within_ms))),
             id: self.next_session.fetch_add(1, Ordering::Relaxed),
             regional: self.regional.clone(),
         };
@@ -173,7 +177,7 @@ impl Service for EdgeService {
                 .map(Message::from),
             Message::Acquire(request) => self
                 .regional
-                .acquire(session.edge, &request)
+                .acquire_within(session.edge, &request, session.answer_within)
                 .await
                 .map(Message::from),
             other => {

@@ -135,6 +135,8 @@ impl Uplink {
                 role: Role::Regional,
                 region: self.region.clone(),
                 rule_set_version: self.regional.rules().version(),
+                // The coordinator sends no exact requests.
+                answer_within_ms: 0,
             };
             let attempt = match self.link.addr.resolve_for(&endpoint).await {
                 Ok(addr) => net::connect(&endpoint, addr, &self.link.name, &hello).await,

@@ -289,6 +289,7 @@ async fn metrics_count_decisions_edges_and_refused_frames() {
         role: shared::wire::Role::Edge,
         region: "eu".into(),
         rule_set_version: 0,
+        answer_within_ms: 50,
     };
     let (conn, _) = shared::net::connect(&endpoint, addr, "regional-eu-1", &hello)
         .await

@@ -318,3 +318,83 @@ async fn two_replicas_on_one_redis_hold_a_hard_limit_across_a_failover() {
         "one set of counters per edge, whichever replica"
     );
 }
+
+/// DESIGN §4 and §7 together: an edge waits 50 ms for an exact answer (and, waiting in vain,
+/// decides by its failure modes and stops asking for a while), while an escalation may take
+/// far longer across regions. The edge's `Hello` says how long it waits, so the regional stops
+/// waiting for the transfer in time and denies (for the hold only); the edge decides that
+/// request exactly, never by a failure mode, and once the transfer has landed it admits again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_is_answered_in_time_while_a_transfer_runs() {
+    let rules = crate::regional::rules();
+    let clock = ManualClock::new(T0 + Nanos::from_secs(5));
+    let slow = Arc::new(crate::regional::SlowCoordinator {
+        delay: Duration::from_millis(500),
+        asks: Default::default(),
+    });
+    // No grants (θ as small as it goes): every decision is the regional's.
+    let config = RegionalConfig {
+        threshold: shared::quota::Threshold::from_ppm(1).expect("in range"),
+        ..RegionalConfig::default()
+    };
+    let regional = Arc::new(crate::regional::escalating_regional(
+        config,
+        &clock,
+        slow.clone(),
+        Duration::from_secs(5),
+    ));
+    let ca = Ca::generate("test deployment CA").expect("ring generates keys");
+    let identity = Identity::new(&ca, &ca.issue(REGIONAL, &[]).expect("a DNS name"));
+    let endpoint = net::server_endpoint("127.0.0.1:0".parse().expect("an address"), &identity)
+        .expect("a free loopback port");
+    let addr = endpoint.local_addr().expect("bound");
+    let service = Arc::new(EdgeService::new(regional.clone(), REGIONAL, REGION));
+    tokio::spawn(net::serve(
+        endpoint.clone(),
+        service,
+        Arc::new(NetStats::default()),
+    ));
+    let agent = edge(&ca, "edge-eu-0", vec![addr], &rules, &clock).await;
+    assert_eq!(agent.config().upstream_timeout, Duration::from_millis(50));
+
+    let check = |agent: Arc<Agent>| {
+        tokio::task::spawn_blocking(move || agent.check(&user("alice", "/login")))
+    };
+    for i in 0..50 {
+        let decision = check(agent.clone()).await.expect("no check panics");
+        assert!(decision.allowed, "request {i} of the region's 50");
+    }
+    let denied = check(agent.clone()).await.expect("no check panics");
+    assert!(
+        !denied.allowed,
+        "the region's partition is spent: {denied:?} {:?}",
+        agent.stats()
+    );
+    let stats = agent.stats();
+    assert_eq!(
+        (stats.exact, stats.fallback),
+        (51, 0),
+        "every decision the regional's, none a failure mode's"
+    );
+    assert_eq!(slow.asks.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    // The transfer lands; once the denial's hold is over the edge asks, and is admitted.
+    let window = (T0.as_u64() + 5_000_000_000) / 60_000_000_000;
+    let login = rules.rule("login").expect("the rule").limits()[0].id();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while regional
+        .partitions()
+        .partition(login, "u:alice", window, 100)
+        == 50
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the transfer never landed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    clock.advance(RegionalConfig::default().hold);
+    let admitted = check(agent.clone()).await.expect("no check panics");
+    assert!(admitted.allowed, "the landed quota admits");
+    assert_eq!(agent.stats().fallback, 0);
+}

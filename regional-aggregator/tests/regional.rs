@@ -34,7 +34,7 @@ rate_limits:
     - { id: slow, path: /slow, algorithm: token_bucket, rate: 1/60d, burst: 1, key: user_id }
 ";
 
-fn rules() -> RuleSet {
+pub(crate) fn rules() -> RuleSet {
     RuleSet::from_yaml("rules.yaml", RULES).expect("the test rules parse")
 }
 
@@ -571,9 +571,9 @@ async fn a_sync_ack_tells_the_edge_each_named_limits_partition() {
 
 /// A coordinator that answers an escalation only after `delay`, granting what was asked the
 /// first time and nothing after, and counts the asks.
-struct SlowCoordinator {
-    delay: Duration,
-    asks: std::sync::atomic::AtomicU64,
+pub(crate) struct SlowCoordinator {
+    pub(crate) delay: Duration,
+    pub(crate) asks: std::sync::atomic::AtomicU64,
 }
 
 impl regional_aggregator::Escalation for SlowCoordinator {
@@ -592,18 +592,19 @@ impl regional_aggregator::Escalation for SlowCoordinator {
     }
 }
 
-/// An escalation whose transfer outlasts the budget denies the request that asked, but only
-/// for the hold (not until the window ends), and what the other regions released lands in
-/// this region's partition for the next request, which is admitted without asking again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_transfer_that_outlasts_the_budget_still_lands() {
-    let clock = ManualClock::new(T0 + Nanos::from_secs(5));
+/// A regional holding 50 of login's 100 per key (`config`'s other settings), escalating to
+/// `coordinator` with `budget`.
+pub(crate) fn escalating_regional(
+    config: RegionalConfig,
+    clock: &ManualClock,
+    coordinator: Arc<SlowCoordinator>,
+    budget: Duration,
+) -> Regional {
     let rules = rules();
-    let login = limit(&rules, "login");
     let regional = Regional::new(
         RegionalConfig {
             coordinated: true,
-            ..RegionalConfig::default()
+            ..config
         },
         rules.clone(),
         Arc::new(MemoryStore::new()),
@@ -613,7 +614,7 @@ async fn a_transfer_that_outlasts_the_budget_still_lands() {
         &shared::wire::Partitions {
             version: 1,
             rules: vec![shared::wire::RuleShare {
-                limit: login,
+                limit: limit(&rules, "login"),
                 share_ppm: shared::quota::ppm_for(50, 100),
                 from_window: 0,
             }],
@@ -621,11 +622,28 @@ async fn a_transfer_that_outlasts_the_budget_still_lands() {
         },
         |limit| regional.schedule_index(limit),
     );
+    regional.set_escalation(coordinator, budget);
+    regional
+}
+
+/// An escalation whose transfer outlasts the budget denies the request that asked, but only
+/// for the hold (not until the window ends), and what the other regions released lands in
+/// this region's partition for the next request, which is admitted without asking again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_that_outlasts_the_budget_still_lands() {
+    let clock = ManualClock::new(T0 + Nanos::from_secs(5));
+    let rules = rules();
+    let login = limit(&rules, "login");
     let slow = Arc::new(SlowCoordinator {
         delay: Duration::from_millis(300),
         asks: Default::default(),
     });
-    regional.set_escalation(slow.clone(), Duration::from_millis(30));
+    let regional = escalating_regional(
+        RegionalConfig::default(),
+        &clock,
+        slow.clone(),
+        Duration::from_millis(30),
+    );
     let asks = || slow.asks.load(std::sync::atomic::Ordering::SeqCst);
 
     let spend = regional
@@ -651,10 +669,11 @@ async fn a_transfer_that_outlasts_the_budget_still_lands() {
     assert_eq!(denied.checks[0].reset_at, clock.now() + hold, "{denied:?}");
 
     // The transfer lands (the region's partition grows by the 5 asked, a twentieth of 100).
+    let window = check(&rules, "login", 1).window;
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while regional
         .partitions()
-        .partition(login, "u:alice", check(&rules, "login", 1).window, 100)
+        .partition(login, "u:alice", window, 100)
         == 50
     {
         assert!(
@@ -672,5 +691,46 @@ async fn a_transfer_that_outlasts_the_budget_still_lands() {
         asks(),
         1,
         "admitted from the landed quota, without asking again"
+    );
+}
+
+/// An edge that said how long it waits for an exact answer gets one in time: the escalation
+/// waits at most half of that, however long the budget, so the edge never takes the
+/// regional for down (and decides by its failure modes) while a transfer runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_escalation_answers_within_the_edges_wait() {
+    let clock = ManualClock::new(T0 + Nanos::from_secs(5));
+    let rules = rules();
+    let slow = Arc::new(SlowCoordinator {
+        delay: Duration::from_secs(2),
+        asks: Default::default(),
+    });
+    let regional = escalating_regional(
+        RegionalConfig::default(),
+        &clock,
+        slow.clone(),
+        Duration::from_secs(5),
+    );
+    let spend = regional
+        .acquire(EdgeId(1), &acquire(1, vec![check(&rules, "login", 50)]))
+        .await
+        .expect("the store answers");
+    assert!(spend.allowed, "the region's 50 of 100: {spend:?}");
+
+    let started = std::time::Instant::now();
+    let denied = regional
+        .acquire_within(
+            EdgeId(1),
+            &acquire(2, vec![check(&rules, "login", 1)]),
+            Some(Duration::from_millis(400)),
+        )
+        .await
+        .expect("the store answers");
+    let waited = started.elapsed();
+    assert!(!denied.allowed, "the partition is spent: {denied:?}");
+    assert_eq!(slow.asks.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert!(
+        waited < Duration::from_millis(1500),
+        "an edge waiting 400 ms was answered after {waited:?} (the transfer takes 2 s)"
     );
 }

@@ -132,7 +132,7 @@ fn frame_layout_is_pinned() {
         5,                // want
     ];
     assert_eq!(frame, expected);
-    assert_eq!(PROTOCOL_VERSION, 3);
+    assert_eq!(PROTOCOL_VERSION, 4);
 }
 
 #[test]
@@ -1078,15 +1078,27 @@ fn hello() -> impl Strategy<Value = Hello> {
         role(),
         text(),
         any::<u64>(),
+        any::<u32>(),
     )
         .prop_map(
-            |(protocol_version, node, incarnation, role, region, rule_set_version)| Hello {
+            |(
                 protocol_version,
                 node,
                 incarnation,
                 role,
                 region,
                 rule_set_version,
+                answer_within_ms,
+            )| {
+                Hello {
+                    protocol_version,
+                    node,
+                    incarnation,
+                    role,
+                    region,
+                    rule_set_version,
+                    answer_within_ms,
+                }
             },
         )
 }

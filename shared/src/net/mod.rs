@@ -72,6 +72,7 @@
 //!     role: Role::Edge,
 //!     region: "eu".into(),
 //!     rule_set_version: 0,
+//!     answer_within_ms: 50,
 //! };
 //! let (conn, welcome) = net::connect(&client, addr, "regional-eu-1", &hello).await?;
 //! assert_eq!(welcome.node, "regional-eu-1");

@@ -138,6 +138,11 @@ pub struct Hello {
     pub region: String,
     /// The version of the rule set the sender enforces now; 0 when it has none yet.
     pub rule_set_version: u64,
+    /// How long the sender waits for the answer to one exact request ([`Acquire`]), in
+    /// milliseconds; 0 when it does not say. An edge that waits in vain decides by its failure
+    /// modes and stops asking for a while, so a regional that escalates a request stops
+    /// waiting for the coordinator early enough to answer within it (DESIGN §4).
+    pub answer_within_ms: u32,
 }
 
 /// The answer to an accepted [`Hello`]: the server's side of the same facts.

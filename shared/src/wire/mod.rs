@@ -75,7 +75,7 @@ pub use self::{
 ///
 /// Starts at 1 so that a zeroed buffer is never mistaken for a valid frame. See "The version
 /// rule" in the module documentation for what bumps it.
-pub const PROTOCOL_VERSION: u8 = 3;
+pub const PROTOCOL_VERSION: u8 = 4;
 
 /// The largest value a frame's length prefix may hold: the version byte plus the payload, in
 /// bytes (a whole frame is at most 4 bytes more). 1 MiB.
