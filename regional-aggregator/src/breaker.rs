@@ -503,6 +503,7 @@ fn unknown_state_reply(op: &StateOp, now: Nanos, wait: Nanos) -> StateReply {
             retry_after: wait,
         },
         receipt: 0,
+        unknown: true,
     }
 }
 

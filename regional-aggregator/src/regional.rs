@@ -20,7 +20,10 @@
 //! the coordinator, through its [`Escalation`], for more of that key's limit, within a budget,
 //! and decides once more with what came back. The other half of a transfer,
 //! [`Regional::release`], gives away unused partition by consuming it on the exact path, so
-//! giving it and admitting with it are one atomic check against the same `T + G`.
+//! giving it and admitting with it are one atomic check against the same `T + G`. A bucket
+//! whose part here is empty escalates for tokens, without holding up the request: the giving
+//! regions acquire them from their parts of the key's bucket, and they are added to this
+//! region's part (at most to its capacity) for the next requests.
 //!
 //! An [`Acquire`] may mix algorithms. Its window checks (fixed and sliding window) become
 //! [`ExactOp`]s on ledgers, decided in the window that is current here; its token bucket,
@@ -44,6 +47,7 @@
 
 use std::{
     collections::HashMap,
+    num::NonZeroU32,
     sync::{
         Arc, Mutex, RwLock,
         atomic::{AtomicU32, AtomicU64, Ordering},
@@ -145,6 +149,76 @@ pub trait Escalation: Send + Sync + 'static {
     ) -> std::pin::Pin<Box<dyn Future<Output = u64> + Send + '_>>;
 }
 
+/// Whether a denial of `op`, answered `r`, may be helped by another region's tokens: a bucket
+/// that is empty here. Not a log (its units are entries that age out, not tokens to move), not
+/// a cost above the capacity, and not a denial the store could not decide (another region's
+/// tokens would not make the count known, and would be lost to it).
+fn refillable(op: &StateOp, r: &StateReply) -> bool {
+    r.outcome.verdict == Verdict::Deny
+        && !r.unknown
+        && matches!(
+            op.limiter,
+            StateLimiter::TokenBucket(_) | StateLimiter::LeakyBucket(_)
+        )
+}
+
+/// This region's part of the bucket or log `whole` of `limit` as its share is at `now`; `None`
+/// when it holds none.
+fn part_in_force(
+    partitions: &PartitionTable,
+    limit: LimitId,
+    whole: StateLimiter,
+    now: Nanos,
+) -> Option<StateLimiter> {
+    let (tick, _) = schedule_clock(&whole.limiter());
+    let share = partitions.share(limit, now.as_u64() / tick.as_u64().max(1));
+    whole.partitioned(share)
+}
+
+/// How long the bucket `whole` takes to refill (or drain) one unit.
+fn refill_interval(whole: StateLimiter) -> Nanos {
+    match whole {
+        StateLimiter::TokenBucket(g) => g.emission_interval(),
+        StateLimiter::LeakyBucket(b) => b.drain_interval(),
+        StateLimiter::SlidingLog(l) => l.window(),
+    }
+}
+
+/// Adds `units` tokens other regions gave up to this region's part of `at`'s bucket (`whole`,
+/// the rule's), as the part is in force now: a refund of an acquire of `units` that started
+/// now, so the level drops by them and never below empty. What the part has no room for is
+/// lost (a false denial later at worst, never an overshoot).
+async fn land_tokens(
+    store: &dyn Store,
+    partitions: &PartitionTable,
+    whole: StateLimiter,
+    at: &StateKey,
+    units: u64,
+    now: Nanos,
+) -> Result<(), StoreError> {
+    let Some(part) = part_in_force(partitions, at.limit, whole, now) else {
+        return Ok(());
+    };
+    let Some(cost) = NonZeroU32::new(u32::try_from(units).unwrap_or(u32::MAX)) else {
+        return Ok(());
+    };
+    let taken = u64::from(cost.get()).saturating_mul(refill_interval(part).as_u64());
+    let refund = StateRefund {
+        at: at.clone(),
+        limiter: part,
+        cost,
+        admitted: Outcome {
+            verdict: Verdict::Allow,
+            limit: part.limiter().limit(),
+            remaining: 0,
+            reset_at: Nanos(now.as_u64().saturating_add(taken)),
+            retry_after: Nanos::ZERO,
+        },
+        receipt: 0,
+    };
+    store.refund_state(now, std::slice::from_ref(&refund)).await
+}
+
 /// What an escalation did for a denied request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Escalated {
@@ -207,13 +281,18 @@ pub struct Regional {
     edges: AtomicU32,
     replies: Mutex<Replies>,
     hot: Mutex<HashMap<(LimitId, String), u64>>,
-    stats: RegionalStats,
+    /// Shared with bucket escalations running on their own tasks.
+    stats: Arc<RegionalStats>,
     /// Shared with escalations still landing after their request gave up on them.
     partitions: Arc<PartitionTable>,
     /// How to escalate, and how long a request waits for it (the budget).
     escalation: RwLock<Option<(Arc<dyn Escalation>, Duration)>>,
     /// Keys being escalated now, so that one key has one escalation at a time.
     escalating: Mutex<HashMap<(LimitId, String, u64), Arc<KeyEscalation>>>,
+    /// Bucket keys escalating now (until `Nanos::MAX`) or resting, until the time given, after
+    /// an escalation that brought nothing back: one ask per key at a time, and a bucket empty
+    /// in every region is not asked about on every denial.
+    bucket_asks: Arc<Mutex<HashMap<(LimitId, String), Nanos>>>,
     demand: Mutex<Demand>,
     /// Transfers already released: id → (when, units), so a resent `Release` gives once.
     released: Mutex<HashMap<u64, (Nanos, u64)>>,
@@ -323,7 +402,7 @@ impl Regional {
             edges: AtomicU32::new(0),
             replies: Mutex::new(Replies::default()),
             hot: Mutex::new(HashMap::new()),
-            stats: RegionalStats::default(),
+            stats: Arc::default(),
             partitions: Arc::new(if config_coordinated {
                 PartitionTable::coordinated()
             } else {
@@ -331,6 +410,7 @@ impl Regional {
             }),
             escalation: RwLock::new(None),
             escalating: Mutex::new(HashMap::new()),
+            bucket_asks: Arc::default(),
             demand: Mutex::new(Demand::default()),
             released: Mutex::new(HashMap::new()),
         }
@@ -550,6 +630,7 @@ impl Regional {
             exact.iter().all(|r| r.allowed) && state.iter().all(|r| r.outcome.is_allowed());
         if !allowed {
             self.refund(now, &plan, &exact, &state).await;
+            self.escalate_buckets(&plan, &state, now);
             match self.escalate(&plan, &exact, &state, within).await {
                 Escalated::Grown => {
                     // Decided once more, with the partitions the coordinator just raised.
@@ -663,6 +744,93 @@ impl Regional {
         }
     }
 
+    /// Asks the coordinator for tokens for every bucket whose part here is empty, each on a
+    /// task of its own: the request is denied at once (its denial is cached only until the
+    /// cost refills), and what the other regions give up lands in this region's part for the
+    /// next requests. Waiting for it instead would make every over-rate denial wait on a
+    /// coordinator round trip.
+    ///
+    /// Tokens move, not capacity: the giving regions take them from their parts of the key's
+    /// bucket ([`Regional::release`]) and they are added to this region's part, never past its
+    /// capacity. The sum of the regions' levels does not grow, nor do their capacities or
+    /// rates, so the bucket's bound across regions (`C + r·t`) holds through a transfer.
+    fn escalate_buckets(&self, plan: &Plan, state: &[StateReply], now: Nanos) {
+        let Some((escalation, _)) = self.escalation() else {
+            return;
+        };
+        let rules = self.rules();
+        for (op, r) in plan.state.iter().zip(state) {
+            if !refillable(op, r) {
+                continue;
+            }
+            let Some(whole) = rules
+                .limit(op.at.limit)
+                .and_then(|(_, l)| StateLimiter::new(l.limiter()))
+            else {
+                continue;
+            };
+            // A twentieth of the bucket at a time, but no more than this part has room for:
+            // the rest would be lost when it lands.
+            let room = op
+                .limiter
+                .limiter()
+                .limit()
+                .saturating_sub(r.outcome.remaining);
+            let wanted = u64::from(op.cost.get())
+                .max(whole.limiter().limit() / 20)
+                .min(room);
+            if wanted == 0 {
+                continue;
+            }
+            let at = StateKey {
+                limit: op.at.limit,
+                key: op.at.key.clone(),
+            };
+            {
+                let mut asks = self.bucket_asks.lock().unwrap_or_else(|e| e.into_inner());
+                asks.retain(|_, until| *until > now);
+                if asks.contains_key(&(at.limit, at.key.clone())) {
+                    continue;
+                }
+                asks.insert((at.limit, at.key.clone()), Nanos::MAX);
+            }
+            self.stats.escalations.fetch_add(1, Ordering::Relaxed);
+            let escalation = escalation.clone();
+            let (store, partitions, clock) = (
+                self.store.clone(),
+                self.partitions.clone(),
+                self.clock.clone(),
+            );
+            let (stats, asks) = (self.stats.clone(), self.bucket_asks.clone());
+            tokio::spawn(async move {
+                // Buckets have no windows: the transfer is asked for under window 0.
+                let units = escalation.request(at.limit, &at.key, 0, wanted).await;
+                let now = clock.now();
+                if units > 0 {
+                    match land_tokens(&*store, &partitions, whole, &at, units, now).await {
+                        Ok(()) => {
+                            stats.escalations_granted.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(error = %e, "tokens given to this region were not added");
+                        }
+                    }
+                }
+                let mut asks = asks.lock().unwrap_or_else(|e| e.into_inner());
+                let key = (at.limit, at.key);
+                if units > 0 {
+                    asks.remove(&key);
+                } else {
+                    // Nothing anywhere: ask again once the whole bucket could have refilled
+                    // what was asked for.
+                    let refill = Nanos(wanted.saturating_mul(refill_interval(whole).as_u64()));
+                    asks.insert(key, now + refill);
+                }
+            });
+        }
+    }
+
     /// Asks for more of one key (`op`'s) whose limit is `whole`, and adds what comes back to
     /// its partition; returns that, or `None` when the budget ran out first.
     ///
@@ -752,6 +920,15 @@ impl Regional {
             return Ok(units);
         }
         let rules = self.rules();
+        if let Some((rule, l)) = rules.limit(limit)
+            && let Some(bucket) = StateLimiter::new(l.limiter())
+            && !matches!(bucket, StateLimiter::SlidingLog(_))
+        {
+            let released = self
+                .release_tokens(rule, bucket, limit, key, amount, now)
+                .await?;
+            return Ok(self.released(transfer, now, released));
+        }
         let Some((rule, w)) = rules
             .limit(limit)
             .and_then(|(r, l)| Some((r, window_of(l.limiter())?)))
@@ -806,6 +983,63 @@ impl Regional {
             }
             op.cost = op.cost.min(reply.remaining);
         }
+        Ok(self.released(transfer, now, released))
+    }
+
+    /// Takes up to `amount` tokens from this region's part of `key`'s bucket (`bucket`, the
+    /// whole one, of `rule`), for a transfer: an acquire of that cost, so nothing admitted
+    /// here can use them any more; a denial says how many there were, which the next try
+    /// takes (unless requests took them meanwhile).
+    async fn release_tokens(
+        &self,
+        rule: &shared::rules::Rule,
+        bucket: StateLimiter,
+        limit: LimitId,
+        key: &str,
+        amount: u64,
+        now: Nanos,
+    ) -> Result<u64, StoreError> {
+        let Some(part) = part_in_force(&self.partitions, limit, bucket, now) else {
+            return Ok(0);
+        };
+        let mut op = StateOp {
+            at: StateKey {
+                limit,
+                key: key.to_owned(),
+            },
+            limiter: part,
+            cost: NonZeroU32::MIN,
+            exact_since: state_exact_since(rule.on_failure(), &part, now),
+        };
+        let mut wanted = amount.min(part.limiter().limit());
+        for _ in 0..3 {
+            let Some(cost) = NonZeroU32::new(u32::try_from(wanted).unwrap_or(u32::MAX)) else {
+                break;
+            };
+            op.cost = cost;
+            let replies = self
+                .store
+                .acquire_state(now, std::slice::from_ref(&op))
+                .await
+                .inspect_err(|_| {
+                    self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                })?;
+            let Some(reply) = replies.first() else { break };
+            if reply.outcome.is_allowed() {
+                return Ok(u64::from(cost.get()));
+            }
+            if reply.unknown {
+                // The store could not decide: give nothing rather than guess.
+                break;
+            }
+            wanted = wanted.min(reply.outcome.remaining);
+        }
+        Ok(0)
+    }
+
+    /// Records that transfer `transfer` released `released` (so a resent `Release` gets the
+    /// same answer), and returns it.
+    fn released(&self, transfer: u64, now: Nanos, released: u64) -> u64 {
         self.stats
             .released_units
             .fetch_add(released, Ordering::Relaxed);
@@ -813,7 +1047,7 @@ impl Regional {
         let keep = self.config.replay_window;
         done.retain(|_, (at, _)| now.saturating_sub(*at) < keep);
         done.insert(transfer, (now, released));
-        Ok(released)
+        released
     }
 
     /// What this region saw since the last call: per limit, and the hot keys (hottest first,
@@ -977,11 +1211,7 @@ impl Regional {
                 return Err(AcquireReply::deny_all(request.request_id, now));
             };
             if let Some(state) = StateLimiter::new(limit.limiter()) {
-                let (tick, _) = schedule_clock(limit.limiter());
-                let share = self
-                    .partitions
-                    .share(c.limit, now.as_u64() / tick.as_u64().max(1));
-                let Some(state) = state.partitioned(share) else {
+                let Some(state) = part_in_force(&self.partitions, c.limit, state, now) else {
                     // This region holds none of it (yet): nothing to admit with.
                     return Err(AcquireReply::deny_all(request.request_id, now));
                 };
@@ -1205,4 +1435,51 @@ fn hot_keys(hot: &mut HashMap<(LimitId, String), u64>, rules: &RuleSet, now: Nan
             window: *window,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU64;
+
+    use shared::algorithm::{Gcra, SlidingLog};
+
+    use super::*;
+
+    #[test]
+    fn only_a_bucket_that_is_empty_here_escalates_for_tokens() {
+        let one = NonZeroU64::MIN;
+        let ten = NonZeroU64::new(10).expect("not zero");
+        let bucket =
+            StateLimiter::TokenBucket(Gcra::new(one, Nanos(1_000_000), ten).expect("valid"));
+        let log =
+            StateLimiter::SlidingLog(SlidingLog::new(ten, Nanos(1_000_000_000)).expect("valid"));
+        let op = |limiter| StateOp {
+            at: StateKey {
+                limit: LimitId(1),
+                key: "k".into(),
+            },
+            limiter,
+            cost: NonZeroU32::MIN,
+            exact_since: None,
+        };
+        let reply = |verdict, unknown| StateReply {
+            outcome: Outcome {
+                verdict,
+                limit: 10,
+                remaining: 0,
+                reset_at: Nanos(5),
+                retry_after: Nanos(5),
+            },
+            receipt: 0,
+            unknown,
+        };
+        assert!(refillable(&op(bucket), &reply(Verdict::Deny, false)));
+        // The store could not decide: the breaker's answer for a closed rule in an outage.
+        assert!(!refillable(&op(bucket), &reply(Verdict::Deny, true)));
+        assert!(!refillable(
+            &op(bucket),
+            &reply(Verdict::InsufficientCapacity, false)
+        ));
+        assert!(!refillable(&op(log), &reply(Verdict::Deny, false)));
+    }
 }

@@ -371,6 +371,23 @@ rate_limits:
     );
 }
 
+/// Counts escalations and grants none.
+#[derive(Default)]
+struct CountEscalations(std::sync::atomic::AtomicU64);
+
+impl regional_aggregator::Escalation for CountEscalations {
+    fn request(
+        &self,
+        _limit: shared::LimitId,
+        _key: &str,
+        _window: u64,
+        _wanted: u64,
+    ) -> std::pin::Pin<Box<dyn Future<Output = u64> + Send + '_>> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Box::pin(std::future::ready(0))
+    }
+}
+
 /// Rules whose failure mode is `closed` are never decided on a partial count: while Redis is
 /// down, memory denies what reaches back before the outage (a window that began earlier, a
 /// sliding window's previous one, a bucket's span), mints no grant on it, and decides exactly
@@ -448,6 +465,10 @@ rate_limits:
     server.kill();
     assert_eq!(admit(loose, 1).await.0, 0);
     assert_eq!(guarded.state(), BreakerState::Open);
+    // From here on, count what would be escalated to a coordinator: a denial memory cannot
+    // decide is not (another region's quota or tokens would not make the count known).
+    let escalations = Arc::new(CountEscalations::default());
+    regional.set_escalation(escalations.clone(), Duration::from_millis(100));
 
     // 20 s in, the same window: memory cannot know Redis's 3, so the closed rules deny,
     // held (the edge asks again within the hold, not at the window's end); the local rule
@@ -473,6 +494,15 @@ rate_limits:
         admitted, 0,
         "a closed token bucket within a refill of the outage"
     );
+    // Counted before a bucket's ask leaves on its own task.
+    assert_eq!(
+        (
+            escalations.0.load(Ordering::Relaxed),
+            regional.stats().escalations.load(Ordering::Relaxed)
+        ),
+        (0, 0),
+        "undecidable denials escalated"
+    );
     // It is decidable once its 20 s refill span lies inside the outage: 10 s + 20 s in.
     assert_eq!(
         last.expect("answered").reset_at,
@@ -483,6 +513,10 @@ rate_limits:
         admit(loose, 12).await.0,
         10,
         "a local rule decides in memory"
+    );
+    assert!(
+        escalations.0.load(Ordering::Relaxed) > 0,
+        "its real denials are escalated"
     );
     // No grant is minted on what memory cannot count.
     let ack = grant("u:alice").await;

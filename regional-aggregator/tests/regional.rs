@@ -734,3 +734,73 @@ async fn an_escalation_answers_within_the_edges_wait() {
         "an edge waiting 400 ms was answered after {waited:?} (the transfer takes 2 s)"
     );
 }
+
+/// A token bucket whose part here is empty asks the coordinator for tokens without holding up
+/// the request: the denial comes at once (an over-rate client must not wait on a coordinator
+/// round trip for each denial), one ask is in flight per key however many denials follow, and
+/// the tokens that come back admit a later request (the clock stands still: no refill could).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_bucket_asks_for_tokens_without_holding_up_the_request() {
+    let clock = ManualClock::new(T0 + Nanos::from_secs(5));
+    let rules = rules();
+    let tb = limit(&rules, "tb");
+    let slow = Arc::new(SlowCoordinator {
+        delay: Duration::from_millis(500),
+        asks: Default::default(),
+    });
+    let regional = escalating_regional(
+        RegionalConfig::default(),
+        &clock,
+        slow.clone(),
+        Duration::from_secs(5),
+    );
+    // Half of tb's bucket of 2 at 2/m: a part of 1 token.
+    regional.partitions().apply(
+        &shared::wire::Partitions {
+            version: 2,
+            rules: vec![shared::wire::RuleShare {
+                limit: tb,
+                share_ppm: shared::quota::ppm_for(50, 100),
+                from_window: 0,
+            }],
+            keys: vec![],
+        },
+        |limit| regional.schedule_index(limit),
+    );
+    let asks = || slow.asks.load(std::sync::atomic::Ordering::SeqCst);
+    let mut id = 0;
+    let mut take = async || {
+        id += 1;
+        regional
+            .acquire(EdgeId(1), &acquire(id, vec![check(&rules, "tb", 1)]))
+            .await
+            .expect("the store answers")
+    };
+
+    assert!(take().await.allowed, "the part's one token");
+    let started = std::time::Instant::now();
+    let denied = take().await;
+    let waited = started.elapsed();
+    assert!(!denied.allowed, "the part is empty: {denied:?}");
+    assert!(
+        waited < Duration::from_millis(400),
+        "the denial waited {waited:?} for a transfer that takes 500 ms"
+    );
+    assert!(!take().await.allowed, "still empty");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !take().await.allowed {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the tokens never landed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(asks(), 1, "one ask for the key while it was in flight");
+    assert_eq!(
+        regional
+            .stats()
+            .escalations_granted
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+}

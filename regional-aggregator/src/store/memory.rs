@@ -170,6 +170,7 @@ impl MemoryStore {
         StateReply {
             outcome,
             receipt: 0,
+            unknown: false,
         }
     }
 

@@ -527,6 +527,10 @@ pub struct StateReply {
     /// entry a sliding log added (a log's entries are a sorted set, and the id makes each
     /// member unique). Zero otherwise; never compare it across stores.
     pub receipt: u64,
+    /// The store could not decide (a `closed` rule while the primary is out, the breaker's
+    /// memory not having seen every admission the op depends on): denied, and not to be
+    /// escalated, since another region's tokens would not make the count known.
+    pub unknown: bool,
 }
 
 /// Takes back an allowed [`StateOp`]; build it with [`StateOp::refund`].

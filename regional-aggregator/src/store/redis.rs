@@ -425,6 +425,7 @@ fn state_reply(limiter: &StateLimiter, v: &[i64]) -> Result<StateReply, StoreErr
             retry_after,
         },
         receipt: u64::try_from(id).map_err(|_| bad())?,
+        unknown: false,
     })
 }
 
