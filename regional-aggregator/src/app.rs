@@ -194,6 +194,15 @@ pub async fn run(checked: Checked, shutdown: impl Future<Output = ()>) -> Result
     let uplink = match &config.coordinator {
         None => None,
         Some(link) => {
+            // Before the coordinator hears from this run: what an earlier one cut may still be
+            // clearing.
+            if let Err(e) = regional.restore_cleared().await {
+                tracing::warn!(
+                    error = %e,
+                    "cannot read when this region's earlier cuts clear; other regions' raises \
+                     may begin before they have"
+                );
+            }
             let uplink = Uplink::new(
                 regional.clone(),
                 service.clone(),

@@ -44,7 +44,7 @@ use std::{
 };
 
 use shared::{
-    Clock, Nanos,
+    Clock, LimitId, Nanos,
     algorithm::{Outcome, Verdict},
     quota::EdgeId,
 };
@@ -356,7 +356,7 @@ impl Inner {
             .unwrap_or_else(|| format!("{}-recovery", self.node));
         let old = lock(&self.fallback).clone();
         let probe = LedgerKey {
-            limit: shared::LimitId(0),
+            limit: LimitId(0),
             key: String::new(),
             window: 0,
         };
@@ -608,6 +608,14 @@ impl Store for GuardedStore {
                 Box::pin(async move { s.absorb_state(tag, now, states).await })
             }),
         )
+    }
+
+    fn save_cleared<'a>(&'a self, cleared: &'a [(LimitId, u64)]) -> StoreFuture<'a, ()> {
+        Box::pin(self.guarded(move |s, _| Box::pin(async move { s.save_cleared(cleared).await })))
+    }
+
+    fn cleared(&self) -> StoreFuture<'_, Vec<(LimitId, u64)>> {
+        Box::pin(self.guarded(move |s, _| Box::pin(async move { s.cleared().await })))
     }
 }
 

@@ -195,6 +195,30 @@ impl PartitionTable {
         }
     }
 
+    /// Per limit, the index from which every cut scheduled here has cleared, for the store
+    /// ([`Store::save_cleared`](crate::store::Store::save_cleared)).
+    pub fn cleared(&self) -> Vec<(LimitId, u64)> {
+        self.read().cleared.iter().map(|(&l, &i)| (l, i)).collect()
+    }
+
+    /// Takes back what a previous run of this region recorded of its cuts (`cleared`, from
+    /// the store): until the coordinator's first push, the region holds nothing of those
+    /// limits, but its answers say so only from when those cuts clear, so the coordinator
+    /// still holds other regions' raises back until then. Without it a restarted regional
+    /// would answer that it holds nothing at all, and another region's raise could begin
+    /// while what this one admitted under its old share still counts.
+    pub fn restore_cleared(&self, cleared: &[(LimitId, u64)]) {
+        if !self.coordinated {
+            return;
+        }
+        let mut table = self.write();
+        for &(limit, index) in cleared {
+            let slot = table.cleared.entry(limit).or_insert(index);
+            *slot = (*slot).max(index);
+            table.shares.entry(limit).or_insert_with(|| vec![(0, 0)]);
+        }
+    }
+
     /// Forgets shares of limits `rules` no longer has.
     pub fn retain_rules(&self, rules: &RuleSet) {
         if !self.coordinated {

@@ -434,6 +434,30 @@ impl Regional {
             .clone()
     }
 
+    /// Records in the store when this region's cuts clear (see [`PartitionTable::cleared`]),
+    /// so a restart does not forget them. Called after every push of partitions, before it is
+    /// answered.
+    ///
+    /// # Errors
+    ///
+    /// The store failed; a restart before the next success forgets the latest cuts.
+    pub async fn save_cleared(&self) -> Result<(), StoreError> {
+        let cleared = self.partitions.cleared();
+        self.store.save_cleared(&cleared).await
+    }
+
+    /// Takes back what [`save_cleared`](Regional::save_cleared) recorded in an earlier run
+    /// ([`PartitionTable::restore_cleared`]). Called at start, before the coordinator link.
+    ///
+    /// # Errors
+    ///
+    /// The store failed; nothing was restored.
+    pub async fn restore_cleared(&self) -> Result<(), StoreError> {
+        let cleared = self.store.cleared().await?;
+        self.partitions.restore_cleared(&cleared);
+        Ok(())
+    }
+
     /// The current window of every window limit, for [`PartitionTable::apply`].
     pub fn schedule_index(&self, limit: LimitId) -> Option<(u64, u64)> {
         let rules = self.rules();

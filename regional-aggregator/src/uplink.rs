@@ -248,6 +248,13 @@ impl Uplink {
                 let held = regional
                     .partitions()
                     .apply(&p, |limit| regional.schedule_index(limit));
+                // Recorded before the coordinator hears of them: it may start other regions'
+                // raises on this answer, and a restart must not forget what they wait for.
+                if p.version > 0
+                    && let Err(e) = regional.save_cleared().await
+                {
+                    tracing::warn!(error = %e, "cannot record when this region's cuts clear");
+                }
                 tracing::info!(version = held.version, "partitions applied");
                 held.into()
             }

@@ -804,3 +804,88 @@ async fn an_empty_bucket_asks_for_tokens_without_holding_up_the_request() {
         1
     );
 }
+
+/// A regional records in its store when its cuts of a bucket's share clear, and a restarted
+/// one (a new process on the same Redis) names them in its first answer to the coordinator:
+/// it holds nothing yet, but only from that time on, so other regions' raises keep waiting
+/// for what the old run admitted under its old share. A fresh store has nothing to restore.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_regional_still_holds_raises_back_until_its_cuts_clear() {
+    let server = RedisServer::start();
+    let clock = ManualClock::new(T0 + Nanos::from_secs(5));
+    let rules = rules();
+    let tb = limit(&rules, "tb");
+    let coordinated = async |store: Arc<dyn Store>| {
+        Regional::new(
+            RegionalConfig {
+                coordinated: true,
+                ..RegionalConfig::default()
+            },
+            rules.clone(),
+            store,
+            Arc::new(clock.clone()),
+        )
+    };
+    let redis = async || {
+        let store =
+            RedisStore::connect(&RedisTopology::Single(server.url()), Duration::from_secs(2))
+                .await
+                .expect("the test Redis is up");
+        Arc::new(store) as Arc<dyn Store>
+    };
+    let push = |version, percent| shared::wire::Partitions {
+        version,
+        rules: vec![shared::wire::RuleShare {
+            limit: tb,
+            share_ppm: shared::quota::ppm_for(percent, 100),
+            from_window: 0,
+        }],
+        keys: vec![],
+    };
+    let probe = shared::wire::Partitions {
+        version: 0,
+        rules: vec![],
+        keys: vec![],
+    };
+    let tb_share = |answer: &shared::wire::Partitions| {
+        answer
+            .rules
+            .iter()
+            .find(|r| r.limit == tb)
+            .map(|r| (r.share_ppm, r.from_window))
+    };
+
+    let first = coordinated(redis().await).await;
+    first
+        .partitions()
+        .apply(&push(1, 100), |l| first.schedule_index(l));
+    let cut = first
+        .partitions()
+        .apply(&push(2, 50), |l| first.schedule_index(l));
+    let (now, clear) = first.schedule_index(tb).expect("tb is a rule");
+    let (_, cleared) = tb_share(&cut).expect("the cut is answered");
+    assert!(
+        cleared >= now + clear,
+        "the cut clears one refill time on: {cut:?}"
+    );
+    first.save_cleared().await.expect("Redis answers");
+    drop(first);
+
+    let restarted = coordinated(redis().await).await;
+    restarted.restore_cleared().await.expect("Redis answers");
+    let answer = restarted
+        .partitions()
+        .apply(&probe, |l| restarted.schedule_index(l));
+    assert_eq!(
+        tb_share(&answer),
+        Some((0, cleared)),
+        "the restarted regional holds nothing, from when the old run's cut clears: {answer:?}"
+    );
+
+    let fresh = coordinated(Arc::new(MemoryStore::new())).await;
+    fresh.restore_cleared().await.expect("memory answers");
+    let answer = fresh
+        .partitions()
+        .apply(&probe, |l| fresh.schedule_index(l));
+    assert_eq!(tb_share(&answer), None, "{answer:?}");
+}

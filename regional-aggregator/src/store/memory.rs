@@ -18,7 +18,7 @@ use std::{
 
 use dashmap::{DashMap, mapref::one::RefMut};
 use shared::{
-    Nanos,
+    LimitId, Nanos,
     algorithm::{Algorithm, GcraState, LeakyBucketState, LimiterState, SlidingLogState},
     quota::{EdgeCounters, EdgeId, KeyLedger, carried},
 };
@@ -37,6 +37,8 @@ pub struct MemoryStore {
     ledgers: DashMap<LedgerKey, Entry, foldhash::fast::RandomState>,
     states: DashMap<StateKey, StateEntry, foldhash::fast::RandomState>,
     ops: AtomicU64,
+    /// What `save_cleared` recorded (gone with the process, like everything here).
+    cleared: std::sync::Mutex<std::collections::HashMap<LimitId, u64>>,
 }
 
 #[derive(Debug, Default)]
@@ -349,6 +351,21 @@ impl Store for MemoryStore {
             self.absorb_state_one(now, a);
         }
         Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn save_cleared<'a>(&'a self, cleared: &'a [(LimitId, u64)]) -> StoreFuture<'a, ()> {
+        let mut held = self.cleared.lock().unwrap_or_else(|e| e.into_inner());
+        for &(limit, index) in cleared {
+            let slot = held.entry(limit).or_insert(index);
+            *slot = (*slot).max(index);
+        }
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn cleared(&self) -> StoreFuture<'_, Vec<(LimitId, u64)>> {
+        let held = self.cleared.lock().unwrap_or_else(|e| e.into_inner());
+        let cleared = held.iter().map(|(&l, &i)| (l, i)).collect();
+        Box::pin(std::future::ready(Ok(cleared)))
     }
 }
 

@@ -179,6 +179,16 @@ pub trait Store: Send + Sync + 'static {
         now: Nanos,
         states: &'a [StateAbsorb],
     ) -> StoreFuture<'a, ()>;
+
+    /// Records, per limit, the index on its schedule clock from which every cut of this
+    /// region's share made so far has cleared, keeping the later of this and what is recorded
+    /// (replicas of one region write the same store). A restarted regional reads it back with
+    /// [`cleared`](Store::cleared), so its first answer to the coordinator still holds the
+    /// other regions' raises back until then (DESIGN §4 across regions).
+    fn save_cleared<'a>(&'a self, cleared: &'a [(LimitId, u64)]) -> StoreFuture<'a, ()>;
+
+    /// What [`save_cleared`](Store::save_cleared) recorded, per limit.
+    fn cleared(&self) -> StoreFuture<'_, Vec<(LimitId, u64)>>;
 }
 
 /// Which ledger: one limit, one key, one window.

@@ -56,7 +56,7 @@ use redis::{
     cluster_routing::Slot,
 };
 use shared::{
-    Nanos,
+    LimitId, Nanos,
     algorithm::{LeakyMode, LimiterState, Outcome, Verdict},
     quota::EdgeId,
 };
@@ -340,6 +340,13 @@ impl Call<'_> {
 
 /// `rl:{<limit>:<key>}:<window>`: the braces are the hash tag, so every window of one
 /// limiter key lands on one cluster slot.
+/// Where `save_cleared` keeps its indices: one small key per region's store, members the
+/// limit ids in hex.
+const CLEARED_KEY: &str = "rl:cleared";
+/// Its time to live, renewed by every write: far beyond any refill time or window a cut
+/// waits out, and every key carries a TTL (DESIGN §6).
+const CLEARED_TTL_SECS: i64 = 7 * 24 * 3600;
+
 fn ledger_key(at: &LedgerKey) -> String {
     format!("rl:{{{:016x}:{}}}:{}", at.limit.0, at.key, at.window)
 }
@@ -734,6 +741,45 @@ impl Store for RedisStore {
                 })
                 .collect();
             self.run(calls).await.map(|_| ())
+        })
+    }
+
+    fn save_cleared<'a>(&'a self, cleared: &'a [(LimitId, u64)]) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            if cleared.is_empty() {
+                return Ok(());
+            }
+            // A sorted set, for `ZADD GT`: the later index wins whichever replica writes
+            // (an index in milliseconds since the epoch is exact in a double).
+            let mut pipe = Pipeline::with_capacity(2);
+            let mut zadd = redis::cmd("ZADD");
+            zadd.arg(CLEARED_KEY).arg("GT");
+            for &(limit, index) in cleared {
+                zadd.arg(index).arg(format!("{:016x}", limit.0));
+            }
+            pipe.add_command(zadd).ignore();
+            pipe.expire(CLEARED_KEY, CLEARED_TTL_SECS).ignore();
+            self.query::<()>(&pipe).await
+        })
+    }
+
+    fn cleared(&self) -> StoreFuture<'_, Vec<(LimitId, u64)>> {
+        Box::pin(async move {
+            let mut pipe = Pipeline::with_capacity(1);
+            pipe.zrange_withscores(CLEARED_KEY, 0, -1);
+            let (entries,): (Vec<(String, f64)>,) = self.query(&pipe).await?;
+            entries
+                .into_iter()
+                .map(|(limit, index)| {
+                    let bad = || StoreError::Permanent(format!("{CLEARED_KEY}: {limit} {index}"));
+                    let limit = u64::from_str_radix(&limit, 16).map_err(|_| bad())?;
+                    // Written from u64s below 2^53: exact, whole and not negative.
+                    if !(0.0..9.0e15).contains(&index) || index.fract() != 0.0 {
+                        return Err(bad());
+                    }
+                    Ok((LimitId(limit), index as u64))
+                })
+                .collect()
         })
     }
 }
