@@ -31,11 +31,13 @@
 //! window's previous one's, a bucket's or log's span back), and memory denies those that
 //! reach back before the outage began (held, so the edge asks again soon), mints no grant on
 //! them, and decides them exactly once their window or span lies inside the outage. So a
-//! `closed` limit is never exceeded by an outage of one regional's store; the regionals of
-//! one region each decide in their own memory, so with replicas it may be, by one partition
-//! per extra replica.
+//! `closed` limit is never exceeded by an outage of the store. Replicas of one region each
+//! decide in their own memory during an outage, so each takes `1/replicas` of what the region
+//! holds ([`BreakerConfig::replicas`]: a window's `P`, a bucket's or log's capacity and rate),
+//! as edges take `P/n` in the `local` failure mode: together they stay within it.
 
 use std::{
+    borrow::Cow,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -50,8 +52,8 @@ use shared::{
 };
 
 use crate::store::{
-    Absorb, ExactOp, ExactReply, LedgerKey, LedgerView, MemoryStore, Refund, StateAbsorb, StateOp,
-    StateRefund, StateReply, Store, StoreError, StoreFuture, SyncOp, SyncReply,
+    Absorb, Bounds, ExactOp, ExactReply, LedgerKey, LedgerView, MemoryStore, Refund, StateAbsorb,
+    StateOp, StateRefund, StateReply, Store, StoreError, StoreFuture, SyncOp, SyncReply,
 };
 
 /// When the breaker opens and how long it stays open.
@@ -68,6 +70,10 @@ pub struct BreakerConfig {
     /// served from memory. Default 25 ms: half the edge's 50 ms timeout, so a slow Redis
     /// still leaves time to answer.
     pub timeout: Duration,
+    /// How many regionals of this region share the primary store. While the breaker is open
+    /// each decides in its own memory with `1/replicas` of the region's partition, so that
+    /// together they stay within it (module doc). Default 1.
+    pub replicas: u32,
 }
 
 impl BreakerConfig {
@@ -91,6 +97,7 @@ impl Default for BreakerConfig {
             failures: 5,
             cooldown: Duration::from_secs(5),
             timeout: Duration::from_millis(25),
+            replicas: 1,
         }
     }
 }
@@ -232,6 +239,8 @@ struct Inner {
     clock: Arc<dyn Clock + Send + Sync>,
     timeout: Duration,
     write_back_timeout: Duration,
+    /// [`BreakerConfig::replicas`], at least 1.
+    replicas: u32,
     /// Names this regional's outages in the write-back tags: `<node>-<outage start>`.
     node: String,
     outage: Mutex<Option<String>>,
@@ -253,6 +262,7 @@ impl GuardedStore {
                 fallback: Mutex::new(Arc::new(MemoryStore::new())),
                 timeout: config.timeout,
                 write_back_timeout: config.write_back_timeout(),
+                replicas: config.replicas.max(1),
                 breaker: Mutex::new(Breaker::new(config)),
                 clock,
                 node: node.into(),
@@ -285,6 +295,16 @@ impl GuardedStore {
     /// call in flight without ending that call. Handed memory, it is also told when the
     /// outage began, for the ops that must not be decided on a partial count
     /// ([`ExactOp::exact_since`]).
+    /// `ops` as this replica decides them: whole while the primary answers, cut to its own
+    /// part of the region's partition while it decides in memory (`outage`).
+    fn own_share<'o, Op: OwnShare>(&self, ops: &'o [Op], outage: Option<Nanos>) -> Cow<'o, [Op]> {
+        let replicas = self.inner.replicas;
+        if outage.is_none() || replicas == 1 {
+            return Cow::Borrowed(ops);
+        }
+        Cow::Owned(ops.iter().map(|op| op.own_share(replicas)).collect())
+    }
+
     async fn guarded<'a, T>(
         &'a self,
         call: impl Fn(Arc<dyn Store>, Option<Nanos>) -> StoreFuture<'a, T>,
@@ -459,6 +479,58 @@ fn known<Op: Dated>(ops: &[Op], outage: Option<Nanos>) -> Option<(Nanos, Vec<Op>
     ))
 }
 
+/// `ops` decided by `store`, which is memory during an outage that began at `outage`: those
+/// that reach back before it are refused (see `merge`).
+async fn acquire_known(
+    store: &dyn Store,
+    now: Nanos,
+    ops: &[StateOp],
+    outage: Option<Nanos>,
+) -> Result<Vec<StateReply>, StoreError> {
+    let Some((since, known)) = known(ops, outage) else {
+        return store.acquire_state(now, ops).await;
+    };
+    let decided = store.acquire_state(now, &known).await?;
+    Ok(merge(ops, since, decided, |op, wait| {
+        unknown_state_reply(op, now, wait)
+    }))
+}
+
+/// An op whose window bounds can be cut to one replica's part of the region's partition.
+trait OwnShare: Clone {
+    fn own_share(&self, replicas: u32) -> Self;
+}
+
+impl OwnShare for SyncOp {
+    fn own_share(&self, replicas: u32) -> SyncOp {
+        SyncOp {
+            bounds: self.bounds.own_share(replicas),
+            ..self.clone()
+        }
+    }
+}
+
+impl OwnShare for ExactOp {
+    fn own_share(&self, replicas: u32) -> ExactOp {
+        ExactOp {
+            bounds: self.bounds.own_share(replicas),
+            ..self.clone()
+        }
+    }
+}
+
+impl Bounds {
+    /// One replica's part of these bounds: `⌊P / replicas⌋`, the rest alike.
+    fn own_share(&self, replicas: u32) -> Bounds {
+        Bounds::new(
+            self.partition / u64::from(replicas.max(1)),
+            self.threshold,
+            self.edges,
+            self.carry_ppm,
+        )
+    }
+}
+
 /// The replies to `ops`, in order: `decided` (memory's, one per known op, in order) for the
 /// ops memory could decide, `refuse(op, wait)` for the others, `wait` being how long until
 /// their span lies inside the outage. A short answer refuses the rest.
@@ -520,6 +592,8 @@ impl Store for GuardedStore {
     ) -> StoreFuture<'a, Vec<SyncReply>> {
         Box::pin(self.guarded(move |s, outage| {
             Box::pin(async move {
+                let ops = self.own_share(ops, outage);
+                let ops = &ops[..];
                 let Some(since) = outage.filter(|&t| ops.iter().any(|op| op.unknown(t))) else {
                     return s.sync(edge, now, ops).await;
                 };
@@ -545,6 +619,8 @@ impl Store for GuardedStore {
     ) -> StoreFuture<'a, Vec<ExactReply>> {
         Box::pin(self.guarded(move |s, outage| {
             Box::pin(async move {
+                let ops = self.own_share(ops, outage);
+                let ops = &ops[..];
                 let Some((since, known)) = known(ops, outage) else {
                     return s.exact(edge, now, ops).await;
                 };
@@ -580,13 +656,35 @@ impl Store for GuardedStore {
     ) -> StoreFuture<'a, Vec<StateReply>> {
         Box::pin(self.guarded(move |s, outage| {
             Box::pin(async move {
-                let Some((since, known)) = known(ops, outage) else {
-                    return s.acquire_state(now, ops).await;
-                };
-                let decided = s.acquire_state(now, &known).await?;
-                Ok(merge(ops, since, decided, |op, wait| {
-                    unknown_state_reply(op, now, wait)
-                }))
+                let replicas = self.inner.replicas;
+                if outage.is_none() || replicas == 1 {
+                    return acquire_known(&*s, now, ops, outage).await;
+                }
+                // This replica's part of each limiter; one too small to hold a unit admits
+                // nothing here during the outage (and is not escalated: see `unknown`).
+                let parts: Vec<Option<StateOp>> = ops
+                    .iter()
+                    .map(|op| {
+                        // ⌊10⁶ / replicas⌋ ppm: the parts never sum past the whole.
+                        let part = op.limiter.partitioned(1_000_000 / replicas)?;
+                        Some(StateOp {
+                            limiter: part,
+                            ..op.clone()
+                        })
+                    })
+                    .collect();
+                let held: Vec<StateOp> = parts.iter().flatten().cloned().collect();
+                let mut decided = acquire_known(&*s, now, &held, outage).await?.into_iter();
+                Ok(ops
+                    .iter()
+                    .zip(&parts)
+                    .map(|(op, part)| match part {
+                        Some(_) => decided
+                            .next()
+                            .unwrap_or_else(|| unknown_state_reply(op, now, op.limiter.span())),
+                        None => unknown_state_reply(op, now, op.limiter.span()),
+                    })
+                    .collect())
             })
         }))
     }

@@ -16,6 +16,8 @@
 //!   timeout: 25ms                # one store call; past it the breaker counts a failure
 //!   failures: 5                  # failures in a row that open the breaker
 //!   cooldown: 5s                 # open this long before a probe
+//!   replicas: 1                  # regionals sharing this Redis: in an outage each decides
+//!                                # in memory with 1/replicas of the region's partition
 //! coordinator:                   # absent: this region owns every limit whole
 //!   addr: 127.0.0.1:7500         # the coordinator's QUIC address (ip:port, or host:port
 //!                                # resolved at every connect)
@@ -144,6 +146,8 @@ struct RawRedis {
     failures: Option<u32>,
     #[serde(default, deserialize_with = "optional_duration")]
     cooldown: Option<Duration>,
+    #[serde(default)]
+    replicas: Option<u32>,
 }
 
 impl Config {
@@ -305,6 +309,15 @@ fn redis_config(
     if let Some(cooldown) = raw.cooldown {
         breaker.cooldown = cooldown;
     }
+    if let Some(replicas) = raw.replicas {
+        if replicas == 0 {
+            return Err(invalid(
+                "redis.replicas",
+                "must be at least 1 (this regional is one)".to_owned(),
+            ));
+        }
+        breaker.replicas = replicas;
+    }
     Ok(RedisConfig { topology, breaker })
 }
 
@@ -332,6 +345,7 @@ redis:
   timeout: 40ms
   failures: 3
   cooldown: 5s
+  replicas: 2
 threshold: 0.5
 hold: 200ms
 ";
@@ -356,6 +370,7 @@ hold: 200ms
         assert_eq!(redis.breaker.timeout, Duration::from_millis(40));
         assert_eq!(redis.breaker.failures, 3);
         assert_eq!(redis.breaker.cooldown, Duration::from_secs(5));
+        assert_eq!(redis.breaker.replicas, 2);
         assert_eq!(c.regional.threshold.ppm(), 500_000);
         assert_eq!(c.regional.hold, shared::Nanos::from_millis(200));
     }
@@ -392,6 +407,7 @@ hold: 200ms
             ("threshold: 0.5", "threshold: 1.5", "threshold"),
             ("cooldown: 5s", "cooldown: 5", "redis.cooldown"),
             ("failures: 3", "failures: 0", "redis.failures"),
+            ("replicas: 2", "replicas: 0", "redis.replicas"),
             ("url: redis://127.0.0.1:6379", "url: http://x", "redis.url"),
             (
                 "url: redis://127.0.0.1:6379",

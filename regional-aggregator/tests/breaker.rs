@@ -106,6 +106,7 @@ async fn redis_killed_mid_load_then_back_counts_everything_once() {
         // Generous, so a loaded test machine does not fail calls to a live Redis (the test
         // counts exactly five failures). A dead Redis refuses at once.
         timeout: Duration::from_millis(200),
+        ..BreakerConfig::default()
     };
     let guarded = Arc::new(GuardedStore::new(
         Arc::new(redis.clone()),
@@ -294,6 +295,7 @@ rate_limits:
         failures: 1,
         cooldown: Duration::from_secs(60),
         timeout: Duration::from_millis(200),
+        ..BreakerConfig::default()
     };
     let rules = RuleSet::from_yaml("rules.yaml", STATE_RULES).unwrap();
     let [tb, log] = ["tb", "log"].map(|id| rules.rule(id).unwrap().limits()[0].id());
@@ -411,6 +413,7 @@ rate_limits:
         // Longer than the test's clock moves: no probe, Redis stays away throughout.
         cooldown: Duration::from_secs(3600),
         timeout: Duration::from_millis(200),
+        ..BreakerConfig::default()
     };
     let rules = RuleSet::from_yaml("rules.yaml", CLOSED_RULES).unwrap();
     let [fixed, slide, tb, loose] =
@@ -561,4 +564,67 @@ rate_limits:
         BreakerState::Open,
         "Redis stayed away throughout"
     );
+}
+
+/// Replicas of one region share its Redis, and during an outage each decides in its own
+/// memory: each takes `1/replicas` of the region's partition (a window's `P`, a bucket's
+/// capacity and rate), so together they stay within it. One replica of two, Redis down: a
+/// limit of 10 admits 5 there, a bucket of 10 gives 5; a lone regional keeps all 10.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_an_outage_each_replica_decides_with_its_part_of_the_partition() {
+    const SPLIT_RULES: &str = "\
+rate_limits:
+  endpoints:
+    - { id: fixed, path: /f, limit: 10, window: 1m, key: user_id, algorithm: fixed_window }
+    - { id: tb, path: /t, algorithm: token_bucket, rate: 30/m, burst: 10, key: user_id }
+";
+    for (replicas, expected) in [(2, 5), (1, 10)] {
+        let mut server = RedisServer::start();
+        let clock = ManualClock::new(T0 + Nanos::from_secs(10));
+        let config = BreakerConfig {
+            failures: 1,
+            // No probe during the test: Redis stays away throughout.
+            cooldown: Duration::from_secs(3600),
+            timeout: Duration::from_millis(200),
+            replicas,
+        };
+        let rules = RuleSet::from_yaml("rules.yaml", SPLIT_RULES).expect("the rules parse");
+        let [fixed, tb] =
+            ["fixed", "tb"].map(|id| rules.rule(id).expect("a rule").limits()[0].id());
+        let (regional, guarded, _) = guarded_regional(&server, config, &clock, rules).await;
+        let request_id = std::sync::atomic::AtomicU64::new(0);
+        let admit = async |limit, key: &str, times| {
+            let mut admitted = 0;
+            for _ in 0..times {
+                let request = Acquire {
+                    request_id: request_id.fetch_add(1, Ordering::Relaxed),
+                    checks: vec![Check {
+                        limit,
+                        key: key.into(),
+                        window: clock.now().as_u64() / 60_000_000_000,
+                        cost: NonZeroU32::MIN,
+                        want: 0,
+                    }],
+                };
+                if let Ok(reply) = regional.acquire(EdgeId(9), &request).await {
+                    admitted += u32::from(reply.allowed);
+                }
+            }
+            admitted
+        };
+        server.kill();
+        // The first call fails and opens the breaker.
+        assert_eq!(admit(fixed, "u:opener", 1).await, 0);
+        assert_eq!(guarded.state(), BreakerState::Open);
+        assert_eq!(
+            admit(fixed, "u:alice", 12).await,
+            expected,
+            "a window limit of 10 with {replicas} replica(s)"
+        );
+        assert_eq!(
+            admit(tb, "u:alice", 12).await,
+            expected,
+            "a bucket of 10 with {replicas} replica(s)"
+        );
+    }
 }
