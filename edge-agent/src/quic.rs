@@ -375,7 +375,8 @@ impl Link {
         let within = self
             .agent()
             .map_or(configured, |agent| agent.config().upstream_timeout);
-        u32::try_from(within.as_millis()).unwrap_or(u32::MAX)
+        // Rounded up: a wait under a millisecond is still a wait (0 would say none).
+        u32::try_from(within.as_micros().div_ceil(1000)).unwrap_or(u32::MAX)
     }
 
     /// The reply to one message the regional sent on a stream it opened. Blocking: it may

@@ -457,28 +457,32 @@ impl Links {
             .collect()
     }
 
-    /// Runs a two-phase transfer for `request` from `region`: every other region releases up
-    /// to what is wanted (at most its unused partition) and confirms; the sum confirmed is the
-    /// grant.
+    /// Runs a two-phase transfer for `request` from `region`: the other regions, one after
+    /// the other, release what is still wanted (each at most its unused partition) and
+    /// confirm; the sum confirmed is the grant, never more than was wanted. One at a time
+    /// rather than all at once: a bucket's asker can hold only what it asked for (its free
+    /// room), and with three regions or more, asking every giver for all of it would take
+    /// tokens from the others only for the asker to drop them.
     async fn transfer(&self, region: &str, request: &QuotaRequest) -> u64 {
         self.supersede_hot_split(request);
         let mut givers = self.one_regional_per_region();
         givers.retain(|(name, _)| name != region);
-        let transfer = self.next_transfer.fetch_add(1, Ordering::Relaxed);
-        let release = Message::from(Release {
-            transfer,
-            limit: request.limit,
-            key: request.key.clone(),
-            window: request.window,
-            amount: request.wanted,
-        });
-        let calls = givers
-            .iter()
-            .map(|(name, conn)| release_from(name, conn, &release));
-        let granted: u64 = futures_util::future::join_all(calls)
-            .await
-            .into_iter()
-            .sum();
+        let mut granted = 0;
+        for (name, conn) in &givers {
+            let wanted = request.wanted.saturating_sub(granted);
+            if wanted == 0 {
+                break;
+            }
+            // An id per giver: a resent `Release` of one giver's part is answered again.
+            let release = Message::from(Release {
+                transfer: self.next_transfer.fetch_add(1, Ordering::Relaxed),
+                limit: request.limit,
+                key: request.key.clone(),
+                window: request.window,
+                amount: wanted,
+            });
+            granted += release_from(name, conn, &release).await;
+        }
         self.stats.escalations.fetch_add(1, Ordering::Relaxed);
         self.stats.transferred.fetch_add(granted, Ordering::Relaxed);
         tracing::debug!(

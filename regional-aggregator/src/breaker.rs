@@ -496,6 +496,10 @@ async fn acquire_known(
     }))
 }
 
+/// One replica's share of a bucket or log during an outage, over `replicas`: `⌊10⁶ / N⌋` ppm,
+/// so the parts never sum past the whole.
+const OWN_SHARE_PPM: u32 = 1_000_000;
+
 /// An op whose window bounds can be cut to one replica's part of the region's partition.
 trait OwnShare: Clone {
     fn own_share(&self, replicas: u32) -> Self;
@@ -665,8 +669,7 @@ impl Store for GuardedStore {
                 let parts: Vec<Option<StateOp>> = ops
                     .iter()
                     .map(|op| {
-                        // ⌊10⁶ / replicas⌋ ppm: the parts never sum past the whole.
-                        let part = op.limiter.partitioned(1_000_000 / replicas)?;
+                        let part = op.limiter.partitioned(OWN_SHARE_PPM / replicas)?;
                         Some(StateOp {
                             limiter: part,
                             ..op.clone()
@@ -674,6 +677,8 @@ impl Store for GuardedStore {
                     })
                     .collect();
                 let held: Vec<StateOp> = parts.iter().flatten().cloned().collect();
+                // Too small a part is denied until the breaker may close, not for the span.
+                let wait = Nanos::from(lock(&self.inner.breaker).config.cooldown);
                 let mut decided = acquire_known(&*s, now, &held, outage).await?.into_iter();
                 Ok(ops
                     .iter()
@@ -681,8 +686,8 @@ impl Store for GuardedStore {
                     .map(|(op, part)| match part {
                         Some(_) => decided
                             .next()
-                            .unwrap_or_else(|| unknown_state_reply(op, now, op.limiter.span())),
-                        None => unknown_state_reply(op, now, op.limiter.span()),
+                            .unwrap_or_else(|| unknown_state_reply(op, now, wait)),
+                        None => unknown_state_reply(op, now, wait),
                     })
                     .collect())
             })
@@ -690,9 +695,26 @@ impl Store for GuardedStore {
     }
 
     fn refund_state<'a>(&'a self, now: Nanos, refunds: &'a [StateRefund]) -> StoreFuture<'a, ()> {
-        Box::pin(
-            self.guarded(move |s, _| Box::pin(async move { s.refund_state(now, refunds).await })),
-        )
+        Box::pin(self.guarded(move |s, outage| {
+            Box::pin(async move {
+                let replicas = self.inner.replicas;
+                if outage.is_none() || replicas == 1 {
+                    return s.refund_state(now, refunds).await;
+                }
+                // Taken back from the part it was taken from (`acquire_state`): in the same
+                // units, or a refund would give back only a `1/replicas` of its cost.
+                let own: Vec<StateRefund> = refunds
+                    .iter()
+                    .filter_map(|r| {
+                        Some(StateRefund {
+                            limiter: r.limiter.partitioned(OWN_SHARE_PPM / replicas)?,
+                            ..r.clone()
+                        })
+                    })
+                    .collect();
+                s.refund_state(now, &own).await
+            })
+        }))
     }
 
     fn absorb_state<'a>(
@@ -708,12 +730,24 @@ impl Store for GuardedStore {
         )
     }
 
+    // Straight to the primary, whatever the breaker says: memory would answer Ok and forget
+    // it (nothing writes it back), and the caller should hear that it was not recorded.
     fn save_cleared<'a>(&'a self, cleared: &'a [(LimitId, u64)]) -> StoreFuture<'a, ()> {
-        Box::pin(self.guarded(move |s, _| Box::pin(async move { s.save_cleared(cleared).await })))
+        let inner = &self.inner;
+        Box::pin(async move {
+            tokio::time::timeout(inner.timeout, inner.primary.save_cleared(cleared))
+                .await
+                .unwrap_or_else(|_| Err(StoreError::Transient("save_cleared timed out".into())))
+        })
     }
 
     fn cleared(&self) -> StoreFuture<'_, Vec<(LimitId, u64)>> {
-        Box::pin(self.guarded(move |s, _| Box::pin(async move { s.cleared().await })))
+        let inner = &self.inner;
+        Box::pin(async move {
+            tokio::time::timeout(inner.write_back_timeout, inner.primary.cleared())
+                .await
+                .unwrap_or_else(|_| Err(StoreError::Transient("cleared timed out".into())))
+        })
     }
 }
 
