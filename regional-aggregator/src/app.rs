@@ -194,13 +194,13 @@ pub async fn run(checked: Checked, shutdown: impl Future<Output = ()>) -> Result
     let uplink = match &config.coordinator {
         None => None,
         Some(link) => {
-            // Before the coordinator hears from this run: what an earlier one cut may still be
-            // clearing.
-            if let Err(e) = regional.restore_cleared().await {
+            // Before the coordinator hears from this run: it carries on with what an earlier
+            // run held.
+            if let Err(e) = regional.restore_partitions().await {
                 tracing::warn!(
                     error = %e,
-                    "cannot read when this region's earlier cuts clear; other regions' raises \
-                     may begin before they have"
+                    "cannot read what this region held before it started; it holds nothing \
+                     until the coordinator's push, and other regions' raises may begin early"
                 );
             }
             let uplink = Uplink::new(

@@ -46,14 +46,15 @@ use std::{
 };
 
 use shared::{
-    Clock, LimitId, Nanos,
+    Clock, Nanos,
     algorithm::{Outcome, Verdict},
     quota::EdgeId,
 };
 
 use crate::store::{
-    Absorb, Bounds, ExactOp, ExactReply, LedgerKey, LedgerView, MemoryStore, Refund, StateAbsorb,
-    StateOp, StateRefund, StateReply, Store, StoreError, StoreFuture, SyncOp, SyncReply,
+    Absorb, Bounds, ExactOp, ExactReply, HeldShares, LedgerKey, LedgerView, MemoryStore, Refund,
+    StateAbsorb, StateOp, StateRefund, StateReply, Store, StoreError, StoreFuture, SyncOp,
+    SyncReply,
 };
 
 /// When the breaker opens and how long it stays open.
@@ -376,7 +377,7 @@ impl Inner {
             .unwrap_or_else(|| format!("{}-recovery", self.node));
         let old = lock(&self.fallback).clone();
         let probe = LedgerKey {
-            limit: LimitId(0),
+            limit: shared::LimitId(0),
             key: String::new(),
             window: 0,
         };
@@ -731,22 +732,26 @@ impl Store for GuardedStore {
     }
 
     // Straight to the primary, whatever the breaker says: memory would answer Ok and forget
-    // it (nothing writes it back), and the caller should hear that it was not recorded.
-    fn save_cleared<'a>(&'a self, cleared: &'a [(LimitId, u64)]) -> StoreFuture<'a, ()> {
+    // it (nothing writes it back), and the caller should hear that it was not recorded. Once
+    // per push, under the write-back's longer timeout.
+    fn save_partitions<'a>(&'a self, held: &'a [HeldShares]) -> StoreFuture<'a, ()> {
         let inner = &self.inner;
         Box::pin(async move {
-            tokio::time::timeout(inner.timeout, inner.primary.save_cleared(cleared))
-                .await
-                .unwrap_or_else(|_| Err(StoreError::Transient("save_cleared timed out".into())))
+            tokio::time::timeout(
+                inner.write_back_timeout,
+                inner.primary.save_partitions(held),
+            )
+            .await
+            .unwrap_or_else(|_| Err(StoreError::Transient("save_partitions timed out".into())))
         })
     }
 
-    fn cleared(&self) -> StoreFuture<'_, Vec<(LimitId, u64)>> {
+    fn partitions(&self) -> StoreFuture<'_, Vec<HeldShares>> {
         let inner = &self.inner;
         Box::pin(async move {
-            tokio::time::timeout(inner.write_back_timeout, inner.primary.cleared())
+            tokio::time::timeout(inner.write_back_timeout, inner.primary.partitions())
                 .await
-                .unwrap_or_else(|_| Err(StoreError::Transient("cleared timed out".into())))
+                .unwrap_or_else(|_| Err(StoreError::Transient("partitions timed out".into())))
         })
     }
 }

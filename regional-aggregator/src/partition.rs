@@ -24,6 +24,8 @@ use shared::{
     wire::{Partitions, RuleShare},
 };
 
+use crate::store::HeldShares;
+
 /// Parts per million: a whole limit.
 pub const WHOLE: u32 = 1_000_000;
 
@@ -195,27 +197,37 @@ impl PartitionTable {
         }
     }
 
-    /// Per limit, the index from which every cut scheduled here has cleared, for the store
-    /// ([`Store::save_cleared`](crate::store::Store::save_cleared)).
-    pub fn cleared(&self) -> Vec<(LimitId, u64)> {
-        self.read().cleared.iter().map(|(&l, &i)| (l, i)).collect()
+    /// What this region holds of every limit, for the store
+    /// ([`Store::save_partitions`](crate::store::Store::save_partitions)).
+    pub fn held(&self) -> Vec<HeldShares> {
+        let table = self.read();
+        table
+            .shares
+            .iter()
+            .map(|(&limit, schedule)| HeldShares {
+                limit,
+                schedule: schedule.clone(),
+                cleared: table.cleared.get(&limit).copied().unwrap_or(0),
+            })
+            .collect()
     }
 
-    /// Takes back what a previous run of this region recorded of its cuts (`cleared`, from
-    /// the store): until the coordinator's first push, the region holds nothing of those
-    /// limits, but its answers say so only from when those cuts clear, so the coordinator
-    /// still holds other regions' raises back until then. Without it a restarted regional
-    /// would answer that it holds nothing at all, and another region's raise could begin
-    /// while what this one admitted under its old share still counts.
-    pub fn restore_cleared(&self, cleared: &[(LimitId, u64)]) {
+    /// Takes back what a previous run of this region held (`held`, from the store), for the
+    /// limits this run has not heard of yet: a restart changes nothing the coordinator or
+    /// the other regions rely on. Without it a restarted regional would answer that it holds
+    /// nothing, and another region's raise could begin while what this one admitted under
+    /// its old shares still counts.
+    pub fn restore(&self, held: &[HeldShares]) {
         if !self.coordinated {
             return;
         }
         let mut table = self.write();
-        for &(limit, index) in cleared {
-            let slot = table.cleared.entry(limit).or_insert(index);
-            *slot = (*slot).max(index);
-            table.shares.entry(limit).or_insert_with(|| vec![(0, 0)]);
+        for h in held {
+            if table.shares.contains_key(&h.limit) {
+                continue;
+            }
+            table.shares.insert(h.limit, h.schedule.clone());
+            table.cleared.insert(h.limit, h.cleared);
         }
     }
 

@@ -434,27 +434,26 @@ impl Regional {
             .clone()
     }
 
-    /// Records in the store when this region's cuts clear (see [`PartitionTable::cleared`]),
-    /// so a restart does not forget them. Called after every push of partitions, before it is
-    /// answered.
+    /// Records in the store what this region holds ([`PartitionTable::held`]), so a restart
+    /// carries on with it. Called after every push of partitions, before it is answered.
     ///
     /// # Errors
     ///
-    /// The store failed; a restart before the next success forgets the latest cuts.
-    pub async fn save_cleared(&self) -> Result<(), StoreError> {
-        let cleared = self.partitions.cleared();
-        self.store.save_cleared(&cleared).await
+    /// The store failed; a restart before the next success takes back older shares (or
+    /// none), and another region's raise may then begin early.
+    pub async fn save_partitions(&self) -> Result<(), StoreError> {
+        self.store.save_partitions(&self.partitions.held()).await
     }
 
-    /// Takes back what [`save_cleared`](Regional::save_cleared) recorded in an earlier run
-    /// ([`PartitionTable::restore_cleared`]). Called at start, before the coordinator link.
+    /// Takes back what [`save_partitions`](Regional::save_partitions) recorded in an earlier
+    /// run ([`PartitionTable::restore`]). Called at start, before the coordinator link.
     ///
     /// # Errors
     ///
     /// The store failed; nothing was restored.
-    pub async fn restore_cleared(&self) -> Result<(), StoreError> {
-        let cleared = self.store.cleared().await?;
-        self.partitions.restore_cleared(&cleared);
+    pub async fn restore_partitions(&self) -> Result<(), StoreError> {
+        let held = self.store.partitions().await?;
+        self.partitions.restore(&held);
         Ok(())
     }
 

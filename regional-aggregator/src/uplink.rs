@@ -251,9 +251,9 @@ impl Uplink {
                 // Recorded before the coordinator hears of them: it may start other regions'
                 // raises on this answer, and a restart must not forget what they wait for.
                 if p.version > 0
-                    && let Err(e) = regional.save_cleared().await
+                    && let Err(e) = regional.save_partitions().await
                 {
-                    tracing::warn!(error = %e, "cannot record when this region's cuts clear");
+                    tracing::warn!(error = %e, "cannot record this region's partitions");
                 }
                 tracing::info!(version = held.version, "partitions applied");
                 held.into()

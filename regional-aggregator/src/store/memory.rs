@@ -18,14 +18,15 @@ use std::{
 
 use dashmap::{DashMap, mapref::one::RefMut};
 use shared::{
-    LimitId, Nanos,
+    Nanos,
     algorithm::{Algorithm, GcraState, LeakyBucketState, LimiterState, SlidingLogState},
     quota::{EdgeCounters, EdgeId, KeyLedger, carried},
 };
 
 use super::{
-    Absorb, ExactOp, ExactReply, LedgerKey, LedgerView, Refund, STATE_GRACE, StateAbsorb, StateKey,
-    StateLimiter, StateOp, StateRefund, StateReply, Store, StoreFuture, SyncOp, SyncReply,
+    Absorb, ExactOp, ExactReply, HeldShares, LedgerKey, LedgerView, Refund, STATE_GRACE,
+    StateAbsorb, StateKey, StateLimiter, StateOp, StateRefund, StateReply, Store, StoreFuture,
+    SyncOp, SyncReply,
 };
 
 /// How many operations pass between two sweeps of expired ledgers.
@@ -37,8 +38,8 @@ pub struct MemoryStore {
     ledgers: DashMap<LedgerKey, Entry, foldhash::fast::RandomState>,
     states: DashMap<StateKey, StateEntry, foldhash::fast::RandomState>,
     ops: AtomicU64,
-    /// What `save_cleared` recorded (gone with the process, like everything here).
-    cleared: std::sync::Mutex<std::collections::HashMap<LimitId, u64>>,
+    /// What `save_partitions` recorded (gone with the process, like everything here).
+    partitions: std::sync::Mutex<Vec<HeldShares>>,
 }
 
 #[derive(Debug, Default)]
@@ -353,19 +354,18 @@ impl Store for MemoryStore {
         Box::pin(std::future::ready(Ok(())))
     }
 
-    fn save_cleared<'a>(&'a self, cleared: &'a [(LimitId, u64)]) -> StoreFuture<'a, ()> {
-        let mut held = self.cleared.lock().unwrap_or_else(|e| e.into_inner());
-        for &(limit, index) in cleared {
-            let slot = held.entry(limit).or_insert(index);
-            *slot = (*slot).max(index);
-        }
+    fn save_partitions<'a>(&'a self, held: &'a [HeldShares]) -> StoreFuture<'a, ()> {
+        *self.partitions.lock().unwrap_or_else(|e| e.into_inner()) = held.to_vec();
         Box::pin(std::future::ready(Ok(())))
     }
 
-    fn cleared(&self) -> StoreFuture<'_, Vec<(LimitId, u64)>> {
-        let held = self.cleared.lock().unwrap_or_else(|e| e.into_inner());
-        let cleared = held.iter().map(|(&l, &i)| (l, i)).collect();
-        Box::pin(std::future::ready(Ok(cleared)))
+    fn partitions(&self) -> StoreFuture<'_, Vec<HeldShares>> {
+        let held = self
+            .partitions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        Box::pin(std::future::ready(Ok(held)))
     }
 }
 

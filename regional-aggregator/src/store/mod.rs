@@ -180,15 +180,28 @@ pub trait Store: Send + Sync + 'static {
         states: &'a [StateAbsorb],
     ) -> StoreFuture<'a, ()>;
 
-    /// Records, per limit, the index on its schedule clock from which every cut of this
-    /// region's share made so far has cleared, keeping the later of this and what is recorded
-    /// (replicas of one region write the same store). A restarted regional reads it back with
-    /// [`cleared`](Store::cleared), so its first answer to the coordinator still holds the
-    /// other regions' raises back until then (DESIGN §4 across regions).
-    fn save_cleared<'a>(&'a self, cleared: &'a [(LimitId, u64)]) -> StoreFuture<'a, ()>;
+    /// Replaces what this region holds of every limit, as the coordinator last pushed it
+    /// (DESIGN §4 across regions): a restarted regional takes it back with
+    /// [`partitions`](Store::partitions) and carries on where the old run stopped, so
+    /// neither the coordinator nor the other regions can take the restart for a region
+    /// holding nothing while what it admitted under its shares still counts.
+    fn save_partitions<'a>(&'a self, held: &'a [HeldShares]) -> StoreFuture<'a, ()>;
 
-    /// What [`save_cleared`](Store::save_cleared) recorded, per limit.
-    fn cleared(&self) -> StoreFuture<'_, Vec<(LimitId, u64)>>;
+    /// What [`save_partitions`](Store::save_partitions) recorded last.
+    fn partitions(&self) -> StoreFuture<'_, Vec<HeldShares>>;
+}
+
+/// One limit as a region holds it: its share from each window on (ascending by window) and
+/// the index from which every cut it made has cleared, on the limit's schedule clock
+/// ([`PartitionTable`](crate::partition::PartitionTable)).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldShares {
+    /// The limit.
+    pub limit: LimitId,
+    /// `(from, ppm)`, ascending by `from`.
+    pub schedule: Vec<(u64, u32)>,
+    /// Other regions' raises wait until this index.
+    pub cleared: u64,
 }
 
 /// Which ledger: one limit, one key, one window.

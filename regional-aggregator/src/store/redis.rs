@@ -62,9 +62,9 @@ use shared::{
 };
 
 use super::{
-    Absorb, Bounds, ExactOp, ExactReply, LedgerKey, LedgerView, Refund, STATE_GRACE, StateAbsorb,
-    StateKey, StateLimiter, StateOp, StateRefund, StateReply, Store, StoreError, StoreFuture,
-    SyncOp, SyncReply,
+    Absorb, Bounds, ExactOp, ExactReply, HeldShares, LedgerKey, LedgerView, Refund, STATE_GRACE,
+    StateAbsorb, StateKey, StateLimiter, StateOp, StateRefund, StateReply, Store, StoreError,
+    StoreFuture, SyncOp, SyncReply,
 };
 
 const LEDGER: &str = include_str!("lua/ledger.lua");
@@ -340,12 +340,42 @@ impl Call<'_> {
 
 /// `rl:{<limit>:<key>}:<window>`: the braces are the hash tag, so every window of one
 /// limiter key lands on one cluster slot.
-/// Where `save_cleared` keeps its indices: one small key per region's store, members the
-/// limit ids in hex.
-const CLEARED_KEY: &str = "rl:cleared";
-/// Its time to live, renewed by every write: far beyond any refill time or window a cut
-/// waits out, and every key carries a TTL (DESIGN §6).
-const CLEARED_TTL_SECS: i64 = 7 * 24 * 3600;
+/// Where `save_partitions` keeps what the region holds: one small hash per region's store,
+/// fields the limit ids in hex, values `cleared;from:ppm,from:ppm` ([`encode_held`]).
+const PARTITIONS_KEY: &str = "rl:partitions";
+/// Its time to live, renewed by every write (every push of partitions): a region that has
+/// heard nothing from its coordinator for a week starts afresh, and every key carries a TTL
+/// (DESIGN §6).
+const PARTITIONS_TTL_SECS: i64 = 7 * 24 * 3600;
+
+/// `h` as `cleared;from:ppm,from:ppm`.
+fn encode_held(h: &HeldShares) -> String {
+    let schedule: Vec<String> = h
+        .schedule
+        .iter()
+        .map(|(from, ppm)| format!("{from}:{ppm}"))
+        .collect();
+    format!("{};{}", h.cleared, schedule.join(","))
+}
+
+/// The inverse of [`encode_held`] for field `limit`; `None` when either is not what it wrote.
+fn decode_held(limit: &str, value: &str) -> Option<HeldShares> {
+    let limit = LimitId(u64::from_str_radix(limit, 16).ok()?);
+    let (cleared, schedule) = value.split_once(';')?;
+    let schedule = schedule
+        .split(',')
+        .filter(|entry| !entry.is_empty())
+        .map(|entry| {
+            let (from, ppm) = entry.split_once(':')?;
+            Some((from.parse().ok()?, ppm.parse().ok()?))
+        })
+        .collect::<Option<Vec<(u64, u32)>>>()?;
+    Some(HeldShares {
+        limit,
+        schedule,
+        cleared: cleared.parse().ok()?,
+    })
+}
 
 fn ledger_key(at: &LedgerKey) -> String {
     format!("rl:{{{:016x}:{}}}:{}", at.limit.0, at.key, at.window)
@@ -744,40 +774,34 @@ impl Store for RedisStore {
         })
     }
 
-    fn save_cleared<'a>(&'a self, cleared: &'a [(LimitId, u64)]) -> StoreFuture<'a, ()> {
+    fn save_partitions<'a>(&'a self, held: &'a [HeldShares]) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            if cleared.is_empty() {
-                return Ok(());
+            // Replaced whole, atomically: a limit no longer held is gone from the hash.
+            let mut pipe = Pipeline::with_capacity(3);
+            pipe.atomic().del(PARTITIONS_KEY).ignore();
+            if !held.is_empty() {
+                let fields: Vec<(String, String)> = held
+                    .iter()
+                    .map(|h| (format!("{:016x}", h.limit.0), encode_held(h)))
+                    .collect();
+                pipe.hset_multiple(PARTITIONS_KEY, &fields).ignore();
+                pipe.expire(PARTITIONS_KEY, PARTITIONS_TTL_SECS).ignore();
             }
-            // A sorted set, for `ZADD GT`: the later index wins whichever replica writes
-            // (an index in milliseconds since the epoch is exact in a double).
-            let mut pipe = Pipeline::with_capacity(2);
-            let mut zadd = redis::cmd("ZADD");
-            zadd.arg(CLEARED_KEY).arg("GT");
-            for &(limit, index) in cleared {
-                zadd.arg(index).arg(format!("{:016x}", limit.0));
-            }
-            pipe.add_command(zadd).ignore();
-            pipe.expire(CLEARED_KEY, CLEARED_TTL_SECS).ignore();
             self.query::<()>(&pipe).await
         })
     }
 
-    fn cleared(&self) -> StoreFuture<'_, Vec<(LimitId, u64)>> {
+    fn partitions(&self) -> StoreFuture<'_, Vec<HeldShares>> {
         Box::pin(async move {
             let mut pipe = Pipeline::with_capacity(1);
-            pipe.zrange_withscores(CLEARED_KEY, 0, -1);
-            let (entries,): (Vec<(String, f64)>,) = self.query(&pipe).await?;
-            entries
-                .into_iter()
-                .map(|(limit, index)| {
-                    let bad = || StoreError::Permanent(format!("{CLEARED_KEY}: {limit} {index}"));
-                    let limit = u64::from_str_radix(&limit, 16).map_err(|_| bad())?;
-                    // Written from u64s below 2^53: exact, whole and not negative.
-                    if !(0.0..9.0e15).contains(&index) || index.fract() != 0.0 {
-                        return Err(bad());
-                    }
-                    Ok((LimitId(limit), index as u64))
+            pipe.hgetall(PARTITIONS_KEY);
+            let (fields,): (Vec<(String, String)>,) = self.query(&pipe).await?;
+            fields
+                .iter()
+                .map(|(limit, value)| {
+                    decode_held(limit, value).ok_or_else(|| {
+                        StoreError::Permanent(format!("{PARTITIONS_KEY} {limit}: {value:?}"))
+                    })
                 })
                 .collect()
         })
