@@ -13,6 +13,7 @@
 //! | `rl:{<limit>:<key>}:gcra` | hash: a token bucket's TAT | `time.lua` + `gcra.lua` |
 //! | `rl:{<limit>:<key>}:leaky` | hash: a leaky bucket's level and last leak | `time.lua` + `leaky.lua` |
 //! | `rl:{<limit>:<key>}:log`, `...:log:meta` | sorted set of entries; their sum and last id | `time.lua` + `log.lua` |
+//! | `rl:partitions` | hash: what the region holds of each limit (`save_partitions`) | none: replaced whole after each push, in a transaction |
 //!
 //! Each limiter state has one script, which takes the action (`acquire`, `refund`, `absorb`)
 //! as its first argument: the three actions must agree on the state's layout, and keeping them
