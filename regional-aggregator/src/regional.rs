@@ -219,14 +219,37 @@ async fn land_tokens(
     store.refund_state(now, std::slice::from_ref(&refund)).await
 }
 
+/// A ledger's answer as the edge reads it: a denial that only grants held elsewhere (or a
+/// transfer still landing) caused reopens after `hold` ([`RegionalConfig::hold`], or less),
+/// any other at the window's end.
+fn ledger_outcome(
+    r: &ExactReply,
+    (end, same): (Nanos, bool),
+    now: Nanos,
+    hold: Nanos,
+) -> CheckOutcome {
+    CheckOutcome {
+        allowed: r.allowed,
+        remaining: r.remaining,
+        reset_at: if r.allowed || !r.held {
+            end
+        } else {
+            (now + hold).min(end)
+        },
+        // 0 never lowers the edge's ceiling (it keeps the larger).
+        granted: if same { r.granted } else { 0 },
+    }
+}
+
 /// What an escalation did for a denied request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Escalated {
     /// Every spent key's partition grew: decide again.
     Grown,
-    /// A transfer is still on its way after the budget: deny, but only for the hold, since
-    /// what it brings lands in the partition for the next requests.
-    Landing,
+    /// A transfer is still on its way after waiting this long (the budget, or half the
+    /// edge's wait): deny, but only for as long again (at most the hold), since what it
+    /// brings lands in the partition for the next requests.
+    Landing(Duration),
     /// Nothing came, nor will.
     Nothing,
 }
@@ -632,7 +655,7 @@ impl Regional {
     /// escalation waits at most half of that (and never past the budget), leaving the other
     /// half for deciding again and the way back. An edge that waited in vain would decide by
     /// its failure modes and stop asking for a while; denied in time, it caches the denial
-    /// for the hold and asks again once the transfer has landed.
+    /// only as long as the request waited, and asks again while the transfer lands.
     pub async fn acquire_within(
         &self,
         edge: EdgeId,
@@ -651,6 +674,7 @@ impl Regional {
         let (mut exact, mut state) = self.decide(edge, now, &plan).await?;
         let mut allowed =
             exact.iter().all(|r| r.allowed) && state.iter().all(|r| r.outcome.is_allowed());
+        let mut hold = self.config.hold;
         if !allowed {
             self.refund(now, &plan, &exact, &state).await;
             self.escalate_buckets(&plan, &state, now);
@@ -668,9 +692,13 @@ impl Regional {
                         self.refund(now, &plan, &exact, &state).await;
                     }
                 }
-                // The edge caches this denial for the hold, not until the window ends: the
-                // quota on its way is for its next requests.
-                Escalated::Landing => exact.iter_mut().for_each(|r| r.held |= !r.allowed),
+                // The edge caches this denial briefly, not until the window ends: the quota on
+                // its way is for its next requests, and the next one after as long as this
+                // one waited finds it landed, or waits for it in turn.
+                Escalated::Landing(waited) => {
+                    hold = hold.min(Nanos::from(waited));
+                    exact.iter_mut().for_each(|r| r.held |= !r.allowed);
+                }
                 Escalated::Nothing => {}
             }
         }
@@ -699,7 +727,7 @@ impl Regional {
             .order
             .iter()
             .map(|&op| match op {
-                Op::Ledger(i) => self.ledger_outcome(&exact[i], plan.windows[i], now),
+                Op::Ledger(i) => ledger_outcome(&exact[i], plan.windows[i], now, hold),
                 Op::State(i) => state_outcome(&state[i].outcome, now),
             })
             .collect();
@@ -761,7 +789,7 @@ impl Regional {
         if grown {
             Escalated::Grown
         } else if granted.contains(&None) {
-            Escalated::Landing
+            Escalated::Landing(budget)
         } else {
             Escalated::Nothing
         }
@@ -1193,27 +1221,6 @@ impl Regional {
                 self.refund(now, plan, &exact, &[]).await;
                 Err(e)
             }
-        }
-    }
-
-    /// A ledger's answer as the edge reads it: a denial that only grants held elsewhere caused
-    /// reopens after [`RegionalConfig::hold`], any other at the window's end.
-    fn ledger_outcome(
-        &self,
-        r: &ExactReply,
-        (end, same): (Nanos, bool),
-        now: Nanos,
-    ) -> CheckOutcome {
-        CheckOutcome {
-            allowed: r.allowed,
-            remaining: r.remaining,
-            reset_at: if r.allowed || !r.held {
-                end
-            } else {
-                (now + self.config.hold).min(end)
-            },
-            // 0 never lowers the edge's ceiling (it keeps the larger).
-            granted: if same { r.granted } else { 0 },
         }
     }
 
