@@ -65,6 +65,9 @@ struct World {
     regionals: BTreeMap<&'static str, Regional>,
     limit: LimitId,
     quic: u16,
+    /// eu's Redis, when it keeps its counts (and its partitions) there; dropped (stopped)
+    /// after the regionals.
+    redis_eu: Option<(Spawned, u16)>,
     /// Last, so it is released after everything else is dropped.
     _serial: std::sync::MutexGuard<'static, ()>,
 }
@@ -82,6 +85,15 @@ impl World {
 
     /// A world enforcing `text`, whose first limit the edges' checks name.
     fn with_rules(tag: &str, text: &str) -> World {
+        World::build(tag, text, false)
+    }
+
+    /// [`World::start`] with eu's regional on a Redis of its own (us's in memory).
+    fn with_redis_in_eu(tag: &str, limit: u64) -> World {
+        World::build(tag, &rules(limit), true)
+    }
+
+    fn build(tag: &str, text: &str, redis_in_eu: bool) -> World {
         let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let dir = std::env::temp_dir().join(format!("rl-regions-{tag}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
@@ -131,6 +143,7 @@ impl World {
             regionals: BTreeMap::new(),
             limit,
             quic,
+            redis_eu: redis_in_eu.then(start_redis),
             _serial: serial,
         };
         world.start_coordinator(quic);
@@ -175,13 +188,19 @@ impl World {
         let node = format!("regional-{region}-1");
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let config = self.dir.join(format!("{node}.yaml"));
+        let redis = match &self.redis_eu {
+            Some((_, port)) if region == "eu" => {
+                format!("redis: {{ url: \"redis://127.0.0.1:{port}\" }}\n")
+            }
+            _ => String::new(),
+        };
         fs::write(
             &config,
             format!(
                 "node: {node}\nregion: {region}\nlisten: {listen}\nrules: rules.yaml\n\
                  tls: {{ ca: pki/ca.pem, cert: pki/{node}.pem, key: pki/{node}.key }}\n\
                  coordinator: {{ addr: 127.0.0.1:{quic}, name: coordinator-1, \
-                 report_interval: 200ms, escalation_budget: 300ms }}\n"
+                 report_interval: 200ms, escalation_budget: 300ms }}\n{redis}"
             ),
         )
         .expect("writable");
@@ -204,6 +223,27 @@ impl World {
                 edge: Some(edge),
             },
         );
+    }
+
+    /// Stops `region`'s regional (and its edge client) and starts it again from its config.
+    fn restart_regional(&mut self, region: &'static str) {
+        if let Some(mut r) = self.regionals.remove(region) {
+            if let Some((endpoint, conn)) = r.edge.take() {
+                conn.close(0u32.into(), b"");
+                drop(endpoint);
+            }
+            if let Some(stop) = r.stop.take() {
+                let _ = stop.send(());
+            }
+            if let Some(task) = r.task.take() {
+                let stopped = self
+                    .rt
+                    .block_on(async { tokio::time::timeout(Duration::from_secs(5), task).await });
+                assert!(stopped.is_ok(), "{region}'s regional did not stop");
+            }
+        }
+        let quic = self.quic;
+        self.start_regional(region, quic);
     }
 
     fn api(&self, method: &str, path: &str, body: &str) -> serde_json::Value {
@@ -322,6 +362,28 @@ impl Drop for World {
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A throwaway `redis-server` on a free port (tests/run.sh installs it), once it accepts
+/// connections: the process and its port.
+fn start_redis() -> (Spawned, u16) {
+    let port = free_port();
+    let redis = Spawned::start(Command::new("redis-server").args([
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-server never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (redis, port)
 }
 
 /// An edge of `region` connected to the regional at `addr`.
@@ -566,6 +628,48 @@ fn a_hot_key_gets_a_partition_that_follows_its_own_demand() {
     // The whole limit still: eu gets the rest by escalation, and no more anywhere.
     assert_eq!(world.admitted("eu", "hot", 1100), 999);
     assert_eq!(world.admitted("us", "hot", 20), 0);
+}
+
+/// A regional restarted while the coordinator is down carries on with its last partitions:
+/// it keeps them in its Redis after every push and takes them back at start. Under a 70/30
+/// pin, a fresh key in eu admits its 700 after the restart; a regional that started from
+/// nothing would hold nothing until the coordinator's first push, and admit none.
+#[test]
+fn a_regional_restarted_while_the_coordinator_is_down_keeps_its_partitions() {
+    let mut world = World::with_redis_in_eu("restart", 1000);
+    world.api(
+        "POST",
+        "/api/v1/partitions/login/pin",
+        r#"{"eu": 0.7, "us": 0.3}"#,
+    );
+    // In force once eu holds 700 of a fresh key (from the next window at the latest): what
+    // eu reports for a key it has seen once, before any escalation for it.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut probe = 0;
+    loop {
+        probe += 1;
+        let key = format!("probe-{probe}");
+        assert_eq!(world.admitted("eu", &key, 1), 1);
+        let debug = world.api("GET", &format!("/api/v1/debug/{key}"), "");
+        if debug["regions"]["eu"]["holdings"][0]["partition"].as_u64() == Some(700) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "eu never held its pinned 700: {debug}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The push that put it in force is written to Redis right after it applied, in the same
+    // handler; the debug query above may have raced that write by a few milliseconds.
+    std::thread::sleep(Duration::from_millis(300));
+    world.kill_coordinator();
+    world.restart_regional("eu");
+    assert_eq!(
+        world.admitted("eu", "after-restart", 800),
+        700,
+        "eu's partition after a restart with the coordinator down (no escalation either)"
+    );
 }
 
 /// A token bucket is split as capacity and rate, and shares move without a burst. Of a bucket
