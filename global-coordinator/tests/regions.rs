@@ -228,19 +228,7 @@ impl World {
     /// Stops `region`'s regional (and its edge client) and starts it again from its config.
     fn restart_regional(&mut self, region: &'static str) {
         if let Some(mut r) = self.regionals.remove(region) {
-            if let Some((endpoint, conn)) = r.edge.take() {
-                conn.close(0u32.into(), b"");
-                drop(endpoint);
-            }
-            if let Some(stop) = r.stop.take() {
-                let _ = stop.send(());
-            }
-            if let Some(task) = r.task.take() {
-                let stopped = self
-                    .rt
-                    .block_on(async { tokio::time::timeout(Duration::from_secs(5), task).await });
-                assert!(stopped.is_ok(), "{region}'s regional did not stop");
-            }
+            assert!(r.stop(&self.rt), "{region}'s regional did not stop");
         }
         let quic = self.quic;
         self.start_regional(region, quic);
@@ -344,21 +332,27 @@ impl World {
     }
 }
 
+impl Regional {
+    /// Closes its edge client and stops it, on `rt`; whether it stopped within 5 s.
+    fn stop(&mut self, rt: &Runtime) -> bool {
+        if let Some((endpoint, conn)) = self.edge.take() {
+            conn.close(0u32.into(), b"");
+            drop(endpoint);
+        }
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.take().is_none_or(|task| {
+            rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), task).await })
+                .is_ok()
+        })
+    }
+}
+
 impl Drop for World {
     fn drop(&mut self) {
         for r in self.regionals.values_mut() {
-            if let Some((endpoint, conn)) = r.edge.take() {
-                conn.close(0u32.into(), b"");
-                drop(endpoint);
-            }
-            if let Some(stop) = r.stop.take() {
-                let _ = stop.send(());
-            }
-            if let Some(task) = r.task.take() {
-                let _ = self
-                    .rt
-                    .block_on(async { tokio::time::timeout(Duration::from_secs(5), task).await });
-            }
+            r.stop(&self.rt);
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
@@ -672,6 +666,25 @@ fn a_regional_restarted_while_the_coordinator_is_down_keeps_its_partitions() {
     );
 }
 
+/// A world enforcing one hard token bucket, `login`, of `burst` at 20/s, with a 50/50 pin
+/// asked for (in force a little later: see the tests).
+fn bucket_world(tag: &str, burst: u64) -> World {
+    let world = World::with_rules(
+        tag,
+        &format!(
+            "version: 1\nrate_limits:\n  endpoints:\n    - {{ id: login, path: /api/login, \
+             method: POST, algorithm: token_bucket, rate: 20/s, burst: {burst}, \
+             key: user_id, strictness: hard }}\n"
+        ),
+    );
+    world.api(
+        "POST",
+        "/api/v1/partitions/login/pin",
+        r#"{"eu": 0.5, "us": 0.5}"#,
+    );
+    world
+}
+
 /// A token bucket is split as capacity and rate, and shares move without a burst. Of a bucket
 /// of 40 at 20/s pinned 50/50, each region holds 20 at 10/s. us spends alice's bucket (its
 /// part, and what escalation takes from eu's), then a 75/25 pin moves capacity to eu: us's
@@ -681,20 +694,10 @@ fn a_regional_restarted_while_the_coordinator_is_down_keeps_its_partitions() {
 /// one key across both regions is still the bucket's 40.
 #[test]
 fn a_token_bucket_is_split_between_regions_as_capacity_and_rate() {
-    let world = World::with_rules(
-        "bucket",
-        "version: 1\nrate_limits:\n  endpoints:\n    - { id: login, path: /api/login, \
-         method: POST, algorithm: token_bucket, rate: 20/s, burst: 40, key: user_id, \
-         strictness: hard }\n",
-    );
     // Even, whatever the warm-up's demand made of the shares; in force once a fresh key's
     // part in each region is 20 (a raise waits out the refill time after the cut that makes
     // room for it, and that cut may itself wait for a raise still to come).
-    world.api(
-        "POST",
-        "/api/v1/partitions/login/pin",
-        r#"{"eu": 0.5, "us": 0.5}"#,
-    );
+    let world = bucket_world("bucket", 40);
     let probes = std::cell::Cell::new(0);
     let wait_for_part = |region: &str, part: u64| {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -753,17 +756,7 @@ fn a_token_bucket_is_split_between_regions_as_capacity_and_rate() {
 /// us together never more than the bucket's 400 and its rate.
 #[test]
 fn a_bucket_key_spent_in_one_region_escalates_for_the_others_tokens() {
-    let world = World::with_rules(
-        "bucket-escalation",
-        "version: 1\nrate_limits:\n  endpoints:\n    - { id: login, path: /api/login, \
-         method: POST, algorithm: token_bucket, rate: 20/s, burst: 400, key: user_id, \
-         strictness: hard }\n",
-    );
-    world.api(
-        "POST",
-        "/api/v1/partitions/login/pin",
-        r#"{"eu": 0.5, "us": 0.5}"#,
-    );
+    let world = bucket_world("bucket-escalation", 400);
     // In force once a fresh key's part in each region is 200 (see the test above).
     let deadline = Instant::now() + Duration::from_secs(10);
     for (probe, region) in ["eu", "us"].into_iter().enumerate() {

@@ -381,18 +381,7 @@ async fn an_edge_is_answered_in_time_while_a_transfer_runs() {
     // The transfer lands; once the denial's hold is over the edge asks, and is admitted.
     let window = (T0.as_u64() + 5_000_000_000) / 60_000_000_000;
     let login = rules.rule("login").expect("the rule").limits()[0].id();
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while regional
-        .partitions()
-        .partition(login, "u:alice", window, 100)
-        == 50
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the transfer never landed"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    crate::regional::until_alice_is_above(&regional, login, window, 50).await;
     clock.advance(RegionalConfig::default().hold);
     let admitted = check(agent.clone()).await.expect("no check panics");
     assert!(admitted.allowed, "the landed quota admits");

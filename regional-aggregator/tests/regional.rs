@@ -626,6 +626,28 @@ pub(crate) fn escalating_regional(
     regional
 }
 
+/// Waits (at most 5 s) until `regional`'s partition of u:alice's `limit` (whole 100) in
+/// `window` is above `partition`: an escalation's transfer has landed.
+pub(crate) async fn until_alice_is_above(
+    regional: &Regional,
+    limit: shared::LimitId,
+    window: u64,
+    partition: u64,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while regional
+        .partitions()
+        .partition(limit, "u:alice", window, 100)
+        <= partition
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the transfer never landed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// An escalation whose transfer outlasts the budget denies the request that asked, but only
 /// for the hold (not until the window ends), and what the other regions released lands in
 /// this region's partition for the next request, which is admitted without asking again.
@@ -674,18 +696,7 @@ async fn a_transfer_that_outlasts_the_budget_still_lands() {
 
     // The transfer lands (the region's partition grows by the 5 asked, a twentieth of 100).
     let window = check(&rules, "login", 1).window;
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while regional
-        .partitions()
-        .partition(login, "u:alice", window, 100)
-        == 50
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the transfer never landed"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_alice_is_above(&regional, login, window, 50).await;
     let admitted = regional
         .acquire(EdgeId(1), &acquire(3, vec![check(&rules, "login", 5)]))
         .await
