@@ -52,9 +52,9 @@ use shared::{
 };
 
 use crate::store::{
-    Absorb, Bounds, ExactOp, ExactReply, HeldShares, LedgerKey, LedgerView, MemoryStore, Refund,
-    StateAbsorb, StateOp, StateRefund, StateReply, Store, StoreError, StoreFuture, SyncOp,
-    SyncReply,
+    Absorb, Bounds, ExactOp, ExactReply, HeldShares, LeaseOp, LeaseReply, LedgerKey, LedgerView,
+    MemoryStore, Refund, StateAbsorb, StateLimiter, StateOp, StateRefund, StateReply, Store,
+    StoreError, StoreFuture, SyncOp, SyncReply,
 };
 
 /// When the breaker opens and how long it stays open.
@@ -461,6 +461,12 @@ impl Dated for ExactOp {
     }
 }
 
+impl Dated for LeaseOp {
+    fn exact_since(&self) -> Option<Nanos> {
+        self.exact_since
+    }
+}
+
 impl Dated for StateOp {
     fn exact_since(&self) -> Option<Nanos> {
         self.exact_since
@@ -691,6 +697,48 @@ impl Store for GuardedStore {
                         None => unknown_state_reply(op, now, wait),
                     })
                     .collect())
+            })
+        }))
+    }
+
+    fn lease<'a>(
+        &'a self,
+        edge: EdgeId,
+        now: Nanos,
+        ops: &'a [LeaseOp],
+    ) -> StoreFuture<'a, Vec<LeaseReply>> {
+        Box::pin(self.guarded(move |s, outage| {
+            Box::pin(async move {
+                let Some(since) = outage else {
+                    return s.lease(edge, now, ops).await;
+                };
+                // In memory: counts are merged (they are cumulative, that loses nothing), but
+                // nothing is minted on an op memory cannot decide, and each replica grants
+                // from its own part of the bucket (as `acquire_state`), none from a part too
+                // small to hold a token.
+                let replicas = self.inner.replicas;
+                let ops: Vec<LeaseOp> = ops
+                    .iter()
+                    .map(|op| {
+                        let part = if replicas == 1 {
+                            Some(op.limiter)
+                        } else {
+                            match StateLimiter::TokenBucket(op.limiter)
+                                .partitioned(OWN_SHARE_PPM / replicas)
+                            {
+                                Some(StateLimiter::TokenBucket(g)) => Some(g),
+                                _ => None,
+                            }
+                        };
+                        let minting = part.is_some() && !op.unknown(since);
+                        LeaseOp {
+                            limiter: part.unwrap_or(op.limiter),
+                            want: if minting { op.want } else { 0 },
+                            ..op.clone()
+                        }
+                    })
+                    .collect();
+                s.lease(edge, now, &ops).await
             })
         }))
     }

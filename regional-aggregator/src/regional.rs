@@ -58,7 +58,11 @@ use std::{
 use shared::{
     Clock, LimitId, Nanos, RuleSet,
     algorithm::{Limiter, Outcome, Verdict},
-    quota::{DEFAULT_THRESHOLD, EdgeId, Threshold, carry_weight_ppm, share_of},
+    quota::{
+        DEFAULT_THRESHOLD, EdgeId, Threshold, carry_weight_ppm,
+        lease::{LEASE_WINDOW, grant_window},
+        share_of,
+    },
     wire::{
         AckEntry, Acquire, AcquireReply, CheckOutcome, HotKey, LimitPartition, MAX_KEYS_PER_BATCH,
         SyncAck, SyncBatch,
@@ -67,8 +71,9 @@ use shared::{
 
 use crate::partition::PartitionTable;
 use crate::store::{
-    Bounds, ExactOp, ExactReply, LedgerKey, Refund, StateKey, StateLimiter, StateOp, StateRefund,
-    StateReply, Store, StoreError, SyncOp, state_exact_since, window_exact_since,
+    Bounds, ExactOp, ExactReply, LEASE_LEDGER, LeaseOp, LedgerKey, Refund, StateKey, StateLimiter,
+    StateOp, StateRefund, StateReply, Store, StoreError, SyncOp, state_exact_since,
+    window_exact_since,
 };
 
 /// How the regional decides, apart from its rules.
@@ -173,6 +178,20 @@ fn part_in_force(
     let (tick, _) = schedule_clock(&whole.limiter());
     let share = partitions.share(limit, now.as_u64() / tick.as_u64().max(1));
     whole.partitioned(share)
+}
+
+/// The lease ledgers whose unused grants an acquire on `limiter`'s state at `now` must park:
+/// a token bucket's current and previous lease windows (`shared::quota::lease`); none for the
+/// other limiters, which edges never hold grants of.
+fn lease_ledgers(limit: LimitId, key: &str, limiter: &StateLimiter, now: Nanos) -> Vec<LedgerKey> {
+    if !matches!(limiter, StateLimiter::TokenBucket(_)) {
+        return Vec::new();
+    }
+    let current = now.as_u64() / LEASE_WINDOW.as_u64();
+    vec![
+        LedgerKey::lease(limit, key.to_owned(), current),
+        LedgerKey::lease(limit, key.to_owned(), current.saturating_sub(1)),
+    ]
 }
 
 /// How long the bucket `whole` takes to refill (or drain) one unit.
@@ -549,11 +568,52 @@ impl Regional {
         let mut is_current_op = Vec::with_capacity(batch.entries.len());
         // `P` of each limit named, for the edge's `c0` and `P/n` (current windows only).
         let mut partitions: HashMap<LimitId, u64> = HashMap::new();
+        // A token bucket's entries: one lease op each, and whether its lease window is current.
+        let mut leases = Vec::new();
+        let mut is_current_lease = Vec::new();
         for e in batch.entries {
             let Some((rule, limit)) = rules.limit(e.limit) else {
                 self.stats.unknown_limit.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
+            if let Limiter::TokenBucket(_) = limit.limiter() {
+                let part = StateLimiter::new(limit.limiter())
+                    .and_then(|whole| part_in_force(&self.partitions, e.limit, whole, now));
+                let Some(StateLimiter::TokenBucket(part)) = part else {
+                    // Beyond what a store keeps, or none of it held here: nothing to grant.
+                    self.stats.unsupported.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                let current = now.as_u64() / LEASE_WINDOW.as_u64();
+                if e.window > current || e.window.saturating_add(1) < current {
+                    self.stats.skewed.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                let is_current = e.window == current;
+                if is_current {
+                    partitions.entry(e.limit).or_insert(part.burst().get());
+                }
+                let other = if is_current {
+                    current.saturating_sub(1)
+                } else {
+                    current
+                };
+                let bucket = StateLimiter::TokenBucket(part);
+                is_current_lease.push(is_current);
+                leases.push(LeaseOp {
+                    other: LedgerKey::lease(e.limit, e.key.clone(), other),
+                    at: LedgerKey::lease(e.limit, e.key, e.window),
+                    limiter: part,
+                    used: e.used,
+                    released: e.released,
+                    want: if is_current { e.want } else { 0 },
+                    threshold: self.config.threshold,
+                    edges: n,
+                    expire_at: expiry(e.window, LEASE_WINDOW),
+                    exact_since: state_exact_since(rule.on_failure(), &bucket, now),
+                });
+                continue;
+            }
             let Some(w) = window_of(limit.limiter()) else {
                 self.stats.unsupported.fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -591,13 +651,25 @@ impl Regional {
                 exact_since: window_exact_since(rule.on_failure(), e.window, w.length, w.sliding),
             });
         }
-        let replies = self.store.sync(edge, now, &ops).await.inspect_err(|_| {
-            self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
-        })?;
+        let (replies, lease_replies) =
+            futures_util::future::join(self.store.sync(edge, now, &ops), async {
+                if leases.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let replies = self.store.lease(edge, now, &leases).await?;
+                answers_every_op("lease", replies, leases.len())
+            })
+            .await;
+        let (replies, lease_replies) =
+            replies
+                .and_then(|r| Ok((r, lease_replies?)))
+                .inspect_err(|_| {
+                    self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                })?;
         self.stats.syncs.fetch_add(1, Ordering::Relaxed);
         self.stats
             .entries
-            .fetch_add(ops.len() as u64, Ordering::Relaxed);
+            .fetch_add((ops.len() + leases.len()) as u64, Ordering::Relaxed);
         if self.partitions.is_coordinated() {
             let mut demand = self.demand.lock().unwrap_or_else(|e| e.into_inner());
             for ((op, r), current) in ops.iter().zip(&replies).zip(&is_current_op) {
@@ -605,9 +677,38 @@ impl Regional {
                     demand.observe(&op.at, r.total, op.bounds.partition, 0);
                 }
             }
+            // What edges admitted under a bucket's grants: the region's demand for it.
+            for (op, r) in leases.iter().zip(&lease_replies) {
+                demand.observe_state(op.at.limit, r.admitted, 0);
+            }
         }
-        let mut entries = Vec::with_capacity(ops.len());
+        let mut entries = Vec::with_capacity(ops.len() + leases.len());
         let mut hot = self.hot.lock().unwrap_or_else(|e| e.into_inner());
+        for ((op, r), is_current) in leases.into_iter().zip(lease_replies).zip(is_current_lease) {
+            let burst = op.limiter.burst().get();
+            // Out of the bucket (spent, or held unused at edges): a bucket's `T`.
+            let taken = burst.saturating_sub(r.level);
+            let window = op.at.window & !LEASE_LEDGER;
+            let is_hot = taken.saturating_mul(2) >= self.config.threshold.of(burst);
+            if is_hot && is_current {
+                hot.insert((op.at.limit, op.at.key.clone()), window);
+            }
+            entries.push(AckEntry {
+                limit: op.at.limit,
+                key: op.at.key,
+                window,
+                granted: r.granted,
+                total: taken,
+                edges: n,
+                hot: is_hot,
+                used: r.used,
+                released: r.released,
+                // A bucket refills: running low stops grants for now (the pool is spent, and
+                // holders are recalled), never for the rest of the lease window.
+                near_limit: false,
+                recall: r.recall,
+            });
+        }
         for ((op, r), is_current) in ops.into_iter().zip(replies).zip(is_current_op) {
             // DESIGN §4: keys above θ·P/2 are broadcast so no edge spends a cold allowance
             // on them. Only the current window's count says so (a past window's would
@@ -1061,6 +1162,7 @@ impl Regional {
             limiter: part,
             cost: NonZeroU32::MIN,
             exact_since: state_exact_since(rule.on_failure(), &part, now),
+            leases: lease_ledgers(limit, key, &part, now),
         };
         let mut wanted = amount.min(part.limiter().limit());
         for _ in 0..3 {
@@ -1254,6 +1356,7 @@ impl Regional {
                     limiter: state,
                     cost: c.cost,
                     exact_since: state_exact_since(rule.on_failure(), &state, now),
+                    leases: lease_ledgers(c.limit, &c.key, &state, now),
                 });
                 continue;
             }
@@ -1454,8 +1557,8 @@ fn hot_keys(hot: &mut HashMap<(LimitId, String), u64>, rules: &RuleSet, now: Nan
     hot.retain(|(limit, _), window| {
         rules
             .limit(*limit)
-            .and_then(|(_, l)| window_of(l.limiter()))
-            .is_some_and(|w| *window == now.as_u64() / w.length.as_u64())
+            .and_then(|(_, l)| grant_window(l.limiter()))
+            .is_some_and(|length| *window == now.as_u64() / length.as_u64())
     });
     hot.iter()
         .take(MAX_KEYS_PER_BATCH)
@@ -1491,6 +1594,7 @@ mod tests {
             limiter,
             cost: NonZeroU32::MIN,
             exact_since: None,
+            leases: Vec::new(),
         };
         let reply = |verdict, unknown| StateReply {
             outcome: Outcome {

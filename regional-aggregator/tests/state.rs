@@ -22,14 +22,15 @@ use std::{
 };
 
 use regional_aggregator::store::{
-    MAX_SPAN, MemoryStore, RedisStore, RedisTopology, STATE_GRACE, StateAbsorb, StateKey,
-    StateLimiter, StateOp, StateReply, Store,
+    LeaseOp, LedgerKey, MAX_SPAN, MemoryStore, RedisStore, RedisTopology, STATE_GRACE, StateAbsorb,
+    StateKey, StateLimiter, StateOp, StateReply, Store,
 };
 use shared::{
     LimitId, Nanos,
     algorithm::{
         Gcra, LeakyBucket, LeakyMode, Limiter, LimiterState, Outcome, SlidingLog, Verdict,
     },
+    quota::{DEFAULT_THRESHOLD, EdgeId, lease::LEASE_WINDOW},
     sim::Rng,
 };
 
@@ -78,6 +79,7 @@ fn op(at: &StateKey, limiter: StateLimiter, c: u32) -> StateOp {
         limiter,
         cost: cost(c),
         exact_since: None,
+        leases: Vec::new(),
     }
 }
 
@@ -362,6 +364,118 @@ async fn lua_matches_shared(runs: &mut Runs, redis: &dyn Store, kind: Kind, seed
         "seed {seed}: the run refunded ({refunds})"
     );
     runs.now = now;
+}
+
+// ---------------------------------------------------------------------------------------------
+// A token bucket's grants: `gcra.lua`'s `lease` and parked `acquire` held to the memory store,
+// which runs `shared::quota::lease` itself.
+
+/// What one edge has said and been told about one key in one lease window.
+#[derive(Clone, Copy, Default)]
+struct EdgeView {
+    granted: u64,
+    used: u64,
+    released: u64,
+}
+
+/// One random run of `ops` steps: three edges sync two keys of one token bucket (admitting
+/// under their grants, past them now and then as a soft key's cold allowance may, handing
+/// back, asking for more), the exact path acquires in between, and time passes across lease
+/// windows. The memory store and `redis` give the same answers throughout.
+async fn lease_matches_memory(redis: &dyn Store, seed: u64, ops: usize) {
+    let memory = MemoryStore::new();
+    let mut rng = Rng::new(seed);
+    let capacity = 1 + rng.below(40);
+    let limiter = token_bucket(1 + rng.below(20), Nanos::from_secs(1), capacity);
+    let StateLimiter::TokenBucket(gcra) = limiter else {
+        unreachable!("a token bucket")
+    };
+    let name = format!("lease-{seed}");
+    let keys = ["alice", "{b}:ob"];
+    let edges = [EdgeId(1), EdgeId(0xfeed), EdgeId(u64::MAX)];
+    let mut views: HashMap<(usize, usize, u64), EdgeView> = HashMap::new();
+    let mut now = T0 + Nanos(rng.below(LEASE_WINDOW.as_u64()));
+    let mut granted = 0;
+    for step_no in 0..ops {
+        now = now
+            + match rng.below(10) {
+                0..=5 => Nanos(rng.below(gcra.emission_interval().as_u64() * 2 + 1)),
+                6..=8 => Nanos(rng.below(1_000_000)),
+                _ => Nanos(rng.below(LEASE_WINDOW.as_u64() * 2)),
+            };
+        let current = now.as_u64() / LEASE_WINDOW.as_u64();
+        let k = rng.below(2) as usize;
+        let at = state_key(&name, keys[k]);
+        let context = format!("seed {seed} step {step_no}, capacity {capacity}");
+        if rng.below(4) == 0 {
+            let leases = vec![
+                LedgerKey::lease(at.limit, at.key.clone(), current),
+                LedgerKey::lease(at.limit, at.key.clone(), current - 1),
+            ];
+            let op = StateOp {
+                leases,
+                ..op(&at, limiter, 1 + rng.below(3) as u32)
+            };
+            let m = acquire(&memory, now, &op).await;
+            let r = acquire(redis, now, &op).await;
+            assert_eq!(m.outcome, r.outcome, "{context}: exact {op:?}");
+            continue;
+        }
+        let e = rng.below(3) as usize;
+        // The previous lease window now and then: a late hand-back or count.
+        let window = current - u64::from(rng.below(5) == 0);
+        let view = views.entry((e, k, window)).or_default();
+        match rng.below(6) {
+            0..=2 => {
+                let unused = view.granted.saturating_sub(view.released + view.used);
+                view.used += rng.below(unused + 1);
+            }
+            3 => view.used += rng.below(3),
+            4 => view.released = view.granted.saturating_sub(view.used).max(view.released),
+            _ => {}
+        }
+        let other = if window == current {
+            current - 1
+        } else {
+            current
+        };
+        let op = LeaseOp {
+            at: LedgerKey::lease(at.limit, at.key.clone(), window),
+            other: LedgerKey::lease(at.limit, at.key.clone(), other),
+            limiter: gcra,
+            used: view.used,
+            released: view.released,
+            want: if window == current { rng.below(12) } else { 0 },
+            threshold: DEFAULT_THRESHOLD,
+            edges: 1 + rng.below(3) as u32,
+            expire_at: Nanos((window + 2) * LEASE_WINDOW.as_u64()),
+            exact_since: None,
+        };
+        let m = memory
+            .lease(edges[e], now, std::slice::from_ref(&op))
+            .await
+            .expect("memory answers")[0];
+        let r = redis
+            .lease(edges[e], now, std::slice::from_ref(&op))
+            .await
+            .expect("redis answers")[0];
+        assert_eq!(m, r, "{context}: {op:?}");
+        granted += m.granted.saturating_sub(view.granted);
+        view.granted = view.granted.max(m.granted);
+    }
+    assert!(granted > 0, "seed {seed}: grants were minted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_lua_matches_shared_on_redis_and_a_cluster() {
+    let server = RedisServer::start();
+    let single = connect(RedisTopology::Single(server.url())).await;
+    for seed in 0..4 {
+        lease_matches_memory(&single, seed, 1500).await;
+    }
+    let cluster = RedisCluster::start();
+    let clustered = connect(RedisTopology::Cluster(cluster.urls())).await;
+    lease_matches_memory(&clustered, 10, 800).await;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -20,13 +20,13 @@ use dashmap::{DashMap, mapref::one::RefMut};
 use shared::{
     Nanos,
     algorithm::{Algorithm, GcraState, LeakyBucketState, LimiterState, SlidingLogState},
-    quota::{EdgeCounters, EdgeId, KeyLedger, carried},
+    quota::{EdgeCounters, EdgeId, KeyLedger, carried, lease},
 };
 
 use super::{
-    Absorb, ExactOp, ExactReply, HeldShares, LedgerKey, LedgerView, Refund, STATE_GRACE,
-    StateAbsorb, StateKey, StateLimiter, StateOp, StateRefund, StateReply, Store, StoreFuture,
-    SyncOp, SyncReply,
+    Absorb, ExactOp, ExactReply, HeldShares, LeaseOp, LeaseReply, LedgerKey, LedgerView, Refund,
+    STATE_GRACE, StateAbsorb, StateKey, StateLimiter, StateOp, StateRefund, StateReply, Store,
+    StoreFuture, SyncOp, SyncReply,
 };
 
 /// How many operations pass between two sweeps of expired ledgers.
@@ -161,13 +161,34 @@ impl MemoryStore {
         }
     }
 
+    /// What the edges hold unused in `leases`, read before any entry is locked (a lease
+    /// ledger may share a map shard with another).
+    fn parked(&self, leases: &[&LedgerKey], now: Nanos) -> u64 {
+        leases
+            .iter()
+            .filter_map(|at| self.ledgers.get(*at))
+            .filter(|e| e.expire_at > now)
+            .fold(0, |g, e| g.saturating_add(e.ledger.unused()))
+    }
+
     fn acquire_state_one(&self, now: Nanos, op: &StateOp) -> StateReply {
+        let parked = self.parked(&op.leases.iter().collect::<Vec<_>>(), now);
         let mut entry = self.state_entry(&op.at, op.limiter);
         entry.limiter = op.limiter;
+        // Parked on a copy, kept only with what an admission consumed (as `gcra.lua`): a
+        // denial changes nothing, so tokens parked in a lease window that is no longer
+        // counted by the next call are not held down by this one.
+        let mut state = entry.state.clone();
+        if let (StateLimiter::TokenBucket(g), LimiterState::TokenBucket(s)) =
+            (op.limiter, &mut state)
+        {
+            lease::park(&g, s, now, parked);
+        }
         // `shared`'s own acquire; a state of another kind (the rule changed algorithm) is
         // read as fresh, and replaced when this one consumes.
-        let outcome = op.limiter.limiter().acquire(&mut entry.state, now, op.cost);
+        let outcome = op.limiter.limiter().acquire(&mut state, now, op.cost);
         if outcome.is_allowed() {
+            entry.state = state;
             entry.keep_until = entry.keep_until.max(outcome.reset_at + STATE_GRACE);
         }
         StateReply {
@@ -175,6 +196,34 @@ impl MemoryStore {
             receipt: 0,
             unknown: false,
         }
+    }
+
+    fn lease_one(&self, edge: EdgeId, now: Nanos, op: &LeaseOp) -> LeaseReply {
+        let elsewhere = self.parked(&[&op.other], now);
+        let limiter = StateLimiter::TokenBucket(op.limiter);
+        let mut state = self.state_entry(&op.state(), limiter);
+        state.limiter = limiter;
+        // A state of another kind (the rule changed algorithm) is read as fresh.
+        let mut bucket = match state.state {
+            LimiterState::TokenBucket(s) => s,
+            _ => GcraState::default(),
+        };
+        let mut entry = self.entry(&op.at, now);
+        entry.expire_at = op.expire_at;
+        let reply = lease::lease(
+            &op.limiter,
+            &mut bucket,
+            now,
+            &mut entry.ledger,
+            elsewhere,
+            edge,
+            (op.used, op.released, op.want),
+            op.threshold,
+            op.edges,
+        );
+        state.state = LimiterState::TokenBucket(bucket);
+        state.keep_until = state.keep_until.max(bucket.tat + STATE_GRACE);
+        reply
     }
 
     fn absorb_state_one(&self, now: Nanos, a: &StateAbsorb) {
@@ -327,6 +376,17 @@ impl Store for MemoryStore {
             .iter()
             .map(|op| self.acquire_state_one(now, op))
             .collect();
+        self.tick(now, ops.len());
+        Box::pin(std::future::ready(Ok(replies)))
+    }
+
+    fn lease<'a>(
+        &'a self,
+        edge: EdgeId,
+        now: Nanos,
+        ops: &'a [LeaseOp],
+    ) -> StoreFuture<'a, Vec<LeaseReply>> {
+        let replies = ops.iter().map(|op| self.lease_one(edge, now, op)).collect();
         self.tick(now, ops.len());
         Box::pin(std::future::ready(Ok(replies)))
     }

@@ -15,9 +15,9 @@
 //!
 //! **Limiter states**, for the algorithms whose state is not a count per window: token bucket
 //! (GCRA's TAT), leaky bucket (level and last leak) and sliding log (the admitted entries). One
-//! per (limit, key), a [`StateKey`]; edges send these keys down the exact path every time (the
-//! log is exact only at one authority, DESIGN §3, and bucket grants are not built), so there
-//! are no edge counters and no grants, only:
+//! per (limit, key), a [`StateKey`]. Edges send a log's and a leaky bucket's keys down the
+//! exact path every time (the log is exact only at one authority, DESIGN §3); a token bucket's
+//! keys they also decide under grants, kept in *lease ledgers* (below). The operations:
 //!
 //! - [`StateOp`]: `shared::algorithm`'s `acquire` (check, then consume when allowed), answered
 //!   with its [`Outcome`] in a [`StateReply`].
@@ -27,6 +27,10 @@
 //!   where that acquire started, so that with nothing in between it is as if the request had
 //!   never come (the module docs of `shared`'s `gcra.rs` and `leaky_bucket.rs` bound what it is
 //!   off by otherwise).
+//! - [`LeaseOp`]: an edge's sync of a token-bucket key, `shared::quota::lease`: its counters
+//!   live in a ledger per lease window ([`LedgerKey::lease`]) and its grants are tokens taken
+//!   from the bucket, which a [`StateOp`] on the same key sees as parked (its
+//!   [`leases`](StateOp::leases)), so the exact path and the grants share one bucket.
 //! - [`StateAbsorb`]: write a state decided elsewhere (in memory, while Redis was away) into
 //!   the store, merged so that whatever either side admitted still counts: a token bucket's
 //!   TAT by `max`, a leaky bucket's later emptying time, the union of two logs. Idempotent.
@@ -66,6 +70,8 @@ use shared::{
     algorithm::{Gcra, LeakyBucket, Limiter, LimiterState, Outcome, SlidingLog},
     quota::{Budget, EdgeCounters, EdgeId, Threshold, share_of},
 };
+
+pub use shared::quota::lease::LeaseReply;
 use thiserror::Error;
 
 mod memory;
@@ -170,6 +176,15 @@ pub trait Store: Send + Sync + 'static {
     /// refund is applied once; a state that has expired meanwhile is left alone.
     fn refund_state<'a>(&'a self, now: Nanos, refunds: &'a [StateRefund]) -> StoreFuture<'a, ()>;
 
+    /// Applies one edge's syncs of token-bucket keys, an answer per op in order (see
+    /// [`LeaseOp`]).
+    fn lease<'a>(
+        &'a self,
+        edge: EdgeId,
+        now: Nanos,
+        ops: &'a [LeaseOp],
+    ) -> StoreFuture<'a, Vec<LeaseReply>>;
+
     /// Merges limiter states decided elsewhere into this store, idempotently (see the module
     /// doc); `tag` names where they were decided, so a log's entries are added once however
     /// often the same states are written. The circuit breaker writes back this way.
@@ -215,9 +230,33 @@ pub struct LedgerKey {
     pub window: u64,
 }
 
+/// Set in [`LedgerKey::window`] for a token bucket's lease ledger. A real window index is the
+/// time over a window of at least a millisecond, below 2^44 for the next 500 years, so no
+/// window ledger of the same limit and key (a rule that changed algorithm) is ever read as a
+/// lease ledger, or the other way round.
+pub const LEASE_LEDGER: u64 = 1 << 63;
+
 impl LedgerKey {
+    /// The lease ledger of a token-bucket key in lease window `window`
+    /// ([`shared::quota::lease::LEASE_WINDOW`]).
+    pub fn lease(limit: LimitId, key: String, window: u64) -> LedgerKey {
+        LedgerKey {
+            limit,
+            key,
+            window: LEASE_LEDGER | window,
+        }
+    }
+
+    /// Whether this is a lease ledger ([`LedgerKey::lease`]).
+    pub fn is_lease(&self) -> bool {
+        self.window & LEASE_LEDGER != 0
+    }
+
     /// The same limit and key one window earlier, where a sliding window's carry comes from.
     pub fn previous(&self) -> Option<LedgerKey> {
+        if self.window == LEASE_LEDGER {
+            return None;
+        }
         Some(LedgerKey {
             limit: self.limit,
             key: self.key.clone(),
@@ -524,6 +563,10 @@ pub struct StateOp {
     /// that has not seen them all (memory, during an outage of the primary that began later)
     /// denies the op instead of deciding on a partial count. `None`: decide on what is known.
     pub exact_since: Option<Nanos>,
+    /// A token bucket's lease ledgers still counted (the current lease window's and the
+    /// previous one's): the tokens edges hold unused in them are parked
+    /// ([`shared::quota::lease::park`]) before the acquire. Empty for other limiters.
+    pub leases: Vec<LedgerKey>,
 }
 
 impl StateOp {
@@ -554,6 +597,45 @@ pub struct StateReply {
     /// memory not having seen every admission the op depends on): denied, and not to be
     /// escalated, since another region's tokens would not make the count known.
     pub unknown: bool,
+}
+
+/// An edge's sync of one token-bucket key for one lease window (`shared::quota::lease`):
+/// park what the edges hold unused, merge the edge's counters, charge the bucket for the
+/// change of its holding, mint up to `want` under θ.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseOp {
+    /// The lease ledger ([`LedgerKey::lease`]); the bucket is the same limit and key's state.
+    pub at: LedgerKey,
+    /// The other lease ledger still counted: the previous lease window's when `at` is the
+    /// current one, the current one's when `at` is the previous.
+    pub other: LedgerKey,
+    /// The region's part of the bucket.
+    pub limiter: Gcra,
+    /// The edge's cumulative `used`.
+    pub used: u64,
+    /// The edge's cumulative `released`.
+    pub released: u64,
+    /// What the edge asks to hold unused; 0 mints nothing (a past lease window).
+    pub want: u64,
+    /// θ: the last `⌊(1 − θ)·B⌋`-odd tokens go through the exact path.
+    pub threshold: Threshold,
+    /// `n`: edges active in the region; at least 1.
+    pub edges: u32,
+    /// When the lease ledger may be forgotten: the end of the next lease window.
+    pub expire_at: Nanos,
+    /// As [`StateOp::exact_since`]: a store that has not seen every admission since then
+    /// merges the counts but mints nothing.
+    pub exact_since: Option<Nanos>,
+}
+
+impl LeaseOp {
+    /// The bucket's state key.
+    pub fn state(&self) -> StateKey {
+        StateKey {
+            limit: self.at.limit,
+            key: self.at.key.clone(),
+        }
+    }
 }
 
 /// Takes back an allowed [`StateOp`]; build it with [`StateOp::refund`].

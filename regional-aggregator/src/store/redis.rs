@@ -10,7 +10,8 @@
 //! | key | type | script |
 //! |---|---|---|
 //! | `rl:{<limit>:<key>}:<window>` | hash: the ledger | `ledger.lua` + `sync.lua`, `exact.lua`; `refund.lua`, `absorb.lua` |
-//! | `rl:{<limit>:<key>}:gcra` | hash: a token bucket's TAT | `time.lua` + `gcra.lua` |
+//! | `rl:{<limit>:<key>}:lease:<window>` | hash: a token bucket's lease ledger (edges' grants) | `ledger.lua` + `time.lua` + `gcra.lua` |
+//! | `rl:{<limit>:<key>}:gcra` | hash: a token bucket's TAT | `ledger.lua` + `time.lua` + `gcra.lua` |
 //! | `rl:{<limit>:<key>}:leaky` | hash: a leaky bucket's level and last leak | `time.lua` + `leaky.lua` |
 //! | `rl:{<limit>:<key>}:log`, `...:log:meta` | sorted set of entries; their sum and last id | `time.lua` + `log.lua` |
 //! | `rl:partitions` | hash: what the region holds of each limit (`save_partitions`) | none: replaced whole after each push, in a transaction |
@@ -63,9 +64,9 @@ use shared::{
 };
 
 use super::{
-    Absorb, Bounds, ExactOp, ExactReply, HeldShares, LedgerKey, LedgerView, Refund, STATE_GRACE,
-    StateAbsorb, StateKey, StateLimiter, StateOp, StateRefund, StateReply, Store, StoreError,
-    StoreFuture, SyncOp, SyncReply,
+    Absorb, Bounds, ExactOp, ExactReply, HeldShares, LEASE_LEDGER, LeaseOp, LeaseReply, LedgerKey,
+    LedgerView, Refund, STATE_GRACE, StateAbsorb, StateKey, StateLimiter, StateOp, StateRefund,
+    StateReply, Store, StoreError, StoreFuture, SyncOp, SyncReply,
 };
 
 const LEDGER: &str = include_str!("lua/ledger.lua");
@@ -162,7 +163,10 @@ impl RedisStore {
             exact: Lua::new(format!("{LEDGER}\n{}", include_str!("lua/exact.lua"))),
             refund: Lua::new(include_str!("lua/refund.lua").to_owned()),
             absorb: Lua::new(include_str!("lua/absorb.lua").to_owned()),
-            gcra: Lua::new(format!("{TIME}\n{}", include_str!("lua/gcra.lua"))),
+            gcra: Lua::new(format!(
+                "{LEDGER}\n{TIME}\n{}",
+                include_str!("lua/gcra.lua")
+            )),
             leaky: Lua::new(format!("{TIME}\n{}", include_str!("lua/leaky.lua"))),
             log: Lua::new(format!("{TIME}\n{}", include_str!("lua/log.lua"))),
         })
@@ -379,6 +383,10 @@ fn decode_held(limit: &str, value: &str) -> Option<HeldShares> {
 }
 
 fn ledger_key(at: &LedgerKey) -> String {
+    if at.is_lease() {
+        let window = at.window & !LEASE_LEDGER;
+        return format!("rl:{{{:016x}:{}}}:lease:{window}", at.limit.0, at.key);
+    }
     format!("rl:{{{:016x}:{}}}:{}", at.limit.0, at.key, at.window)
 }
 
@@ -678,7 +686,9 @@ impl Store for RedisStore {
             let calls = ops
                 .iter()
                 .map(|op| {
-                    let call = self.state_call(&op.limiter, &op.at, "acquire", now);
+                    let mut call = self.state_call(&op.limiter, &op.at, "acquire", now);
+                    // A token bucket's lease ledgers, whose unused grants are parked first.
+                    call.keys.extend(op.leases.iter().map(ledger_key));
                     let cost = op.cost.get();
                     match op.limiter {
                         StateLimiter::TokenBucket(g) => call
@@ -707,6 +717,52 @@ impl Store for RedisStore {
                 .iter()
                 .zip(ops)
                 .map(|(v, op)| state_reply(&op.limiter, v))
+                .collect()
+        })
+    }
+
+    fn lease<'a>(
+        &'a self,
+        edge: EdgeId,
+        now: Nanos,
+        ops: &'a [LeaseOp],
+    ) -> StoreFuture<'a, Vec<LeaseReply>> {
+        Box::pin(async move {
+            let field = edge_field(edge);
+            let calls = ops
+                .iter()
+                .map(|op| {
+                    let limiter = StateLimiter::TokenBucket(op.limiter);
+                    let mut call = self.state_call(&limiter, &op.state(), "lease", now);
+                    call.keys.push(ledger_key(&op.at));
+                    call.keys.push(ledger_key(&op.other));
+                    let burst = op.limiter.burst().get();
+                    call.arg(op.limiter.emission_interval().as_u64())
+                        .arg(burst)
+                        .arg(&field)
+                        .arg(op.used)
+                        .arg(op.released)
+                        .arg(op.want)
+                        .arg(op.threshold.of(burst))
+                        .arg(op.edges.max(1))
+                        .arg(ttl_ms(now, op.expire_at))
+                        .arg(grace_ms())
+                })
+                .collect();
+            self.run(calls)
+                .await?
+                .iter()
+                .map(|v| match v[..] {
+                    [granted, used, released, admitted, level, recall] => Ok(LeaseReply {
+                        granted: count(granted),
+                        used: count(used),
+                        released: count(released),
+                        admitted: count(admitted),
+                        level: count(level),
+                        recall: recall == 1,
+                    }),
+                    _ => Err(reply_error("lease", v)),
+                })
                 .collect()
         })
     }

@@ -280,13 +280,8 @@ impl KeyLedger {
         if delta == 0 {
             return unchanged;
         }
-        let counters = self.entry(edge);
-        let base = counters
-            .granted
-            .max(counters.released.saturating_add(counters.used));
-        counters.granted = base.saturating_add(delta);
         Grant {
-            ceiling: counters.granted,
+            ceiling: self.raise(edge, delta),
             raised_by: delta,
         }
     }
@@ -334,6 +329,25 @@ impl KeyLedger {
     /// Stops grants for the rest of the window, as another view of the same ledger decided.
     pub fn mark_near_limit(&mut self) {
         self.near_limit = true;
+    }
+
+    /// `G`: what the edges hold unused, `Σ (granted − released − used)` (each at least 0).
+    pub fn unused(&self) -> u64 {
+        self.edges
+            .iter()
+            .fold(0, |g, (_, c)| g.saturating_add(c.unused()))
+    }
+
+    /// Raises `edge`'s holding by exactly `delta`, as [`grant`](KeyLedger::grant) does once it
+    /// has sized the grant: the ceiling becomes `max(granted, released + used) + delta`.
+    /// Returns the new ceiling. The caller keeps whatever bound the grant must respect.
+    pub fn raise(&mut self, edge: EdgeId, delta: u64) -> u64 {
+        let counters = self.entry(edge);
+        let base = counters
+            .granted
+            .max(counters.released.saturating_add(counters.used));
+        counters.granted = base.saturating_add(delta);
+        counters.granted
     }
 
     /// Every edge's counters, in id order.

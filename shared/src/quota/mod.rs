@@ -11,9 +11,11 @@
 //! [`merge`](KeyLedger::merge)s them by `max` (so a duplicate, a replay or a second replica
 //! changes nothing), then calls [`grant`](KeyLedger::grant) to raise the edge's ceiling, and
 //! answers with the ceiling, `T` and `n`. An exact check near the limit is
-//! [`KeyLedger::exact`].
+//! [`KeyLedger::exact`]. A token bucket's keys are granted through the same ledgers, with the
+//! quota taken from the bucket itself ([`lease`]).
 
 mod grant;
+pub mod lease;
 mod partition;
 
 pub use self::{
