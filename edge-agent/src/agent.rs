@@ -11,6 +11,10 @@
 //! timeout; when that fails or times out, each rule's failure mode decides. No lock is held
 //! across the network.
 //!
+//! A token bucket's keys are decided the same way, under grants of the bucket's tokens, filed
+//! by lease window (`shared::quota::lease`); a sliding log's and a leaky bucket's always go to
+//! the regional.
+//!
 //! The sync loop, every flush interval, walks the map, hands back idle or recalled grants,
 //! sends the counts the regional has not acknowledged (cumulative, so a resend after a lost
 //! answer is counted once), applies the answers (raised ceilings, `n`, hot keys), and forgets
@@ -45,7 +49,10 @@ use shared::{
     Clock, FailureMode, LimitId, Nanos, RuleSet,
     algorithm::Limiter,
     metrics::{Histogram, Striped},
-    quota::cold_allowance,
+    quota::{
+        cold_allowance,
+        lease::{LEASE_WINDOW, grant_window},
+    },
     rules::{Match, Request, recycle},
     wire::{Acquire, AcquireReply, Check, MAX_KEYS_PER_BATCH, SyncAck, SyncBatch, SyncEntry},
 };
@@ -477,8 +484,10 @@ struct Part {
     limit: LimitId,
     value: u64,
     window: u64,
+    /// When the limit is back to full: the window's end, a bucket's refill.
     window_end: Nanos,
     failure: FailureMode,
+    limiter: Limiter,
 }
 
 thread_local! {
@@ -563,7 +572,7 @@ impl Inner {
                     allowed: true,
                     limit: value,
                     remaining,
-                    reset_at: window_end(w, len),
+                    reset_at: reset_at(limiter, now, remaining),
                     retry_after: Nanos::ZERO,
                     rule: Some(m.limit.id()),
                     path: DecisionPath::Local,
@@ -597,12 +606,11 @@ impl Inner {
                 self.stats.denied.add(1);
                 let m = &matches[reserved];
                 let limiter = m.limit.limiter();
-                let len = limiter.window().as_u64().max(1);
                 Ok(Decision {
                     allowed: false,
                     limit: limiter.limit(),
                     remaining: 0,
-                    reset_at: window_end(now.as_u64() / len, len),
+                    reset_at: reset_at(limiter, now, 0),
                     retry_after: until - now,
                     rule: Some(m.limit.id()),
                     path: DecisionPath::CachedDenial,
@@ -650,7 +658,7 @@ impl Inner {
         let mut checks = Vec::with_capacity(matches.len());
         for m in matches {
             let limiter = m.limit.limiter();
-            let len = limiter.window().as_u64().max(1);
+            let len = edge_window(limiter);
             let w = now.as_u64() / len;
             let slot = SlotKey::new(m.limit.id(), &m.key);
             let want = self.with_state(&slot, |s| {
@@ -672,8 +680,9 @@ impl Inner {
                 limit: m.limit.id(),
                 value: limiter.limit(),
                 window: w,
-                window_end: window_end(w, len),
+                window_end: reset_at(limiter, now, 0),
                 failure: m.rule.on_failure(),
+                limiter: limiter.clone(),
             });
         }
         let exact = ExactRequest { now, cost, parts };
@@ -788,7 +797,8 @@ impl Inner {
                 FailureMode::Closed => false,
                 FailureMode::Open => true,
                 FailureMode::Local => {
-                    let share = self.partition(part.limit, part.value) / n;
+                    let part_here = self.partition(part.limit, part.value);
+                    let share = fallback_share(&part.limiter, part_here) / n;
                     let after = self.with_state(&part.slot.view(), |s| {
                         let (used, lost) = s.used_in(part.window);
                         self.stats.lost(lost);
@@ -952,7 +962,7 @@ impl Inner {
             let Some((_, l)) = rules.limit(limit) else {
                 return false; // the rule is gone
             };
-            let len = l.limiter().window().as_u64().max(1);
+            let len = edge_window(l.limiter());
             let current = now.as_u64() / len;
             let (_, lost) = state.window(current);
             lost_total += lost;
@@ -1029,16 +1039,44 @@ fn window_end(w: u64, len: u64) -> Nanos {
     Nanos(w.saturating_add(1).saturating_mul(len))
 }
 
-/// The window length of a limiter the edge can decide under grants, or `None` when its keys
-/// always take the exact path: the sliding log is exact only at one authority (DESIGN §3),
-/// and the buckets' grants are not built yet.
+/// The window length of a limiter the edge can decide under grants (a token bucket's is its
+/// lease window, `shared::quota::lease`), or `None` when its keys always take the exact path:
+/// the sliding log is exact only at one authority (DESIGN §3), and a leaky bucket's shaper
+/// answers "go after X", which no grant can.
 fn local_window(limiter: &Limiter) -> Option<u64> {
-    match limiter {
-        Limiter::FixedWindow(_) | Limiter::SlidingWindow(_) => {
-            Some(limiter.window().as_u64().max(1))
-        }
-        Limiter::SlidingLog(_) | Limiter::TokenBucket(_) | Limiter::LeakyBucket(_) => None,
+    grant_window(limiter).map(|len| len.as_u64().max(1))
+}
+
+/// The window an edge files `limiter`'s counts under: its grants' window, or for a limiter
+/// decided by the regional only, the span its limit is measured over.
+fn edge_window(limiter: &Limiter) -> u64 {
+    local_window(limiter).unwrap_or_else(|| limiter.window().as_u64().max(1))
+}
+
+/// When `limiter` is back to its full limit, at `now` with `remaining` left: the window's
+/// end; for a token bucket, when it is full again if nothing else arrives (its grants' lease
+/// window says nothing to a client).
+fn reset_at(limiter: &Limiter, now: Nanos, remaining: u64) -> Nanos {
+    if let Limiter::TokenBucket(g) = limiter {
+        let missing = g.burst().get().saturating_sub(remaining);
+        let t = u128::from(missing) * u128::from(g.emission_interval().as_u64());
+        return Nanos::saturating_from(u128::from(now.as_u64()) + t);
     }
+    let len = edge_window(limiter);
+    window_end(now.as_u64() / len, len)
+}
+
+/// What one edge may admit of `limiter`'s key in one of its windows when the regional is
+/// unreachable and the rule fails `local`, given the region's part `partition`, before
+/// dividing by `n` (DESIGN §7): the part; for a token bucket, the part's capacity and what its
+/// rate refills over a lease window.
+fn fallback_share(limiter: &Limiter, partition: u64) -> u64 {
+    if let Limiter::TokenBucket(g) = limiter {
+        let refill = u128::from(g.refill_time().as_u64().max(1));
+        let per_lease = u128::from(partition) * u128::from(LEASE_WINDOW.as_u64()) / refill;
+        return partition.saturating_add(u64::try_from(per_lease).unwrap_or(u64::MAX));
+    }
+    partition
 }
 
 struct Stats {

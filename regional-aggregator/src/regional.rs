@@ -28,15 +28,20 @@
 //! An [`Acquire`] may mix algorithms. Its window checks (fixed and sliding window) become
 //! [`ExactOp`]s on ledgers, decided in the window that is current here; its token bucket,
 //! leaky bucket and sliding log checks become [`StateOp`]s, each running the `shared`
-//! algorithm on that key's state in the store (edges always send those keys down this path).
+//! algorithm on that key's state in the store.
 //! The two kinds go to the store at once; when any check of either kind denies, what the
 //! others consumed is refunded, ledgers and limiter states alike, so a request consumes from
 //! all of its limits or from none. A limiter whose span no store keeps exactly
 //! ([`MAX_SPAN`](crate::store::MAX_SPAN)) is denied and counted in
 //! [`RegionalStats::unsupported`].
 //!
-//! What the edge learns of a limiter's check (a [`CheckOutcome`], `granted` always 0: there
-//! are no grants for these keys): `allowed`, where a leaky shaper's "go after X" counts as
+//! A token bucket's keys are also decided at the edges, under grants of its tokens
+//! (`shared::quota::lease`): a sync entry for one becomes a [`LeaseOp`] on its lease ledger
+//! (the window is the lease window), and its exact checks park what edges hold unused first
+//! ([`StateOp::leases`]), so the grants and the exact path share one bucket.
+//!
+//! What the edge learns of a limiter's check (a [`CheckOutcome`], `granted` always 0: a grant
+//! comes with the next sync): `allowed`, where a leaky shaper's "go after X" counts as
 //! allowed (its cost is in the bucket) but X is not on the wire, so the edge sends the request
 //! on at once: through the regional a shaper admits exactly what a meter would, without the
 //! spacing; `remaining`, the limiter's own; and `reset_at`, when allowed the time the limiter
@@ -121,8 +126,9 @@ pub struct RegionalStats {
     pub skewed: AtomicU64,
     /// Entries or checks naming a limit the rules do not have.
     pub unknown_limit: AtomicU64,
-    /// Sync entries for an algorithm without ledgers (the edge sends those keys down the
-    /// exact path), and checks on a limiter whose span is beyond
+    /// Sync entries for an algorithm without grants (the edge sends those keys down the
+    /// exact path) or for a bucket this region holds none of, and checks on a limiter whose
+    /// span is beyond
     /// [`MAX_SPAN`](crate::store::MAX_SPAN) (denied).
     pub unsupported: AtomicU64,
     /// Store calls that failed.
@@ -651,15 +657,23 @@ impl Regional {
                 exact_since: window_exact_since(rule.on_failure(), e.window, w.length, w.sliding),
             });
         }
-        let (replies, lease_replies) =
-            futures_util::future::join(self.store.sync(edge, now, &ops), async {
+        let (replies, lease_replies) = futures_util::future::join(
+            async {
+                if ops.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let replies = self.store.sync(edge, now, &ops).await?;
+                answers_every_op("sync", replies, ops.len())
+            },
+            async {
                 if leases.is_empty() {
                     return Ok(Vec::new());
                 }
                 let replies = self.store.lease(edge, now, &leases).await?;
                 answers_every_op("lease", replies, leases.len())
-            })
-            .await;
+            },
+        )
+        .await;
         let (replies, lease_replies) =
             replies
                 .and_then(|r| Ok((r, lease_replies?)))

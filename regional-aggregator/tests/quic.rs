@@ -207,6 +207,93 @@ async fn a_zipf_workload_is_decided_locally_at_least_95_percent() {
     assert!(total <= 660, "soft overshoot beyond P + n·c0: {total}");
 }
 
+/// Three edges decide a hard token bucket's key locally under grants of its tokens, and the
+/// bucket holds across edges, the exact path and a lease window's turn. Of a bucket of 50 at
+/// 100/s: first 10 s of demand under the rate (1 to 4 requests per edge per 100 ms), every
+/// request admitted and most of them without asking the regional; then 5 s of demand far
+/// over it, where the three edges together admit no more than the bucket allows, `50 + 100/s`
+/// over the whole run, and not much less.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edges_decide_a_token_bucket_locally_and_the_bucket_holds() {
+    let server = RedisServer::start();
+    let t = topology(
+        &server,
+        "rate_limits:\n  endpoints:\n    \
+         - { id: login, path: /login, algorithm: token_bucket, rate: 100/s, burst: 50, \
+         key: user_id, strictness: hard }\n",
+        3,
+    )
+    .await;
+    let mut rng = Rng::new(5);
+    let round = |rng: &mut Rng, max: u64| {
+        let sent: Vec<usize> = (0..3).map(|_| 1 + rng.below(max) as usize).collect();
+        let admitted = burst_of(&t.agents, &sent);
+        (sent.iter().sum::<usize>(), admitted)
+    };
+    let (mut sent, mut admitted) = (0, 0);
+    for _ in 0..100 {
+        let (s, a) = round(&mut rng, 4);
+        sent += s;
+        admitted += a;
+        for a in &t.agents {
+            a.flush().await.expect("the regional answers");
+        }
+        t.clock.advance(Nanos::from_millis(100));
+    }
+    let local: u64 = t.agents.iter().map(|a| a.stats().local).sum();
+    let exact: u64 = t.agents.iter().map(|a| a.stats().exact).sum();
+    eprintln!("under the rate: {admitted} of {sent} admitted, {local} local, {exact} exact");
+    assert_eq!(admitted, sent, "under the rate everything is admitted");
+    assert!(
+        local as f64 >= 0.8 * sent as f64,
+        "{local} of {sent} decided locally ({exact} exact)"
+    );
+    // Far over the rate: whatever the bucket held when this began (at most its 50), plus
+    // what 100/s refills between the first round and the last, 4.9 s later.
+    let mut over = 0;
+    for _ in 0..50 {
+        let (_, a) = round(&mut rng, 20);
+        over += a;
+        for a in &t.agents {
+            let _ = a.flush().await;
+        }
+        t.clock.advance(Nanos::from_millis(100));
+    }
+    let fallback: u64 = t.agents.iter().map(|a| a.stats().fallback).sum();
+    assert_eq!(fallback, 0, "every exact request was answered in time");
+    eprintln!("over the rate: {over} admitted in 4.9 s, bound 540");
+    assert!(
+        over <= 50 + 490,
+        "{over} admitted in 4.9 s, more than the bucket's 50 and 100/s"
+    );
+    // The tokens the rate refills are admitted, not stranded at edges that hold them unused.
+    assert!(
+        over >= 490,
+        "only {over} admitted in 4.9 s of demand far over 100/s"
+    );
+}
+
+/// One round of load: a thread per edge, each `sent[i]` logins for alice at once; what they
+/// admitted.
+fn burst_of(agents: &[Arc<Agent>], sent: &[usize]) -> usize {
+    let handles: Vec<_> = agents
+        .iter()
+        .zip(sent)
+        .map(|(agent, &n)| {
+            let agent = agent.clone();
+            std::thread::spawn(move || {
+                (0..n)
+                    .filter(|_| agent.check(&user("alice", "/login")).allowed)
+                    .count()
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("no check panics"))
+        .sum()
+}
+
 /// A regional replica of region `eu` named `node` on `server`'s Redis, serving QUIC on a free
 /// port: `(regional, endpoint, address)`.
 async fn replica(

@@ -9,7 +9,7 @@
 //! from. A window's grants are bounded by `θ·P`; a bucket's are tokens taken out of the bucket:
 //!
 //! - **Charging.** The bucket is charged for what each edge *holds*, `max(used, granted −
-//!   released)` ([`EdgeCounters::holding`]): every change of a holding moves the bucket's TAT by
+//!   released)` ([`EdgeCounters::holding`](super::EdgeCounters::holding)): every change of a holding moves the bucket's TAT by
 //!   as many tokens, forward when a grant is minted (or an edge admitted beyond its grant, a
 //!   soft key's cold allowance), back when an edge hands tokens back unused. Holdings are a
 //!   function of the merged counters, so a repeated sync moves nothing.
