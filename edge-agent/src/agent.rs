@@ -482,7 +482,6 @@ struct ExactRequest {
 struct Part {
     slot: StoredKey,
     limit: LimitId,
-    value: u64,
     window: u64,
     /// When the limit is back to full: the window's end, a bucket's refill.
     window_end: Nanos,
@@ -678,7 +677,6 @@ impl Inner {
             parts.push(Part {
                 slot: StoredKey::new(&slot),
                 limit: m.limit.id(),
-                value: limiter.limit(),
                 window: w,
                 window_end: reset_at(limiter, now, 0),
                 failure: m.rule.on_failure(),
@@ -741,12 +739,12 @@ impl Inner {
                 // What is left for this client here: nobody's, plus what this edge holds.
                 let remaining = check.remaining.saturating_add(win.unused());
                 let used = win.used;
-                win.estimate_total(part.value.saturating_sub(remaining), used);
+                win.estimate_total(part.limiter.limit().saturating_sub(remaining), used);
                 remaining
             });
             let d = Decision {
                 allowed: reply.allowed,
-                limit: part.value,
+                limit: part.limiter.limit(),
                 remaining: if check.allowed { remaining } else { 0 },
                 reset_at: part.window_end,
                 retry_after: reopen - now,
@@ -797,7 +795,7 @@ impl Inner {
                 FailureMode::Closed => false,
                 FailureMode::Open => true,
                 FailureMode::Local => {
-                    let part_here = self.partition(part.limit, part.value);
+                    let part_here = self.partition(part.limit, part.limiter.limit());
                     let share = fallback_share(&part.limiter, part_here) / n;
                     let after = self.with_state(&part.slot.view(), |s| {
                         let (used, lost) = s.used_in(part.window);
@@ -818,7 +816,7 @@ impl Inner {
             self.stats.denied.add(1);
             return Decision {
                 allowed: false,
-                limit: part.value,
+                limit: part.limiter.limit(),
                 remaining: 0,
                 reset_at: part.window_end,
                 // Not a promise the regional made: retry when the regional may be back.
@@ -840,7 +838,7 @@ impl Inner {
         let part = &exact.parts[0];
         Decision {
             allowed: true,
-            limit: part.value,
+            limit: part.limiter.limit(),
             remaining: remaining.unwrap_or(0),
             reset_at: part.window_end,
             retry_after: Nanos::ZERO,

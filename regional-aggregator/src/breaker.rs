@@ -507,6 +507,12 @@ async fn acquire_known(
 /// so the parts never sum past the whole.
 const OWN_SHARE_PPM: u32 = 1_000_000;
 
+/// One replica's part of `limiter` during an outage: `1/replicas` of its capacity and rate
+/// (the whole of it for one replica); `None` when that part cannot hold a unit.
+fn own_part(limiter: StateLimiter, replicas: u32) -> Option<StateLimiter> {
+    limiter.partitioned(OWN_SHARE_PPM / replicas.max(1))
+}
+
 /// An op whose window bounds can be cut to one replica's part of the region's partition.
 trait OwnShare: Clone {
     fn own_share(&self, replicas: u32) -> Self;
@@ -676,7 +682,7 @@ impl Store for GuardedStore {
                 let parts: Vec<Option<StateOp>> = ops
                     .iter()
                     .map(|op| {
-                        let part = op.limiter.partitioned(OWN_SHARE_PPM / replicas)?;
+                        let part = own_part(op.limiter, replicas)?;
                         Some(StateOp {
                             limiter: part,
                             ..op.clone()
@@ -720,15 +726,9 @@ impl Store for GuardedStore {
                 let ops: Vec<LeaseOp> = ops
                     .iter()
                     .map(|op| {
-                        let part = if replicas == 1 {
-                            Some(op.limiter)
-                        } else {
-                            match StateLimiter::TokenBucket(op.limiter)
-                                .partitioned(OWN_SHARE_PPM / replicas)
-                            {
-                                Some(StateLimiter::TokenBucket(g)) => Some(g),
-                                _ => None,
-                            }
+                        let part = match own_part(StateLimiter::TokenBucket(op.limiter), replicas) {
+                            Some(StateLimiter::TokenBucket(g)) => Some(g),
+                            _ => None,
                         };
                         let minting = part.is_some() && !op.unknown(since);
                         LeaseOp {
@@ -756,7 +756,7 @@ impl Store for GuardedStore {
                     .iter()
                     .filter_map(|r| {
                         Some(StateRefund {
-                            limiter: r.limiter.partitioned(OWN_SHARE_PPM / replicas)?,
+                            limiter: own_part(r.limiter, replicas)?,
                             ..r.clone()
                         })
                     })

@@ -79,22 +79,8 @@ async fn edge(
 /// One round of load: a thread per edge, each a burst of 1 to `max` logins for alice at
 /// once; what they admitted.
 fn burst(agents: &[Arc<Agent>], rng: &mut Rng, max: u64) -> usize {
-    let handles: Vec<_> = agents
-        .iter()
-        .map(|agent| {
-            let agent = agent.clone();
-            let n = 1 + rng.below(max) as usize;
-            std::thread::spawn(move || {
-                (0..n)
-                    .filter(|_| agent.check(&user("alice", "/login")).allowed)
-                    .count()
-            })
-        })
-        .collect();
-    handles
-        .into_iter()
-        .map(|h| h.join().expect("no check panics"))
-        .sum()
+    let sent: Vec<usize> = agents.iter().map(|_| 1 + rng.below(max) as usize).collect();
+    burst_of(agents, &sent)
 }
 
 fn user<'a>(id: &'a str, path: &'a str) -> Request<'a> {

@@ -163,16 +163,16 @@ impl MemoryStore {
 
     /// What the edges hold unused in `leases`, read before any entry is locked (a lease
     /// ledger may share a map shard with another).
-    fn parked(&self, leases: &[&LedgerKey], now: Nanos) -> u64 {
+    fn parked<'k>(&self, leases: impl IntoIterator<Item = &'k LedgerKey>, now: Nanos) -> u64 {
         leases
-            .iter()
-            .filter_map(|at| self.ledgers.get(*at))
+            .into_iter()
+            .filter_map(|at| self.ledgers.get(at))
             .filter(|e| e.expire_at > now)
             .fold(0, |g, e| g.saturating_add(e.ledger.unused()))
     }
 
     fn acquire_state_one(&self, now: Nanos, op: &StateOp) -> StateReply {
-        let parked = self.parked(&op.leases.iter().collect::<Vec<_>>(), now);
+        let parked = self.parked(&op.leases, now);
         let mut entry = self.state_entry(&op.at, op.limiter);
         entry.limiter = op.limiter;
         // Parked on a copy, kept only with what an admission consumed (as `gcra.lua`): a
@@ -199,7 +199,7 @@ impl MemoryStore {
     }
 
     fn lease_one(&self, edge: EdgeId, now: Nanos, op: &LeaseOp) -> LeaseReply {
-        let elsewhere = self.parked(&[&op.other], now);
+        let elsewhere = self.parked([&op.other], now);
         let limiter = StateLimiter::TokenBucket(op.limiter);
         let mut state = self.state_entry(&op.state(), limiter);
         state.limiter = limiter;
