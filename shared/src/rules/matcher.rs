@@ -2,7 +2,7 @@
 //! path trie the rule set builds once.
 //!
 //! Matching runs on every request at the edge, so it is built to cost little and allocate
-//! nothing: a path spelled exactly as an all-literal route is one hash lookup (`exact`); other
+//! nothing: a path spelled exactly as an all-literal route is one lookup (`exact`); other
 //! paths walk the trie, keyed by path segment, so a literal path costs one lookup per segment
 //! whatever the number of rules (a few comparisons where a node has few children, a hash
 //! lookup where it has many), and wildcard segments are followed only where some rule has one
@@ -148,9 +148,10 @@ pub(crate) struct Matcher {
     /// The node a path written exactly as its literal segments (`/api/search`: one `/` before
     /// each, none after) ends at, for the nodes whose rules are all such a path matches: no
     /// node on the way has a `**` rule and none before the last has a wildcard child, so the
-    /// walk would find that node's `ends` and nothing else. One hash of the path instead of a
-    /// lookup per segment; any other path (a wildcard route, `//`, a trailing `/`) walks.
-    exact: HashMap<Box<str>, usize>,
+    /// walk would find that node's `ends` and nothing else. One comparison per such path while
+    /// there are few, one hash of the path after, instead of a lookup per segment; any other
+    /// path (a wildcard route, `//`, a trailing `/`) walks.
+    exact: Literals,
     /// Bit `n` set when some path in `exact` is `n` bytes long (bit 63: 63 or more), so that
     /// most paths that are not there (parameters make them longer or shorter) skip the hash.
     exact_lengths: u64,
@@ -176,7 +177,7 @@ impl Matcher {
     pub(crate) fn new(rules: &[Rule]) -> Matcher {
         let mut matcher = Matcher {
             nodes: vec![Node::default()],
-            exact: HashMap::default(),
+            exact: Literals::default(),
             exact_lengths: 0,
             default: None,
             tiers: HashMap::default(),
@@ -210,6 +211,7 @@ impl Matcher {
                 path.clone()
             };
             self.exact_lengths |= length_bit(key.len());
+            // Each node is reached by one path, so `key` is not there yet.
             self.exact.insert(key.into_boxed_str(), node);
         }
         if here.wildcard.is_some() {
@@ -271,6 +273,7 @@ impl Matcher {
                 method: Some(method),
                 ..
             } = &rule.selector
+                && method.as_str() != req.method
                 && !method.eq_ignore_ascii_case(req.method)
             {
                 return;
@@ -278,14 +281,21 @@ impl Matcher {
             endpoint_matched = true;
             push(rule, req, out);
         };
-        let segments = Segments::new(req.path);
-        let path = segments.as_str();
-        let exact = (self.exact_lengths & length_bit(path.len()) != 0)
-            .then(|| self.exact.get(path))
-            .flatten();
-        match exact.and_then(|&node| self.nodes.get(node)) {
-            Some(node) => node.ends.iter().for_each(|&index| emit(index)),
-            None => self.walk(0, segments, &mut emit),
+        // Routes hold neither `?` nor `#`, so a path found as written has no query to cut off
+        // and is looked up before it is scanned for one.
+        let exact = self.exact(req.path).ok_or_else(|| Segments::new(req.path));
+        let exact = exact.or_else(|segments| {
+            let path = segments.as_str();
+            let cut = (path.len() < req.path.len()).then(|| self.exact(path));
+            cut.flatten().ok_or(segments)
+        });
+        match exact {
+            Ok(node) => {
+                if let Some(node) = self.nodes.get(node) {
+                    node.ends.iter().for_each(|&index| emit(index));
+                }
+            }
+            Err(segments) => self.walk(0, segments, &mut emit),
         }
         // The walk visits rules in trie order; callers get them in file order. All matched rules
         // are elements of the one `rules` slice, so their addresses sort as their indices do.
@@ -301,6 +311,14 @@ impl Matcher {
         if let Some(rule) = tier_rule {
             push(rule, req, out);
         }
+    }
+
+    /// The node of the all-literal route spelled exactly `path`, if there is one.
+    fn exact(&self, path: &str) -> Option<usize> {
+        if self.exact_lengths & length_bit(path.len()) == 0 {
+            return None;
+        }
+        self.exact.get(path)
     }
 
     /// Calls `emit` with every rule whose pattern matches the rest of the path `path` from
@@ -334,9 +352,10 @@ fn length_bit(len: usize) -> u64 {
     1 << len.min(63)
 }
 
-/// A node's children by literal segment. Most nodes have a handful, and comparing a short
-/// segment with each of a few is several times faster than hashing it, so a node keeps a list
-/// until it has more than [`Literals::FEW`] children and a hash map after.
+/// Strings to indices, for a node's children by literal segment and for the exact paths. Most
+/// nodes have a handful, and comparing a short string with each of a few is several times
+/// faster than hashing it, so this keeps a list until it has more than [`Literals::FEW`]
+/// entries and a hash map after.
 #[derive(Clone, Debug)]
 enum Literals {
     Few(Vec<(Box<str>, usize)>),
