@@ -12,8 +12,9 @@
 //! across the network.
 //!
 //! A token bucket's keys are decided the same way, under grants of the bucket's tokens, filed
-//! by lease window (`shared::quota::lease`); a sliding log's and a leaky bucket's always go to
-//! the regional.
+//! by lease window (`shared::quota::lease`), and so are a leaky-bucket meter's (rules compile a
+//! meter to the GCRA it equals); a sliding log's and a leaky-bucket shaper's always go to the
+//! regional.
 //!
 //! The sync loop, every flush interval, walks the map, hands back idle or recalled grants,
 //! sends the counts the regional has not acknowledged (cumulative, so a resend after a lost

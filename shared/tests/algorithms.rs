@@ -311,6 +311,27 @@ proptest! {
         run(&algorithm, &Limiter::LeakyBucket(algorithm), reference, start, &steps)?;
     }
 
+    /// Why a `leaky_bucket` meter rule is enforced as a `Gcra` (`rules::parse`): the two
+    /// answer every request alike, allowed or not, with the same remaining, reset and retry.
+    #[test]
+    fn a_leaky_meter_decides_as_its_gcra((limit, period, capacity, start, steps) in bucket()) {
+        let meter =
+            LeakyBucket::new(nz(limit), Nanos(period), nz(capacity), LeakyMode::Meter).unwrap();
+        let gcra = Gcra::new(nz(limit), Nanos(period), nz(capacity)).unwrap();
+        let (mut level, mut tat) = Default::default();
+        let mut now = start;
+        for &(gap, cost) in &steps {
+            now += gap.nanos(period);
+            let (at, cost) = (Nanos(now), NonZeroU32::new(cost).expect("costs start at 1"));
+            let want = meter.check(&level, at, cost);
+            prop_assert_eq!(gcra.check(&tat, at, cost), want, "at {} cost {}", now, cost);
+            if want.is_allowed() {
+                meter.consume(&mut level, at, cost);
+                gcra.consume(&mut tat, at, cost);
+            }
+        }
+    }
+
     #[test]
     fn leaky_shaper_matches_reference((limit, period, capacity, start, steps) in bucket()) {
         let algorithm =

@@ -48,9 +48,10 @@ use crate::{
 pub const LEASE_WINDOW: Nanos = Nanos::from_secs(10);
 
 /// The window an edge's grants of `limiter`'s keys are counted in (DESIGN §9, epoch-aligned):
-/// a window algorithm's own, [`LEASE_WINDOW`] for a token bucket; `None` for the limiters whose
-/// keys take the exact path every time (the sliding log, exact only at one authority, and the
-/// leaky bucket, whose shaper answers "go after X" that no grant can).
+/// a window algorithm's own, [`LEASE_WINDOW`] for a token bucket (and a leaky-bucket meter, which
+/// rules compile to the GCRA it equals); `None` for the limiters whose keys take the exact path
+/// every time (the sliding log, exact only at one authority, and the leaky-bucket shaper, which
+/// answers "go after X" as no grant can).
 pub fn grant_window(limiter: &Limiter) -> Option<Nanos> {
     match limiter {
         Limiter::FixedWindow(_) | Limiter::SlidingWindow(_) => {

@@ -443,6 +443,13 @@ fn bucket(
         RawAlgorithm::TokenBucket => {
             Gcra::new(rate.count, rate.period, burst).map(Limiter::TokenBucket)
         }
+        // A meter decides exactly as GCRA does with `tat = now + level` (the leaky bucket's
+        // module doc), so it is enforced as that GCRA, and every tier grants, parks, splits and
+        // escalates it as the token bucket it is. Only the shaper, whose answer is the level
+        // itself ("go after X"), stays a leaky bucket and takes the exact path.
+        RawAlgorithm::LeakyBucket if mode == LeakyMode::Meter => {
+            Gcra::new(rate.count, rate.period, burst).map(Limiter::TokenBucket)
+        }
         RawAlgorithm::LeakyBucket => {
             LeakyBucket::new(rate.count, rate.period, burst, mode).map(Limiter::LeakyBucket)
         }
