@@ -291,6 +291,7 @@ impl Admin {
     fn metrics_json(&self) -> serde_json::Value {
         let rules = self.coordinator.rules();
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let links = self.links.stats();
         json!({
             "rule_set_version": rules.version(),
             "rules": rules.rules().len(),
@@ -299,6 +300,12 @@ impl Admin {
             "admin_unauthorized": load(&self.stats.unauthorized),
             "admin_changes": load(&self.stats.changes),
             "admin_refused": load(&self.stats.refused),
+            "reports": load(&links.reports),
+            "escalations": load(&links.escalations),
+            "transferred_units": load(&links.transferred),
+            "late_released_units": load(&links.late_units),
+            "hot_key_moves": load(&links.hot_key_moves),
+            "partition_pushes": load(&links.pushes),
         })
     }
 }
@@ -430,6 +437,13 @@ impl Collector for CoordinatorCollector {
             "transferred_units",
             "Units moved between regions by transfers.",
             load(&l.transferred),
+        )?;
+        counter(
+            e,
+            "late_released_units",
+            "Units a giving region confirmed releasing only after the escalation was answered, \
+             then granted to the region that asked.",
+            load(&l.late_units),
         )?;
         counter(
             e,

@@ -15,7 +15,11 @@
 //!   that does not confirm only delays the others' raises.
 //! - a [`QuotaRequest`] (escalation) runs a two-phase transfer: every other connected region is
 //!   asked to [`Release`] up to what is wanted of that key, each gives at most its unused
-//!   partition and confirms, and the requester is answered with exactly the sum confirmed.
+//!   partition and confirms, and the requester is answered with exactly the sum confirmed,
+//!   within [`TRANSFER_ANSWER_WITHIN`] so that it is still listening. A giver that has not
+//!   confirmed by then may have released anyway: it is asked again with the same id (it
+//!   answers what it released, once) after the answer, and what it confirms then goes to the
+//!   requester as a [`TransferGrant`], so released quota is not lost to the window.
 //! - rule sets the admin API accepts are pushed to every regional ([`Links::push_rules`]).
 
 use std::{
@@ -36,7 +40,7 @@ use shared::{
     wire::{
         CloseCode, ErrorNotice, Hello, KeyQuery, KeyReport, Message, PROTOCOL_VERSION, Partitions,
         QuotaReply, QuotaRequest, Refusal, Refused, Release, Report, ReportAck, Role, RuleSetPush,
-        RuleShare, TransferGrant, Welcome,
+        RuleShare, TRANSFER_ANSWER_WITHIN, TransferGrant, Welcome,
     },
 };
 
@@ -49,6 +53,11 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// and lands what comes for its next requests (up to 2 s, longer than this), while a confirm
 /// given up on here is quota released and then lost to the window.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(1);
+/// A giver asked with less time than this left before the answer is due is not asked.
+const MIN_RELEASE_WAIT: Duration = Duration::from_millis(20);
+/// How often, and how far apart, a late confirm is asked for again, and a late grant resent.
+const LATE_TRIES: u32 = 5;
+const LATE_RETRY: Duration = Duration::from_millis(500);
 
 /// The connected regionals, and what the coordinator knows of each region.
 pub struct Links {
@@ -103,6 +112,16 @@ pub struct LinkStats {
     pub pushes: AtomicU64,
     /// Hot keys whose next window was split by their own demand.
     pub hot_key_moves: AtomicU64,
+    /// Units whose release was confirmed only after the requester was answered, and that were
+    /// then granted to it.
+    pub late_units: AtomicU64,
+}
+
+/// A giver that had not confirmed its [`Release`] when the requester had to be answered.
+struct Late {
+    region: String,
+    conn: Connection,
+    release: Message,
 }
 
 #[derive(Default)]
@@ -463,14 +482,19 @@ impl Links {
     /// rather than all at once: a bucket's asker can hold only what it asked for (its free
     /// room), and with three regions or more, asking every giver for all of it would take
     /// tokens from the others only for the asker to drop them.
-    async fn transfer(&self, region: &str, request: &QuotaRequest) -> u64 {
+    ///
+    /// Answers within [`TRANSFER_ANSWER_WITHIN`]: the givers that have not confirmed by then
+    /// are returned, for [`land_late`](Links::land_late).
+    async fn transfer(&self, region: &str, request: &QuotaRequest) -> (u64, Vec<Late>) {
         self.supersede_hot_split(request);
+        let started = Instant::now();
         let mut givers = self.one_regional_per_region();
         givers.retain(|(name, _)| name != region);
-        let mut granted = 0;
-        for (name, conn) in &givers {
+        let (mut granted, mut late) = (0, Vec::new());
+        for (name, conn) in givers {
             let wanted = request.wanted.saturating_sub(granted);
-            if wanted == 0 {
+            let left = TRANSFER_ANSWER_WITHIN.saturating_sub(started.elapsed());
+            if wanted == 0 || left < MIN_RELEASE_WAIT {
                 break;
             }
             // An id per giver: a resent `Release` of one giver's part is answered again.
@@ -481,15 +505,106 @@ impl Links {
                 window: request.window,
                 amount: wanted,
             });
-            granted += release_from(name, conn, &release).await;
+            match release_from(&name, &conn, &release, left.min(RELEASE_TIMEOUT)).await {
+                Some(units) => granted += units,
+                None => late.push(Late {
+                    region: name,
+                    conn,
+                    release,
+                }),
+            }
         }
         self.stats.escalations.fetch_add(1, Ordering::Relaxed);
         self.stats.transferred.fetch_add(granted, Ordering::Relaxed);
         tracing::debug!(
             %region, limit = request.limit.0, key = %request.key, wanted = request.wanted,
-            granted, "transfer"
+            granted, late = late.len(), "transfer"
         );
-        granted
+        (granted, late)
+    }
+
+    /// After a transfer answered without the confirms of `late` givers: asks each again with
+    /// the same transfer id until it confirms (a giver releases once per id and answers the
+    /// same amount again), and grants what they confirm to the replica `session` that asked,
+    /// as a [`TransferGrant`] (which it lands once per id). Given up after [`LATE_TRIES`]
+    /// rounds either way: what is still unconfirmed or undelivered then is lost to its window
+    /// (a false reject, never an overshoot).
+    async fn land_late(
+        self: Arc<Self>,
+        session: Arc<Session>,
+        request: QuotaRequest,
+        late: Vec<Late>,
+    ) {
+        let mut late = late;
+        let mut confirmed = 0;
+        for _ in 0..LATE_TRIES {
+            if late.is_empty() {
+                break;
+            }
+            tokio::time::sleep(LATE_RETRY).await;
+            let mut still = Vec::new();
+            for l in late {
+                // The giver's region may have reconnected since; its replica answers.
+                let conn = self
+                    .one_regional_per_region()
+                    .into_iter()
+                    .find(|(name, _)| *name == l.region)
+                    .map_or(l.conn.clone(), |(_, conn)| conn);
+                match release_from(&l.region, &conn, &l.release, RELEASE_TIMEOUT).await {
+                    Some(units) => confirmed += units,
+                    None => still.push(l),
+                }
+            }
+            late = still;
+        }
+        if !late.is_empty() {
+            tracing::warn!(
+                givers = late.len(), key = %request.key,
+                "releases never confirmed; what they released is lost to the window"
+            );
+        }
+        if confirmed == 0 {
+            return;
+        }
+        let transfer = self.next_transfer.fetch_add(1, Ordering::Relaxed);
+        let grant = Message::from(TransferGrant {
+            transfer,
+            limit: request.limit,
+            key: request.key.clone(),
+            window: request.window,
+            amount: confirmed,
+        });
+        for _ in 0..LATE_TRIES {
+            let asker = self
+                .regions()
+                .get(&session.region)
+                .and_then(|r| r.replicas.get(&session.id))
+                .map(|r| r.conn.clone());
+            let Some(conn) = asker else {
+                // The replica that asked is gone, with the partition it would have added to.
+                break;
+            };
+            match call(&conn, &grant).await {
+                Ok(Message::Confirm(c)) if c.transfer == transfer && c.released == confirmed => {
+                    self.stats
+                        .late_units
+                        .fetch_add(confirmed, Ordering::Relaxed);
+                    self.stats
+                        .transferred
+                        .fetch_add(confirmed, Ordering::Relaxed);
+                    tracing::debug!(key = %request.key, units = confirmed, "late release granted");
+                    return;
+                }
+                other => {
+                    tracing::debug!(answer = ?other.map(|m| m.kind()), "late grant not taken yet");
+                }
+            }
+            tokio::time::sleep(LATE_RETRY).await;
+        }
+        tracing::warn!(
+            key = %request.key, units = confirmed,
+            "a late release could not be granted to the region that asked; lost to the window"
+        );
     }
 
     /// An escalation is this window's own demand for its key, and escalations already move
@@ -672,7 +787,10 @@ impl Links {
                 window,
                 amount: (*excess).min(needed),
             });
-            release_from(name, conn, &release).await
+            // A confirm that comes too late is lost here: splits are not resent.
+            release_from(name, conn, &release, RELEASE_TIMEOUT)
+                .await
+                .unwrap_or(0)
         });
         let mut left: u64 = futures_util::future::join_all(calls)
             .await
@@ -710,24 +828,29 @@ impl Links {
 }
 
 /// Asks the regional on `conn` (of region `name`) for `release` and answers what it confirmed.
-async fn release_from(name: &str, conn: &Connection, release: &Message) -> u64 {
+/// What the giver confirmed; `None` when no answer came within `within` (it may have
+/// released all the same, and answers the same id again).
+async fn release_from(
+    name: &str,
+    conn: &Connection,
+    release: &Message,
+    within: Duration,
+) -> Option<u64> {
     let Message::Release(asked) = release else {
-        return 0;
+        return Some(0);
     };
-    match net::call_within(conn, release, RELEASE_TIMEOUT).await {
+    match net::call_within(conn, release, within).await {
         Ok(Message::Confirm(c)) if c.transfer == asked.transfer => {
             // Never more than asked: a confused giver must not mint quota.
-            c.released.min(asked.amount)
+            Some(c.released.min(asked.amount))
         }
         Ok(other) => {
             tracing::warn!(region = %name, kind = other.kind(), "odd answer to a release");
-            0
+            Some(0)
         }
-        // A release whose confirm is lost stays released: a false reject, never an
-        // overshoot (DESIGN §7).
         Err(e) => {
-            tracing::debug!(region = %name, error = %e, "release failed");
-            0
+            tracing::debug!(region = %name, error = %e, "no confirm yet");
+            None
         }
     }
 }
@@ -846,7 +969,14 @@ impl Service for RegionalService {
         match message {
             Message::Report(report) => self.report(session, &report),
             Message::QuotaRequest(request) => {
-                let granted = self.links.transfer(&session.region, &request).await;
+                let (granted, late) = self.links.transfer(&session.region, &request).await;
+                if !late.is_empty() {
+                    let late_task =
+                        self.links
+                            .clone()
+                            .land_late(session.clone(), request.clone(), late);
+                    tokio::spawn(late_task);
+                }
                 QuotaReply {
                     request_id: request.request_id,
                     granted,

@@ -189,8 +189,10 @@ impl World {
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let config = self.dir.join(format!("{node}.yaml"));
         let redis = match &self.redis_eu {
+            // A store call may take seconds before the breaker takes over: long enough for a
+            // test to stall this Redis on purpose (`CLIENT PAUSE`).
             Some((_, port)) if region == "eu" => {
-                format!("redis: {{ url: \"redis://127.0.0.1:{port}\" }}\n")
+                format!("redis: {{ url: \"redis://127.0.0.1:{port}\", timeout: 3s }}\n")
             }
             _ => String::new(),
         };
@@ -488,6 +490,59 @@ fn uneven_traffic_across_regions_gets_exactly_the_global_limit() {
     );
     let metrics = world.api("GET", "/api/v1/metrics", "");
     assert!(metrics.is_object());
+}
+
+/// A giver whose confirm comes after the requester was answered: eu's Redis is paused while
+/// us escalates, so eu releases for us only after the coordinator stopped waiting for it. The
+/// coordinator asks eu again with the same transfer id, eu answers what it released, and us
+/// gets it as a `TransferGrant`: the window still admits exactly the limit, all of it in us.
+/// Without the second ask, what eu released would be nobody's until the window ends.
+#[test]
+fn a_release_confirmed_late_still_reaches_the_region_that_asked() {
+    let world = World::with_redis_in_eu("late-confirm", 100);
+    let (_, eu_redis) = world
+        .redis_eu
+        .as_ref()
+        .expect("eu keeps its counts in Redis");
+    let eu_redis = *eu_redis;
+    // Half each, so that us's part is spent after 50 (a pin is in force from a window on).
+    world.api(
+        "POST",
+        "/api/v1/partitions/login/pin",
+        r#"{"eu": 0.5, "us": 0.5}"#,
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    wait_for_window_start(Duration::from_secs(3));
+    let window = window_now();
+    let mut us = world.admitted("us", "carol", 50);
+    assert_eq!(us, 50, "us's own part");
+    // Every command on eu's Redis now waits 1.3 s, past the 1 s the coordinator waits for a
+    // confirm; the next escalation's release in eu waits with them.
+    let mut redis = std::net::TcpStream::connect(("127.0.0.1", eu_redis)).expect("eu's Redis");
+    std::io::Write::write_all(&mut redis, b"CLIENT PAUSE 1300 ALL\r\n").expect("written");
+    let mut ok = [0u8; 5];
+    std::io::Read::read_exact(&mut redis, &mut ok).expect("Redis answers the pause");
+    assert_eq!(&ok, b"+OK\r\n");
+    let paused = Instant::now();
+    us += world.admitted("us", "carol", 1);
+    // The pause ends, eu's release goes through, the coordinator's second ask is answered and
+    // its grant lands in us.
+    std::thread::sleep(Duration::from_millis(1800).saturating_sub(paused.elapsed()));
+    // Each batch of 25 escalates once (its other denials wait for that one) for a twentieth of
+    // the limit: enough batches to take all that eu has left.
+    us += world.admitted("us", "carol", 250);
+    assert_eq!(window_now(), window, "the round lasted one window");
+    let metrics = world.api("GET", "/api/v1/metrics", "");
+    assert_eq!(
+        us,
+        100,
+        "us admitted {us} of carol's 100, all of the limit being asked for there\n{metrics}\n{}",
+        world.api("GET", "/api/v1/debug/carol", "")
+    );
+    let late = metrics["late_released_units"]
+        .as_u64()
+        .expect("the counter");
+    assert!(late > 0, "no release was confirmed late: {metrics}");
 }
 
 /// Admitted per window, summed over regions.

@@ -342,9 +342,14 @@ pub struct Regional {
     /// in every region is not asked about on every denial.
     bucket_asks: Arc<Mutex<HashMap<(LimitId, String), Nanos>>>,
     demand: Mutex<Demand>,
-    /// Transfers already released: id → (when, units), so a resent `Release` gives once.
-    released: Mutex<HashMap<u64, (Nanos, u64)>>,
+    /// Transfers released or being released: id → (when asked first, what it released), so a
+    /// resent `Release`, even one that arrives while the first is still at the store, gives
+    /// once and is answered the same.
+    released: Mutex<HashMap<u64, (Nanos, Released)>>,
 }
+
+/// What one transfer released here, once it is known.
+type Released = Arc<tokio::sync::OnceCell<u64>>;
 
 /// One key's escalations: taken in turn, counted when done.
 #[derive(Default)]
@@ -1063,11 +1068,12 @@ impl Regional {
     /// Gives away up to `amount` of this region's unused partition of `key` in `window`, for
     /// transfer `transfer` (phase one, DESIGN §4): at most `P − T − G`, consumed on the exact
     /// path so nothing admitted here can use it any more. A transfer id is released once; a
-    /// resent `Release` is answered with the same amount.
+    /// resent `Release` is answered with the same amount, and one that comes while the first
+    /// is still at the store waits for it (the coordinator resends when a confirm is late).
     ///
     /// # Errors
     ///
-    /// The store failed; nothing was released.
+    /// The store failed; nothing was released, and a resend tries again.
     pub async fn release(
         &self,
         transfer: u64,
@@ -1077,14 +1083,31 @@ impl Regional {
         amount: u64,
     ) -> Result<u64, StoreError> {
         let now = self.clock.now();
-        if let Some(&(_, units)) = self
-            .released
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&transfer)
-        {
-            return Ok(units);
-        }
+        let once = {
+            let mut released = self.released.lock().unwrap_or_else(|e| e.into_inner());
+            let keep = self.config.replay_window;
+            released.retain(|_, (at, _)| now.saturating_sub(*at) < keep);
+            let entry = released.entry(transfer);
+            entry
+                .or_insert_with(|| (now, Released::default()))
+                .1
+                .clone()
+        };
+        let units = once
+            .get_or_try_init(|| self.release_once(limit, key, window, amount, now))
+            .await?;
+        Ok(*units)
+    }
+
+    /// [`release`](Regional::release), done once per transfer.
+    async fn release_once(
+        &self,
+        limit: LimitId,
+        key: &str,
+        window: u64,
+        amount: u64,
+        now: Nanos,
+    ) -> Result<u64, StoreError> {
         let rules = self.rules();
         if let Some((rule, l)) = rules.limit(limit)
             && let Some(bucket) = StateLimiter::new(l.limiter())
@@ -1093,7 +1116,7 @@ impl Regional {
             let released = self
                 .release_tokens(rule, bucket, limit, key, amount, now)
                 .await?;
-            return Ok(self.released(transfer, now, released));
+            return Ok(self.released(released));
         }
         let Some((rule, w)) = rules
             .limit(limit)
@@ -1149,7 +1172,7 @@ impl Regional {
             }
             op.cost = op.cost.min(reply.remaining);
         }
-        Ok(self.released(transfer, now, released))
+        Ok(self.released(released))
     }
 
     /// Takes up to `amount` tokens from this region's part of `key`'s bucket (`bucket`, the
@@ -1204,17 +1227,45 @@ impl Regional {
         Ok(0)
     }
 
-    /// Records that transfer `transfer` released `released` (so a resent `Release` gets the
-    /// same answer), and returns it.
-    fn released(&self, transfer: u64, now: Nanos, released: u64) -> u64 {
+    /// Counts `released` units given away, and returns them.
+    fn released(&self, released: u64) -> u64 {
         self.stats
             .released_units
             .fetch_add(released, Ordering::Relaxed);
-        let mut done = self.released.lock().unwrap_or_else(|e| e.into_inner());
-        let keep = self.config.replay_window;
-        done.retain(|_, (at, _)| now.saturating_sub(*at) < keep);
-        done.insert(transfer, (now, released));
         released
+    }
+
+    /// Adds what a transfer gave this region for `key` (phase two, a
+    /// [`TransferGrant`](shared::wire::TransferGrant)): to a window limit's partition of the
+    /// key in `window`, or as tokens into this region's part of a bucket (see
+    /// `land_tokens`). The caller applies each transfer once.
+    ///
+    /// # Errors
+    ///
+    /// The store failed to take a bucket's tokens; they are lost (a false denial later at
+    /// worst).
+    pub async fn land(
+        &self,
+        limit: LimitId,
+        key: &str,
+        window: u64,
+        amount: u64,
+    ) -> Result<(), StoreError> {
+        let rules = self.rules();
+        if let Some((_, l)) = rules.limit(limit)
+            && let Some(whole) = StateLimiter::new(l.limiter())
+            && !matches!(whole, StateLimiter::SlidingLog(_))
+        {
+            let at = StateKey {
+                limit,
+                key: key.to_owned(),
+            };
+            let now = self.clock.now();
+            return land_tokens(&*self.store, &self.partitions, whole, &at, amount, now).await;
+        }
+        self.partitions
+            .add(limit, key, window, amount, window.saturating_sub(1));
+        Ok(())
     }
 
     /// What this region saw since the last call: per limit, and the hot keys (hottest first,

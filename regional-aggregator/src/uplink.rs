@@ -12,7 +12,9 @@
 //!   committed to.
 //! - [`Release`]: phase one of a transfer, by [`Regional::release`]; answered with a
 //!   [`Confirm`] of what was given.
-//! - [`TransferGrant`]: phase two, added to the key's partition once per transfer id.
+//! - [`TransferGrant`]: phase two, landed once per transfer id: added to a window key's
+//!   partition, or as tokens into a bucket key's part ([`Regional::land`]). Hot keys' splits
+//!   come this way, and so do releases a giver confirmed after the escalation was answered.
 //! - [`KeyQuery`]: every ledger of the key, for the admin API's debug view.
 //!
 //! Escalation ([`Escalation`]) goes the other way, on a stream this side opens: without a
@@ -45,7 +47,7 @@ use shared::{
     wire::{
         CloseCode, Confirm, ErrorNotice, Hello, HotKeyDemand, KeyQuery, KeyReport, Message,
         PROTOCOL_VERSION, QuotaRequest, Report, Role, RuleDemand, RuleSetAck, RuleSetPush,
-        TransferGrant,
+        TRANSFER_ANSWER_WITHIN, TransferGrant,
     },
 };
 
@@ -68,9 +70,11 @@ pub struct Uplink {
     reports: AtomicU64,
 }
 
-/// How long an escalation waits for the coordinator's answer: longer than the coordinator
-/// waits for any giving region's confirm (1 s), so a transfer that ran is never dropped here.
-const TRANSFER_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long an escalation waits for the coordinator's answer: half a second past the time
+/// the coordinator answers within, so a transfer that ran is not dropped here for the wire's
+/// delay (what givers confirm later follows as a `TransferGrant`).
+const TRANSFER_TIMEOUT: Duration =
+    TRANSFER_ANSWER_WITHIN.saturating_add(Duration::from_millis(500));
 
 /// How long a transfer id is remembered.
 const GRANT_MEMORY: Duration = Duration::from_secs(600);
@@ -273,7 +277,7 @@ impl Uplink {
                 }
                 .into()
             }
-            Message::TransferGrant(g) => self.transfer_grant(&g).into(),
+            Message::TransferGrant(g) => self.transfer_grant(&g).await.into(),
             Message::KeyQuery(KeyQuery { key }) => {
                 match self.regional.key_holdings(&key, &self.edges.names()).await {
                     Ok(holdings) => KeyReport {
@@ -332,17 +336,29 @@ impl Uplink {
         }
     }
 
-    fn transfer_grant(&self, g: &TransferGrant) -> Confirm {
-        let mut granted = self.granted.lock().unwrap_or_else(|e| e.into_inner());
-        granted.retain(|_, at| at.elapsed() < GRANT_MEMORY);
-        if granted.insert(g.transfer, Instant::now()).is_none() {
-            self.regional.partitions().add(
-                g.limit,
-                &g.key,
-                g.window,
-                g.amount,
-                g.window.saturating_sub(1),
-            );
+    /// Lands a transfer's grant once per id, and confirms it; a grant that could not land is
+    /// forgotten and answered with 0, so that a resend lands it.
+    async fn transfer_grant(&self, g: &TransferGrant) -> Confirm {
+        let new = {
+            let mut granted = self.granted.lock().unwrap_or_else(|e| e.into_inner());
+            granted.retain(|_, at| at.elapsed() < GRANT_MEMORY);
+            granted.insert(g.transfer, Instant::now()).is_none()
+        };
+        let landed = if new {
+            self.regional
+                .land(g.limit, &g.key, g.window, g.amount)
+                .await
+        } else {
+            Ok(())
+        };
+        if let Err(e) = landed {
+            tracing::warn!(error = %e, "a transfer's grant did not land; it may be resent");
+            let mut granted = self.granted.lock().unwrap_or_else(|e| e.into_inner());
+            granted.remove(&g.transfer);
+            return Confirm {
+                transfer: g.transfer,
+                released: 0,
+            };
         }
         Confirm {
             transfer: g.transfer,

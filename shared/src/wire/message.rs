@@ -673,6 +673,11 @@ pub struct TransferGrant {
     pub amount: u64,
 }
 
+/// How long the coordinator may take to answer a [`QuotaRequest`]; the asking regional waits
+/// a little longer. A giver that has not confirmed by then is asked again after the answer,
+/// and what it confirms follows as a [`TransferGrant`].
+pub const TRANSFER_ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_millis(1500);
+
 /// Regional → coordinator: escalation before a false reject. The region's partition for this
 /// key is spent; can other regions release some? (DESIGN §4.)
 ///
@@ -701,7 +706,8 @@ pub struct QuotaReply {
     pub request_id: u64,
     /// What was added to the region's partition for the request's key and window, possibly
     /// more or less than `wanted`; zero when no region could release any. The reply itself is
-    /// the grant: no [`TransferGrant`] follows for it.
+    /// the grant for what was confirmed in time; what a giver confirms later follows as a
+    /// [`TransferGrant`] (see [`TRANSFER_ANSWER_WITHIN`]).
     pub granted: u64,
 }
 

@@ -67,7 +67,7 @@ pub use self::{
         Hello, HotKey, HotKeyDemand, KeyHolding, KeyPartition, KeyQuery, KeyReport, LimitPartition,
         Message, Partitions, QuotaReply, QuotaRequest, Refusal, Refused, Release, Report,
         ReportAck, Role, RuleDemand, RuleSetAck, RuleSetPush, RuleShare, SyncAck, SyncBatch,
-        SyncEntry, TransferGrant, Welcome,
+        SyncEntry, TRANSFER_ANSWER_WITHIN, TransferGrant, Welcome,
     },
 };
 
