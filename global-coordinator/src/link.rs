@@ -48,10 +48,11 @@ use crate::coordinator::{Coordinator, Held};
 
 /// How long one push or one release may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long a transfer waits for the giving regions' confirms. Well past the asker's budget
-/// (100 ms by default): the asker keeps waiting for the answer after its request is denied
-/// and lands what comes for its next requests (up to 2 s, longer than this), while a confirm
-/// given up on here is quota released and then lost to the window.
+/// How long a transfer waits for one giving region's confirm, at most (and never past
+/// `TRANSFER_ANSWER_WITHIN` for the whole transfer). Well past the asker's budget (100 ms by
+/// default): the asker keeps waiting for the answer after its request is denied and lands
+/// what comes for its next requests. A confirm given up on is asked for again later
+/// ([`Links::land_late`]), except for hot keys' splits, where it is lost to the window.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(1);
 /// A giver asked with less time than this left before the answer is due is not asked.
 const MIN_RELEASE_WAIT: Duration = Duration::from_millis(20);
@@ -120,6 +121,9 @@ pub struct LinkStats {
 /// A giver that had not confirmed its [`Release`] when the requester had to be answered.
 struct Late {
     region: String,
+    /// The replica asked: it remembers the transfer id (another replica of the region would
+    /// release a second time).
+    node: String,
     conn: Connection,
     release: Message,
 }
@@ -467,11 +471,19 @@ impl Links {
     /// A connection to one regional of every connected region: replicas share their store,
     /// so any one of them speaks for the region's ledgers.
     fn one_regional_per_region(&self) -> Vec<(String, Connection)> {
+        self.one_replica_per_region()
+            .into_iter()
+            .map(|(region, _, conn)| (region, conn))
+            .collect()
+    }
+
+    /// [`one_regional_per_region`](Links::one_regional_per_region), with each replica's node.
+    fn one_replica_per_region(&self) -> Vec<(String, String, Connection)> {
         self.regions()
             .iter()
             .filter_map(|(name, r)| {
                 let replica = r.replicas.values().next()?;
-                Some((name.clone(), replica.conn.clone()))
+                Some((name.clone(), replica.node.clone(), replica.conn.clone()))
             })
             .collect()
     }
@@ -488,10 +500,10 @@ impl Links {
     async fn transfer(&self, region: &str, request: &QuotaRequest) -> (u64, Vec<Late>) {
         self.supersede_hot_split(request);
         let started = Instant::now();
-        let mut givers = self.one_regional_per_region();
-        givers.retain(|(name, _)| name != region);
+        let mut givers = self.one_replica_per_region();
+        givers.retain(|(name, _, _)| name != region);
         let (mut granted, mut late) = (0, Vec::new());
-        for (name, conn) in givers {
+        for (name, node, conn) in givers {
             let wanted = request.wanted.saturating_sub(granted);
             let left = TRANSFER_ANSWER_WITHIN.saturating_sub(started.elapsed());
             if wanted == 0 || left < MIN_RELEASE_WAIT {
@@ -509,6 +521,7 @@ impl Links {
                 Some(units) => granted += units,
                 None => late.push(Late {
                     region: name,
+                    node,
                     conn,
                     release,
                 }),
@@ -524,8 +537,10 @@ impl Links {
     }
 
     /// After a transfer answered without the confirms of `late` givers: asks each again with
-    /// the same transfer id until it confirms (a giver releases once per id and answers the
-    /// same amount again), and grants what they confirm to the replica `session` that asked,
+    /// the same transfer id until it confirms (the replica asked releases once per id, for a
+    /// minute, and answers the same amount again; another replica of its region would release
+    /// anew, so only that one is asked), and grants what they confirm to the replica
+    /// `session` that asked,
     /// as a [`TransferGrant`] (which it lands once per id). Given up after [`LATE_TRIES`]
     /// rounds either way: what is still unconfirmed or undelivered then is lost to its window
     /// (a false reject, never an overshoot).
@@ -544,12 +559,12 @@ impl Links {
             tokio::time::sleep(LATE_RETRY).await;
             let mut still = Vec::new();
             for l in late {
-                // The giver's region may have reconnected since; its replica answers.
+                // The replica asked first, on its connection now if it reconnected.
                 let conn = self
-                    .one_regional_per_region()
-                    .into_iter()
-                    .find(|(name, _)| *name == l.region)
-                    .map_or(l.conn.clone(), |(_, conn)| conn);
+                    .regions()
+                    .get(&l.region)
+                    .and_then(|r| r.replicas.values().find(|rep| rep.node == l.node))
+                    .map_or(l.conn.clone(), |rep| rep.conn.clone());
                 match release_from(&l.region, &conn, &l.release, RELEASE_TIMEOUT).await {
                     Some(units) => confirmed += units,
                     None => still.push(l),

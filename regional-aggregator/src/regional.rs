@@ -348,6 +348,11 @@ pub struct Regional {
     released: Mutex<HashMap<u64, (Nanos, Released)>>,
 }
 
+/// How long a finished release is remembered, at least: longer than the coordinator keeps
+/// asking again for a late confirm (`TRANSFER_ANSWER_WITHIN`, then five rounds of a second's
+/// wait and half a second's pause).
+const RELEASE_MEMORY: Nanos = Nanos::from_secs(60);
+
 /// What one transfer released here, once it is known.
 type Released = Arc<tokio::sync::OnceCell<u64>>;
 
@@ -1085,8 +1090,11 @@ impl Regional {
         let now = self.clock.now();
         let once = {
             let mut released = self.released.lock().unwrap_or_else(|e| e.into_inner());
-            let keep = self.config.replay_window;
-            released.retain(|_, (at, _)| now.saturating_sub(*at) < keep);
+            // A release still at the store keeps its place however long it takes; a done one
+            // is kept while the coordinator may still ask again.
+            let keep = self.config.replay_window.max(RELEASE_MEMORY);
+            released
+                .retain(|_, (at, units)| !units.initialized() || now.saturating_sub(*at) < keep);
             let entry = released.entry(transfer);
             entry
                 .or_insert_with(|| (now, Released::default()))
@@ -1236,14 +1244,14 @@ impl Regional {
     }
 
     /// Adds what a transfer gave this region for `key` (phase two, a
-    /// [`TransferGrant`](shared::wire::TransferGrant)): to a window limit's partition of the
-    /// key in `window`, or as tokens into this region's part of a bucket (see
-    /// `land_tokens`). The caller applies each transfer once.
+    /// [`TransferGrant`](shared::wire::TransferGrant)): as tokens into this region's part of
+    /// a bucket (see `land_tokens`; buckets are transferred under window 0), or to a window
+    /// limit's partition of the key in `window`. The caller applies each transfer once.
     ///
     /// # Errors
     ///
-    /// The store failed to take a bucket's tokens; they are lost (a false denial later at
-    /// worst).
+    /// The store failed to take a bucket's tokens; the caller counts them lost (the store may
+    /// have taken them all the same, so they are not landed again).
     pub async fn land(
         &self,
         limit: LimitId,
@@ -1252,7 +1260,11 @@ impl Regional {
         amount: u64,
     ) -> Result<(), StoreError> {
         let rules = self.rules();
-        if let Some((_, l)) = rules.limit(limit)
+        // Only a grant made for a bucket lands as tokens: one for a window (a hot key's split,
+        // sent to every replica of the region) of a rule that just became a bucket must not
+        // land in the shared store once per replica.
+        if window == 0
+            && let Some((_, l)) = rules.limit(limit)
             && let Some(whole) = StateLimiter::new(l.limiter())
             && !matches!(whole, StateLimiter::SlidingLog(_))
         {

@@ -64,7 +64,7 @@ pub struct Uplink {
     connection: RwLock<Option<Connection>>,
     next_request: AtomicU64,
     /// Transfer grants applied: id → when, so a resent grant adds once.
-    granted: Mutex<HashMap<u64, Instant>>,
+    granted: Mutex<HashMap<u64, (Instant, Landed)>>,
     stats: Arc<NetStats>,
     /// Reports the coordinator answered (for `/metrics`).
     reports: AtomicU64,
@@ -75,6 +75,9 @@ pub struct Uplink {
 /// delay (what givers confirm later follows as a `TransferGrant`).
 const TRANSFER_TIMEOUT: Duration =
     TRANSFER_ANSWER_WITHIN.saturating_add(Duration::from_millis(500));
+
+/// What one transfer grant landed here, once it is known.
+type Landed = Arc<tokio::sync::OnceCell<u64>>;
 
 /// How long a transfer id is remembered.
 const GRANT_MEMORY: Duration = Duration::from_secs(600);
@@ -336,33 +339,38 @@ impl Uplink {
         }
     }
 
-    /// Lands a transfer's grant once per id, and confirms it; a grant that could not land is
-    /// forgotten and answered with 0, so that a resend lands it.
+    /// Lands a transfer's grant once per id and confirms what landed: `amount`, or 0 when
+    /// the store failed. A resend, even one that comes while the first is still at the store,
+    /// gets the same answer and lands nothing again: a store call that timed out may have
+    /// run, and landing it twice would mint tokens.
     async fn transfer_grant(&self, g: &TransferGrant) -> Confirm {
-        let new = {
+        let once = {
             let mut granted = self.granted.lock().unwrap_or_else(|e| e.into_inner());
-            granted.retain(|_, at| at.elapsed() < GRANT_MEMORY);
-            granted.insert(g.transfer, Instant::now()).is_none()
+            granted.retain(|_, (at, landed)| !landed.initialized() || at.elapsed() < GRANT_MEMORY);
+            let entry = granted.entry(g.transfer);
+            entry
+                .or_insert_with(|| (Instant::now(), Landed::default()))
+                .1
+                .clone()
         };
-        let landed = if new {
-            self.regional
-                .land(g.limit, &g.key, g.window, g.amount)
-                .await
-        } else {
-            Ok(())
-        };
-        if let Err(e) = landed {
-            tracing::warn!(error = %e, "a transfer's grant did not land; it may be resent");
-            let mut granted = self.granted.lock().unwrap_or_else(|e| e.into_inner());
-            granted.remove(&g.transfer);
-            return Confirm {
-                transfer: g.transfer,
-                released: 0,
-            };
-        }
+        let landed = once
+            .get_or_init(|| async {
+                match self
+                    .regional
+                    .land(g.limit, &g.key, g.window, g.amount)
+                    .await
+                {
+                    Ok(()) => g.amount,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "a transfer's grant did not land; lost");
+                        0
+                    }
+                }
+            })
+            .await;
         Confirm {
             transfer: g.transfer,
-            released: g.amount,
+            released: *landed,
         }
     }
 }

@@ -153,7 +153,7 @@ pub(crate) struct Matcher {
     /// path (a wildcard route, `//`, a trailing `/`) walks.
     exact: Literals,
     /// Bit `n` set when some path in `exact` is `n` bytes long (bit 63: 63 or more), so that
-    /// most paths that are not there (parameters make them longer or shorter) skip the hash.
+    /// most paths that are not there (parameters make them longer or shorter) skip the lookup.
     exact_lengths: u64,
     default: Option<usize>,
     tiers: HashMap<Box<str>, usize>,

@@ -655,12 +655,16 @@ pub struct Confirm {
 }
 
 /// Coordinator → receiving regional, phase two: raise your partition for this key and window
-/// by exactly `amount`, which giving regions have confirmed releasing.
+/// by exactly `amount`, which giving regions have confirmed releasing (for a bucket, sent
+/// under window 0: add that many tokens to your part, as far as it has room). Hot keys' splits
+/// come this way, and so do releases confirmed after a [`QuotaReply`].
 ///
-/// The regional applies each `transfer` id at most once, so a resent grant is harmless.
+/// The regional applies each `transfer` id at most once, and answers a resend with the same
+/// [`Confirm`]: `amount` when it landed, 0 when its store failed (then it is lost, since a
+/// store call that failed may have run).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct TransferGrant {
-    /// The transfer's id, the same as in the [`Release`]s it collected.
+    /// The transfer's id: unique in the deployment, so the regional can tell a resend.
     pub transfer: u64,
     /// The limit.
     pub limit: LimitId,
