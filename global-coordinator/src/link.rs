@@ -540,10 +540,9 @@ impl Links {
     /// the same transfer id until it confirms (the replica asked releases once per id, for a
     /// minute, and answers the same amount again; another replica of its region would release
     /// anew, so only that one is asked), and grants what they confirm to the replica
-    /// `session` that asked,
-    /// as a [`TransferGrant`] (which it lands once per id). Given up after [`LATE_TRIES`]
-    /// rounds either way: what is still unconfirmed or undelivered then is lost to its window
-    /// (a false reject, never an overshoot).
+    /// `session` that asked, as a [`TransferGrant`] (which it lands once per id). Given up
+    /// after [`LATE_TRIES`] rounds either way: what is still unconfirmed or undelivered then
+    /// is lost to its window (a false reject, never an overshoot).
     async fn land_late(
         self: Arc<Self>,
         session: Arc<Session>,
