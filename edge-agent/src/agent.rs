@@ -572,7 +572,7 @@ impl Inner {
                     allowed: true,
                     limit: value,
                     remaining,
-                    reset_at: reset_at(limiter, now, remaining),
+                    reset_at: reset_in(limiter, now, remaining, w, len),
                     retry_after: Nanos::ZERO,
                     rule: Some(m.limit.id()),
                     path: DecisionPath::Local,
@@ -1056,13 +1056,19 @@ fn edge_window(limiter: &Limiter) -> u64 {
 /// end; for a token bucket, when it is full again if nothing else arrives (its grants' lease
 /// window says nothing to a client).
 fn reset_at(limiter: &Limiter, now: Nanos, remaining: u64) -> Nanos {
+    let len = edge_window(limiter);
+    reset_in(limiter, now, remaining, now.as_u64() / len, len)
+}
+
+/// [`reset_at`] for a caller that has the edge's window `w` of length `len` at hand (the
+/// fast path: no second division).
+fn reset_in(limiter: &Limiter, now: Nanos, remaining: u64, w: u64, len: u64) -> Nanos {
     if let Limiter::TokenBucket(g) = limiter {
         let missing = g.burst().get().saturating_sub(remaining);
         let t = u128::from(missing) * u128::from(g.emission_interval().as_u64());
         return Nanos::saturating_from(u128::from(now.as_u64()) + t);
     }
-    let len = edge_window(limiter);
-    window_end(now.as_u64() / len, len)
+    window_end(w, len)
 }
 
 /// What one edge may admit of `limiter`'s key in one of its windows when the regional is

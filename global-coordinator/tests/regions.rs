@@ -248,6 +248,15 @@ impl World {
         serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("{e}: {}", r.body))
     }
 
+    /// Pins `login` to `eu` and `us` of the limit (in force from a later window).
+    fn pin(&self, eu: f64, us: f64) {
+        self.api(
+            "POST",
+            "/api/v1/partitions/login/pin",
+            &format!(r#"{{"eu": {eu}, "us": {us}}}"#),
+        );
+    }
+
     /// Each region's share of `login` as the coordinator holds it, in ppm.
     fn shares(&self) -> BTreeMap<String, u64> {
         let p = self.api("GET", "/api/v1/partitions", "");
@@ -506,11 +515,7 @@ fn a_release_confirmed_late_still_reaches_the_region_that_asked() {
         .expect("eu keeps its counts in Redis");
     let eu_redis = *eu_redis;
     // Half each, so that us's part is spent after 50 (a pin is in force from a window on).
-    world.api(
-        "POST",
-        "/api/v1/partitions/login/pin",
-        r#"{"eu": 0.5, "us": 0.5}"#,
-    );
+    world.pin(0.5, 0.5);
     std::thread::sleep(Duration::from_secs(2));
     wait_for_window_start(Duration::from_secs(3));
     let window = window_now();
@@ -601,11 +606,7 @@ fn shares_follow_demand_and_the_hard_limit_holds_globally() {
 #[test]
 fn a_pin_holds_under_skewed_demand_and_unpin_lets_it_follow() {
     let world = World::start("pin", 1000);
-    world.api(
-        "POST",
-        "/api/v1/partitions/login/pin",
-        r#"{"eu": 0.3, "us": 0.7}"#,
-    );
+    world.pin(0.3, 0.7);
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(2) {
         world.send("eu", &format!("u{}", start.elapsed().as_millis() % 50), 10);
@@ -686,11 +687,7 @@ fn a_hot_key_gets_a_partition_that_follows_its_own_demand() {
 #[test]
 fn a_regional_restarted_while_the_coordinator_is_down_keeps_its_partitions() {
     let mut world = World::with_redis_in_eu("restart", 1000);
-    world.api(
-        "POST",
-        "/api/v1/partitions/login/pin",
-        r#"{"eu": 0.7, "us": 0.3}"#,
-    );
+    world.pin(0.7, 0.3);
     // In force once eu holds 700 of a fresh key (from the next window at the latest): what
     // eu reports for a key it has seen once, before any escalation for it.
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -732,11 +729,7 @@ fn bucket_world(tag: &str, burst: u64) -> World {
              key: user_id, strictness: hard }}\n"
         ),
     );
-    world.api(
-        "POST",
-        "/api/v1/partitions/login/pin",
-        r#"{"eu": 0.5, "us": 0.5}"#,
-    );
+    world.pin(0.5, 0.5);
     world
 }
 
@@ -774,11 +767,7 @@ fn a_token_bucket_is_split_between_regions_as_capacity_and_rate() {
     wait_for_part("us", 20);
     let start = Instant::now();
     let spent = world.admitted("us", "alice", 30) as f64;
-    world.api(
-        "POST",
-        "/api/v1/partitions/login/pin",
-        r#"{"eu": 0.75, "us": 0.25}"#,
-    );
+    world.pin(0.75, 0.25);
     let eu = world.admitted("eu", "alice", 40) as f64;
     let elapsed = start.elapsed().as_secs_f64();
     assert!(
@@ -848,11 +837,7 @@ fn a_bucket_key_spent_in_one_region_escalates_for_the_others_tokens() {
 #[test]
 fn regions_keep_deciding_while_the_coordinator_is_down() {
     let mut world = World::start("killed", 1000);
-    world.api(
-        "POST",
-        "/api/v1/partitions/login/pin",
-        r#"{"eu": 0.4, "us": 0.6}"#,
-    );
+    world.pin(0.4, 0.6);
     // Wait until eu holds the pin (a raise waits for us's cut to be confirmed).
     std::thread::sleep(Duration::from_millis(800));
     let before = world.api("GET", "/api/v1/partitions", "");

@@ -283,6 +283,16 @@ impl GuardedStore {
         &self.inner.stats
     }
 
+    /// `ops` as this replica decides them: whole while the primary answers, cut to its own
+    /// part of the region's partition while it decides in memory (`outage`).
+    fn own_share<'o, Op: OwnShare>(&self, ops: &'o [Op], outage: Option<Nanos>) -> Cow<'o, [Op]> {
+        let replicas = self.inner.replicas;
+        if outage.is_none() || replicas == 1 {
+            return Cow::Borrowed(ops);
+        }
+        Cow::Owned(ops.iter().map(|op| op.own_share(replicas)).collect())
+    }
+
     /// Runs `call` on the primary or on memory, as the breaker says, and keeps the breaker
     /// up to date. No call waits longer than the timeout on the primary.
     ///
@@ -296,16 +306,6 @@ impl GuardedStore {
     /// call in flight without ending that call. Handed memory, it is also told when the
     /// outage began, for the ops that must not be decided on a partial count
     /// ([`ExactOp::exact_since`]).
-    /// `ops` as this replica decides them: whole while the primary answers, cut to its own
-    /// part of the region's partition while it decides in memory (`outage`).
-    fn own_share<'o, Op: OwnShare>(&self, ops: &'o [Op], outage: Option<Nanos>) -> Cow<'o, [Op]> {
-        let replicas = self.inner.replicas;
-        if outage.is_none() || replicas == 1 {
-            return Cow::Borrowed(ops);
-        }
-        Cow::Owned(ops.iter().map(|op| op.own_share(replicas)).collect())
-    }
-
     async fn guarded<'a, T>(
         &'a self,
         call: impl Fn(Arc<dyn Store>, Option<Nanos>) -> StoreFuture<'a, T>,

@@ -342,19 +342,55 @@ pub struct Regional {
     /// in every region is not asked about on every denial.
     bucket_asks: Arc<Mutex<HashMap<(LimitId, String), Nanos>>>,
     demand: Mutex<Demand>,
-    /// Transfers released or being released: id → (when asked first, what it released), so a
-    /// resent `Release`, even one that arrives while the first is still at the store, gives
-    /// once and is answered the same.
-    released: Mutex<HashMap<u64, (Nanos, Released)>>,
+    /// What each transfer released, so a resent `Release`, even one that arrives while the
+    /// first is still at the store, gives once and is answered the same.
+    released: OncePerId<u64>,
 }
 
 /// How long a finished release is remembered, at least: longer than the coordinator keeps
 /// asking again for a late confirm (`TRANSFER_ANSWER_WITHIN`, then five rounds of a second's
 /// wait and half a second's pause).
-const RELEASE_MEMORY: Nanos = Nanos::from_secs(60);
+const RELEASE_MEMORY: Duration = Duration::from_secs(60);
 
-/// What one transfer released here, once it is known.
-type Released = Arc<tokio::sync::OnceCell<u64>>;
+/// Work done once per id (a transfer's release here, a grant's landing), its answer kept for
+/// resends: one that comes while the first is still running waits for it and gets the same
+/// answer. A finished entry is forgotten `keep` after it was first asked for; a running one
+/// never is, or a resend after a long stall would run it a second time.
+pub(crate) struct OncePerId<T> {
+    keep: Duration,
+    /// id → when it was first asked for, and its answer once known.
+    seen: Mutex<HashMap<u64, (std::time::Instant, Answer<T>)>>,
+}
+
+type Answer<T> = Arc<tokio::sync::OnceCell<T>>;
+
+impl<T: Copy> OncePerId<T> {
+    pub(crate) fn new(keep: Duration) -> OncePerId<T> {
+        OncePerId {
+            keep,
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The answer for `id`: `f`'s, run now unless a call for `id` has succeeded already. A
+    /// failure is not kept, so a resend runs `f` again.
+    pub(crate) async fn get_or_try_init<E, F>(&self, id: u64, f: impl FnOnce() -> F) -> Result<T, E>
+    where
+        F: Future<Output = Result<T, E>>,
+    {
+        let cell = {
+            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            let keep = self.keep;
+            seen.retain(|_, (at, cell)| !cell.initialized() || at.elapsed() < keep);
+            let now = std::time::Instant::now();
+            seen.entry(id)
+                .or_insert_with(|| (now, Arc::default()))
+                .1
+                .clone()
+        };
+        cell.get_or_try_init(f).await.copied()
+    }
+}
 
 /// One key's escalations: taken in turn, counted when done.
 #[derive(Default)]
@@ -452,6 +488,8 @@ impl Regional {
         clock: Arc<dyn Clock + Send + Sync>,
     ) -> Regional {
         let config_coordinated = config.coordinated;
+        let release_memory =
+            Duration::from_nanos(config.replay_window.as_u64()).max(RELEASE_MEMORY);
         Regional {
             config,
             rules: RwLock::new(Arc::new(rules)),
@@ -470,7 +508,7 @@ impl Regional {
             escalating: Mutex::new(HashMap::new()),
             bucket_asks: Arc::default(),
             demand: Mutex::new(Demand::default()),
-            released: Mutex::new(HashMap::new()),
+            released: OncePerId::new(release_memory),
         }
     }
 
@@ -1088,23 +1126,11 @@ impl Regional {
         amount: u64,
     ) -> Result<u64, StoreError> {
         let now = self.clock.now();
-        let once = {
-            let mut released = self.released.lock().unwrap_or_else(|e| e.into_inner());
-            // A release still at the store keeps its place however long it takes; a done one
-            // is kept while the coordinator may still ask again.
-            let keep = self.config.replay_window.max(RELEASE_MEMORY);
-            released
-                .retain(|_, (at, units)| !units.initialized() || now.saturating_sub(*at) < keep);
-            let entry = released.entry(transfer);
-            entry
-                .or_insert_with(|| (now, Released::default()))
-                .1
-                .clone()
-        };
-        let units = once
-            .get_or_try_init(|| self.release_once(limit, key, window, amount, now))
-            .await?;
-        Ok(*units)
+        self.released
+            .get_or_try_init(transfer, || {
+                self.release_once(limit, key, window, amount, now)
+            })
+            .await
     }
 
     /// [`release`](Regional::release), done once per transfer.

@@ -30,11 +30,11 @@
 //! [`Release`]: shared::wire::Release
 
 use std::{
-    collections::HashMap,
+    convert::Infallible,
     future::Future,
     pin::Pin,
     sync::{
-        Arc, Mutex, RwLock,
+        Arc, RwLock,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -51,7 +51,9 @@ use shared::{
     },
 };
 
-use crate::{Escalation, Regional, config::CoordinatorLink, server::EdgeService};
+use crate::{
+    Escalation, Regional, config::CoordinatorLink, regional::OncePerId, server::EdgeService,
+};
 
 /// The regional's side of the coordinator link.
 pub struct Uplink {
@@ -64,7 +66,7 @@ pub struct Uplink {
     connection: RwLock<Option<Connection>>,
     next_request: AtomicU64,
     /// Transfer grants applied: id → when, so a resent grant adds once.
-    granted: Mutex<HashMap<u64, (Instant, Landed)>>,
+    granted: OncePerId<u64>,
     stats: Arc<NetStats>,
     /// Reports the coordinator answered (for `/metrics`).
     reports: AtomicU64,
@@ -75,9 +77,6 @@ pub struct Uplink {
 /// delay (what givers confirm later follows as a `TransferGrant`).
 const TRANSFER_TIMEOUT: Duration =
     TRANSFER_ANSWER_WITHIN.saturating_add(Duration::from_millis(500));
-
-/// What one transfer grant landed here, once it is known.
-type Landed = Arc<tokio::sync::OnceCell<u64>>;
 
 /// How long a transfer id is remembered.
 const GRANT_MEMORY: Duration = Duration::from_secs(600);
@@ -104,7 +103,7 @@ impl Uplink {
             incarnation,
             connection: RwLock::new(None),
             next_request: AtomicU64::new(1),
-            granted: Mutex::new(HashMap::new()),
+            granted: OncePerId::new(GRANT_MEMORY),
             stats: Arc::new(NetStats::default()),
             reports: AtomicU64::new(0),
         })
@@ -344,33 +343,23 @@ impl Uplink {
     /// gets the same answer and lands nothing again: a store call that timed out may have
     /// run, and landing it twice would mint tokens.
     async fn transfer_grant(&self, g: &TransferGrant) -> Confirm {
-        let once = {
-            let mut granted = self.granted.lock().unwrap_or_else(|e| e.into_inner());
-            granted.retain(|_, (at, landed)| !landed.initialized() || at.elapsed() < GRANT_MEMORY);
-            let entry = granted.entry(g.transfer);
-            entry
-                .or_insert_with(|| (Instant::now(), Landed::default()))
-                .1
-                .clone()
+        let land = || async {
+            let landed = self
+                .regional
+                .land(g.limit, &g.key, g.window, g.amount)
+                .await;
+            Ok::<u64, Infallible>(landed.map_or_else(
+                |e| {
+                    tracing::warn!(error = %e, "a transfer's grant did not land; lost");
+                    0
+                },
+                |()| g.amount,
+            ))
         };
-        let landed = once
-            .get_or_init(|| async {
-                match self
-                    .regional
-                    .land(g.limit, &g.key, g.window, g.amount)
-                    .await
-                {
-                    Ok(()) => g.amount,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "a transfer's grant did not land; lost");
-                        0
-                    }
-                }
-            })
-            .await;
+        let Ok(landed) = self.granted.get_or_try_init(g.transfer, land).await;
         Confirm {
             transfer: g.transfer,
-            released: *landed,
+            released: landed,
         }
     }
 }

@@ -343,8 +343,6 @@ impl Call<'_> {
     }
 }
 
-/// `rl:{<limit>:<key>}:<window>`: the braces are the hash tag, so every window of one
-/// limiter key lands on one cluster slot.
 /// Where `save_partitions` keeps what the region holds: one small hash per region's store,
 /// fields the limit ids in hex, values `cleared;from:ppm,from:ppm` ([`encode_held`]).
 const PARTITIONS_KEY: &str = "rl:partitions";
@@ -382,6 +380,8 @@ fn decode_held(limit: &str, value: &str) -> Option<HeldShares> {
     })
 }
 
+/// `rl:{<limit>:<key>}:<window>`, or `...:lease:<window>` for a lease ledger: the braces are
+/// the hash tag, so every window of one limiter key lands on one cluster slot.
 fn ledger_key(at: &LedgerKey) -> String {
     if at.is_lease() {
         let window = at.window & !LEASE_LEDGER;

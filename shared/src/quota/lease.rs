@@ -168,14 +168,38 @@ mod tests {
         quota::DEFAULT_THRESHOLD,
     };
 
-    /// 10 tokens a second (T = 100 ms), a bucket of 10.
-    fn bucket() -> Gcra {
-        Gcra::new(
-            NonZeroU64::new(10).unwrap(),
-            Nanos::from_secs(1),
-            NonZeroU64::new(10).unwrap(),
-        )
-        .unwrap()
+    /// One key: its bucket, 10 tokens a second (T = 100 ms) holding 10, and its lease ledger.
+    struct Key {
+        g: Gcra,
+        s: GcraState,
+        l: KeyLedger,
+    }
+
+    impl Key {
+        fn new() -> Key {
+            let ten = NonZeroU64::new(10).unwrap();
+            Key {
+                g: Gcra::new(ten, Nanos::from_secs(1), ten).unwrap(),
+                s: GcraState::default(),
+                l: KeyLedger::new(),
+            }
+        }
+
+        /// `edge`'s sync of `(used, released, want)` at `at` with `n` edges, under the
+        /// default θ and nothing parked in the other lease window.
+        fn sync(&mut self, at: Nanos, edge: EdgeId, counts: (u64, u64, u64), n: u32) -> LeaseReply {
+            lease(
+                &self.g,
+                &mut self.s,
+                at,
+                &mut self.l,
+                0,
+                edge,
+                counts,
+                DEFAULT_THRESHOLD,
+                n,
+            )
+        }
     }
 
     const A: EdgeId = EdgeId(1);
@@ -188,199 +212,79 @@ mod tests {
 
     #[test]
     fn a_grant_takes_tokens_and_a_hand_back_returns_them() {
-        let g = bucket();
-        let mut s = GcraState::default();
-        let mut l = KeyLedger::new();
-        let r = lease(
-            &g,
-            &mut s,
-            NOW,
-            &mut l,
-            0,
-            A,
-            (0, 0, 3),
-            DEFAULT_THRESHOLD,
-            2,
-        );
+        let mut k = Key::new();
+        let r = k.sync(NOW, A, (0, 0, 3), 2);
         assert_eq!((r.granted, r.level), (3, 7));
         // A resend of the same sync moves nothing.
-        let again = lease(
-            &g,
-            &mut s,
-            NOW,
-            &mut l,
-            0,
-            A,
-            (0, 0, 3),
-            DEFAULT_THRESHOLD,
-            2,
-        );
+        let again = k.sync(NOW, A, (0, 0, 3), 2);
         assert_eq!(again, r);
         // Used 2, handed back the last 1: the bucket gets 1 back.
-        let r = lease(
-            &g,
-            &mut s,
-            NOW,
-            &mut l,
-            0,
-            A,
-            (2, 1, 0),
-            DEFAULT_THRESHOLD,
-            2,
-        );
+        let r = k.sync(NOW, A, (2, 1, 0), 2);
         assert_eq!((r.granted, r.level), (3, 8));
     }
 
     #[test]
     fn tokens_parked_at_an_edge_keep_the_bucket_from_refilling_in_their_place() {
-        let g = bucket();
-        let mut s = GcraState::default();
-        let mut l = KeyLedger::new();
+        let mut k = Key::new();
         // θ·B / n = 8 / 1: the edge holds 8, the bucket keeps 2.
-        let r = lease(
-            &g,
-            &mut s,
-            NOW,
-            &mut l,
-            0,
-            A,
-            (0, 0, 100),
-            DEFAULT_THRESHOLD,
-            1,
-        );
+        let r = k.sync(NOW, A, (0, 0, 100), 1);
         assert_eq!((r.granted, r.level), (8, 2));
         // A minute later the bucket alone would be full; with 8 parked it holds 2, and the
         // exact path admits those 2 only: 10 at once, the bucket's capacity.
         let later = NOW + Nanos::from_secs(60);
-        park(&g, &mut s, later, l.unused());
-        assert_eq!(level(&g, &s, later), 2);
+        park(&k.g, &mut k.s, later, k.l.unused());
+        assert_eq!(level(&k.g, &k.s, later), 2);
         let one = NonZeroU32::MIN;
-        assert!(g.acquire(&mut s, later, one).is_allowed());
-        assert!(g.acquire(&mut s, later, one).is_allowed());
-        assert_eq!(g.acquire(&mut s, later, one).verdict, Verdict::Deny);
+        assert!(k.g.acquire(&mut k.s, later, one).is_allowed());
+        assert!(k.g.acquire(&mut k.s, later, one).is_allowed());
+        assert_eq!(k.g.acquire(&mut k.s, later, one).verdict, Verdict::Deny);
         // The edge spends its 8 and says so: nothing moves (they were taken at the grant).
-        let r = lease(
-            &g,
-            &mut s,
-            later,
-            &mut l,
-            0,
-            A,
-            (8, 0, 0),
-            DEFAULT_THRESHOLD,
-            1,
-        );
+        let r = k.sync(later, A, (8, 0, 0), 1);
         assert_eq!(r.level, 0);
         // Then the bucket refills at its rate: one token per 100 ms.
-        assert_eq!(level(&g, &s, later + ms(300)), 3);
+        assert_eq!(level(&k.g, &k.s, later + ms(300)), 3);
     }
 
     #[test]
     fn an_edge_admitting_beyond_its_grant_is_charged_for_it() {
-        let g = bucket();
-        let mut s = GcraState::default();
-        let mut l = KeyLedger::new();
+        let mut k = Key::new();
         // A soft key's cold allowance: 4 admitted, nothing granted.
-        let r = lease(
-            &g,
-            &mut s,
-            NOW,
-            &mut l,
-            0,
-            A,
-            (4, 0, 0),
-            DEFAULT_THRESHOLD,
-            2,
-        );
+        let r = k.sync(NOW, A, (4, 0, 0), 2);
         assert_eq!((r.granted, r.level), (0, 6));
         // Past empty, the debt is owed: 6 + 4 more leaves the bucket at 0 until refilled.
-        let r = lease(
-            &g,
-            &mut s,
-            NOW,
-            &mut l,
-            0,
-            B,
-            (10, 0, 0),
-            DEFAULT_THRESHOLD,
-            2,
-        );
+        let r = k.sync(NOW, B, (10, 0, 0), 2);
         assert_eq!(r.level, 0);
-        assert_eq!(level(&g, &s, NOW + ms(400)), 0);
-        assert_eq!(level(&g, &s, NOW + ms(500)), 1);
+        assert_eq!(level(&k.g, &k.s, NOW + ms(400)), 0);
+        assert_eq!(level(&k.g, &k.s, NOW + ms(500)), 1);
     }
 
     #[test]
     fn grants_stop_above_the_reserve_and_holders_are_recalled() {
-        let g = bucket();
-        let mut s = GcraState::default();
-        let mut l = KeyLedger::new();
+        let mut k = Key::new();
         // Two edges: each gets at most ⌊8/2⌋ = 4, and half of what stands above the reserve.
-        let a = lease(
-            &g,
-            &mut s,
-            NOW,
-            &mut l,
-            0,
-            A,
-            (0, 0, 100),
-            DEFAULT_THRESHOLD,
-            2,
-        );
+        let a = k.sync(NOW, A, (0, 0, 100), 2);
         assert_eq!((a.granted, a.level), (4, 6));
-        let b = lease(
-            &g,
-            &mut s,
-            NOW,
-            &mut l,
-            0,
-            B,
-            (0, 0, 100),
-            DEFAULT_THRESHOLD,
-            2,
-        );
+        let b = k.sync(NOW, B, (0, 0, 100), 2);
         assert_eq!((b.granted, b.level), (2, 4));
         // A's 4 are used; the bucket stands at 4 with 2 reserved: 2 above it, one per edge.
-        let a = lease(
-            &g,
-            &mut s,
-            NOW,
-            &mut l,
-            0,
-            A,
-            (4, 0, 100),
-            DEFAULT_THRESHOLD,
-            2,
-        );
+        let a = k.sync(NOW, A, (4, 0, 100), 2);
         assert_eq!((a.granted, a.level, a.recall), (5, 3, false));
         // 1 above the reserve, fewer than one per edge: B, holding 2 it does not want, is
         // recalled; nothing more is minted.
-        let b = lease(
-            &g,
-            &mut s,
-            NOW,
-            &mut l,
-            0,
-            B,
-            (0, 0, 0),
-            DEFAULT_THRESHOLD,
-            2,
-        );
+        let b = k.sync(NOW, B, (0, 0, 0), 2);
         assert_eq!((b.granted, b.level, b.recall), (2, 3, true));
     }
 
     #[test]
     fn parked_tokens_of_the_other_lease_window_count_too() {
-        let g = bucket();
-        let mut s = GcraState::default();
-        let mut l = KeyLedger::new();
+        let mut k = Key::new();
         // 5 parked in the previous lease window, and a minute gone by: the bucket holds 5.
         let later = NOW + Nanos::from_secs(60);
         let r = lease(
-            &g,
-            &mut s,
+            &k.g,
+            &mut k.s,
             later,
-            &mut l,
+            &mut k.l,
             5,
             A,
             (0, 0, 0),
