@@ -722,7 +722,8 @@ impl Inner {
         let mut answer: Option<Decision> = None;
         for (part, check) in exact.parts.iter().zip(&reply.checks) {
             // When the key may be tried again: the regional's reopening, carried to our clock
-            // (the window end, or sooner when only other edges' unused grants stood in the way).
+            // (the window end; sooner when only other edges' unused grants stood in the way, or
+            // when a sliding window's carry falls enough).
             let reopen = if reply.allowed {
                 now
             } else {

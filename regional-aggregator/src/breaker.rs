@@ -577,6 +577,7 @@ fn unknown_reply(op: &ExactOp) -> ExactReply {
         near_limit: true,
         held: true,
         total: op.bounds.partition,
+        previous: 0,
     }
 }
 

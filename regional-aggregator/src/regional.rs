@@ -26,7 +26,9 @@
 //! region's part (at most to its capacity) for the next requests.
 //!
 //! An [`Acquire`] may mix algorithms. Its window checks (fixed and sliding window) become
-//! [`ExactOp`]s on ledgers, decided in the window that is current here; its token bucket,
+//! [`ExactOp`]s on ledgers, decided in the window that is current here (a denied one tells the
+//! edge when to try again: the window's end, or for a sliding window the instant the previous
+//! window's carry has fallen enough); its token bucket,
 //! leaky bucket and sliding log checks become [`StateOp`]s, each running the `shared`
 //! algorithm on that key's state in the store.
 //! The two kinds go to the store at once; when any check of either kind denies, what the
@@ -64,7 +66,7 @@ use shared::{
     Clock, LimitId, Nanos, RuleSet,
     algorithm::{Limiter, Outcome, Verdict},
     quota::{
-        DEFAULT_THRESHOLD, EdgeId, Threshold, carry_weight_ppm,
+        DEFAULT_THRESHOLD, EdgeId, Threshold, carry_fits_from, carry_weight_ppm,
         lease::{LEASE_WINDOW, grant_window},
         share_of,
     },
@@ -244,26 +246,52 @@ async fn land_tokens(
     store.refund_state(now, std::slice::from_ref(&refund)).await
 }
 
-/// A ledger's answer as the edge reads it: a denial that only grants held elsewhere (or a
-/// transfer still landing) caused reopens after `hold` ([`RegionalConfig::hold`], or less),
-/// any other at the window's end.
+/// A ledger's answer as the edge reads it. A denial that only grants held elsewhere (or a
+/// transfer still landing) caused reopens after `hold` ([`RegionalConfig::hold`], or less);
+/// a sliding window's, when the previous window's carry has fallen enough for the cost to
+/// fit beside what this window counts; any other at the window's end.
+///
+/// The sliding window's reopening is what its count does by time alone. Reopening at the
+/// window's end instead would deny a key kept at its limit for the rest of every window that
+/// starts with a full carry, and so admit about half its limit over time.
 fn ledger_outcome(
     r: &ExactReply,
-    (end, same): (Nanos, bool),
+    op: &ExactOp,
+    window: LedgerWindow,
     now: Nanos,
     hold: Nanos,
 ) -> CheckOutcome {
+    let reset_at = if r.allowed {
+        window.end
+    } else if r.held {
+        (now + hold).min(window.end)
+    } else {
+        carry_reopen(r, op, window).map_or(window.end, |t| t.clamp(now, window.end))
+    };
     CheckOutcome {
         allowed: r.allowed,
         remaining: r.remaining,
-        reset_at: if r.allowed || !r.held {
-            end
-        } else {
-            (now + hold).min(end)
-        },
+        reset_at,
         // 0 never lowers the edge's ceiling (it keeps the larger).
-        granted: if same { r.granted } else { 0 },
+        granted: if window.same { r.granted } else { 0 },
     }
+}
+
+/// When a sliding window's denial reopens by time alone: the instant the carry of the
+/// previous window's `T` leaves room for this window's `T` and the cost under `P`. `None`
+/// for a fixed window, or when `T` and the cost do not fit even without a carry (then not
+/// before the window ends, where the next window's partition applies).
+fn carry_reopen(r: &ExactReply, op: &ExactOp, window: LedgerWindow) -> Option<Nanos> {
+    if op.bounds.carry_ppm == 0 || r.previous == 0 {
+        return None;
+    }
+    let room = op
+        .bounds
+        .partition
+        .checked_sub(r.total)?
+        .checked_sub(op.cost)?;
+    let start = window.end - window.length;
+    Some(start + carry_fits_from(window.length, r.previous, room))
 }
 
 /// What an escalation did for a denied request.
@@ -412,13 +440,21 @@ struct Replies {
 struct Plan {
     /// The window checks, on ledgers.
     exact: Vec<ExactOp>,
-    /// Per ledger op: the end of the window it is decided in, and whether that is the window
-    /// the edge named.
-    windows: Vec<(Nanos, bool)>,
+    /// Per ledger op: the window it is decided in.
+    windows: Vec<LedgerWindow>,
     /// The token bucket, leaky bucket and sliding log checks, on limiter states.
     state: Vec<StateOp>,
     /// Per check of the request, in order: the op that answers it.
     order: Vec<Op>,
+}
+
+/// The window a ledger op is decided in.
+#[derive(Clone, Copy)]
+struct LedgerWindow {
+    end: Nanos,
+    length: Nanos,
+    /// Whether it is the window the edge named.
+    same: bool,
 }
 
 /// Which op of a [`Plan`] answers a check.
@@ -890,7 +926,9 @@ impl Regional {
             .order
             .iter()
             .map(|&op| match op {
-                Op::Ledger(i) => ledger_outcome(&exact[i], plan.windows[i], now, hold),
+                Op::Ledger(i) => {
+                    ledger_outcome(&exact[i], &plan.exact[i], plan.windows[i], now, hold)
+                }
                 Op::State(i) => state_outcome(&state[i].outcome, now),
             })
             .collect();
@@ -1482,7 +1520,11 @@ impl Regional {
             // another window (clocks a boundary apart) would be spent against a ledger that
             // does not reserve it. So none is minted, and none reported.
             let end = Nanos((current + 1).saturating_mul(w.length.as_u64()));
-            plan.windows.push((end, c.window == current));
+            plan.windows.push(LedgerWindow {
+                end,
+                length: w.length,
+                same: c.window == current,
+            });
             plan.order.push(Op::Ledger(plan.exact.len()));
             plan.exact.push(ExactOp {
                 at: LedgerKey {

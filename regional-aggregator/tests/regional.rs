@@ -505,6 +505,125 @@ async fn three_edges_on_redis_never_pass_a_hard_limit() {
     }
 }
 
+/// A sliding window's denial reopens when the previous window's carry has fallen enough, not
+/// at the window's end: the regional says when, to the nanosecond its store agrees with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sliding_windows_denial_reopens_as_its_carry_falls() {
+    let server = RedisServer::start();
+    let redis = RedisStore::connect(&RedisTopology::Single(server.url()), Duration::from_secs(2))
+        .await
+        .unwrap();
+    let stores: [Arc<dyn Store>; 2] = [Arc::new(MemoryStore::new()), Arc::new(redis)];
+    for store in stores {
+        let clock = ManualClock::new(T0);
+        let regional = regional_on(store, &clock);
+        let rules = regional.rules();
+        let mut id = 0;
+        let mut ask = |clock: &ManualClock| {
+            id += 1;
+            let mut check = check(&rules, "a", 1);
+            check.window = clock.now().as_u64() / 60_000_000_000;
+            acquire(id, vec![check])
+        };
+        for _ in 0..10 {
+            assert!(
+                regional
+                    .acquire(EdgeId(1), &ask(&clock))
+                    .await
+                    .unwrap()
+                    .allowed
+            );
+        }
+        // The window is full: nothing fits before it ends.
+        let full = regional.acquire(EdgeId(1), &ask(&clock)).await.unwrap();
+        assert!(!full.allowed);
+        assert_eq!(full.retry_after, Nanos::from_secs(60));
+        // 6 s into the next window the carry is ⌈10 · 54/60⌉ = 9: one fits, the next does
+        // not until it is 8, 12 s in.
+        clock.set(T0 + Nanos::from_secs(66));
+        assert!(
+            regional
+                .acquire(EdgeId(1), &ask(&clock))
+                .await
+                .unwrap()
+                .allowed
+        );
+        let denied = regional.acquire(EdgeId(1), &ask(&clock)).await.unwrap();
+        assert!(!denied.allowed);
+        assert_eq!(
+            denied.retry_after,
+            Nanos::from_secs(6),
+            "reopens as the carry falls to 8, not at the window's end"
+        );
+        clock.set(T0 + Nanos::from_secs(72) - Nanos(1));
+        assert!(
+            !regional
+                .acquire(EdgeId(1), &ask(&clock))
+                .await
+                .unwrap()
+                .allowed
+        );
+        clock.set(T0 + Nanos::from_secs(72));
+        assert!(
+            regional
+                .acquire(EdgeId(1), &ask(&clock))
+                .await
+                .unwrap()
+                .allowed,
+            "and fits from that instant"
+        );
+    }
+}
+
+/// Two edges keep one key far above its sliding limit for five minutes: every window admits
+/// its limit, none more, as a sliding window counter does. (With denials cached to the end
+/// of the window, a window that opened with a full carry admitted next to nothing, and the
+/// key got about half its limit.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_kept_at_its_sliding_limit_gets_its_limit_every_window() {
+    let server = RedisServer::start();
+    let clock = ManualClock::new(T0);
+    let regional = redis_regional(&server, &clock).await;
+    let rules = rules();
+    let agents: Vec<Agent> = (0..2)
+        .map(|e| {
+            regional.edge_connected();
+            let link = Arc::new(Direct {
+                regional: regional.clone(),
+                edge: EdgeId::of(&format!("edge-{e}"), 0),
+            });
+            Agent::builder(AgentConfig::default(), rules.clone(), link)
+                .clock(Arc::new(clock.clone()))
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let request = Request {
+        user_id: Some("alice"),
+        ..Request::new("POST", "/login")
+    };
+    // 40 requests a second on a hard limit of 100 a minute, by window.
+    let mut admitted = [0u32; 5];
+    while clock.now() < T0 + Nanos::from_secs(300) {
+        let window = ((clock.now() - T0).as_u64() / 60_000_000_000) as usize;
+        for agent in &agents {
+            for _ in 0..2 {
+                if agent.check_async(&request, NonZeroU32::MIN).await.allowed {
+                    admitted[window] += 1;
+                }
+            }
+            let _ = agent.flush().await;
+        }
+        clock.advance(Nanos::from_millis(100));
+    }
+    for (window, &n) in admitted.iter().enumerate() {
+        assert!(
+            (95..=100).contains(&n),
+            "window {window} admitted {n} of 100: {admitted:?}"
+        );
+    }
+}
+
 /// Every sync ack tells the edge `P` of each limit its batch named in the current window (for
 /// its cold allowance and its `local` failure mode): the whole limit without a coordinator,
 /// the region's share of it with one.

@@ -112,15 +112,19 @@ impl MemoryStore {
     /// What the previous window carries into `at`'s, read before `at`'s entry is locked (the
     /// two may share a map shard).
     fn carried(&self, at: &LedgerKey, carry_ppm: u32, now: Nanos) -> u64 {
+        carried(self.previous_used(at, carry_ppm, now), carry_ppm)
+    }
+
+    /// `T` of the window before `at`'s, where a sliding window's carry comes from (0 for a
+    /// fixed window: `carry_ppm` 0).
+    fn previous_used(&self, at: &LedgerKey, carry_ppm: u32, now: Nanos) -> u64 {
         if carry_ppm == 0 {
             return 0;
         }
-        let previous = at
-            .previous()
+        at.previous()
             .and_then(|p| self.ledgers.get(&p))
             .filter(|e| e.expire_at > now)
-            .map_or(0, |e| e.ledger.used());
-        carried(previous, carry_ppm)
+            .map_or(0, |e| e.ledger.used())
     }
 
     /// The live entry for `at`: an expired one starts over, as Redis would have deleted it.
@@ -259,7 +263,8 @@ impl MemoryStore {
     }
 
     fn exact_one(&self, edge: EdgeId, now: Nanos, op: &ExactOp) -> ExactReply {
-        let carried = self.carried(&op.at, op.bounds.carry_ppm, now);
+        let previous = self.previous_used(&op.at, op.bounds.carry_ppm, now);
+        let carried = carried(previous, op.bounds.carry_ppm);
         let budget = op.bounds.budget(carried);
         let mut entry = self.entry(&op.at, now);
         let allowed = op.cost <= budget.partition && entry.ledger.fits(op.cost, &budget);
@@ -284,6 +289,7 @@ impl MemoryStore {
             near_limit: ledger.is_near_limit(),
             held,
             total: ledger.used(),
+            previous,
         }
     }
 }

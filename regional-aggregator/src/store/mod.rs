@@ -386,6 +386,9 @@ pub struct ExactReply {
     pub held: bool,
     /// `T` afterwards.
     pub total: u64,
+    /// `T` of the previous window, which a sliding window carries (0 for a fixed window):
+    /// with it the regional tells a denied edge when the carry will have fallen enough.
+    pub previous: u64,
 }
 
 /// Exact-path consumption to give back.

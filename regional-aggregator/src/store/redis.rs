@@ -576,13 +576,14 @@ impl Store for RedisStore {
                 .await?
                 .into_iter()
                 .map(|v| match v[..] {
-                    [allowed, granted, remaining, near, held, total] => Ok(ExactReply {
+                    [allowed, granted, remaining, near, held, total, previous] => Ok(ExactReply {
                         allowed: allowed == 1,
                         granted: count(granted),
                         remaining: count(remaining),
                         near_limit: near == 1,
                         held: held == 1,
                         total: count(total),
+                        previous: count(previous),
                     }),
                     _ => Err(reply_error("exact", &v)),
                 })

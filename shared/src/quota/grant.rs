@@ -409,6 +409,24 @@ pub fn carried(previous: u64, weight_ppm: u32) -> u64 {
     u64::try_from(c).unwrap_or(u64::MAX)
 }
 
+/// How far into a window of length `window` the previous window's `previous` carries at
+/// most `room`: the least `e` with `carried(previous, carry_weight_ppm(window, e)) ≤ room`.
+/// A sliding window's denial reopens there, when the carry alone stood in the way: the
+/// previous window's weight falls as the window goes on, and nothing else in the count does.
+///
+/// `carried ≤ room` ⟺ `weight ≤ ⌊room·10⁶ / previous⌋ =: w`, and `weight(e) ≤ w` ⟺
+/// `e ≥ W − ⌊w·W / 10⁶⌋`: exact in integers, so the stores, which compute `carried` the same
+/// way, admit at that instant and not a nanosecond before.
+pub fn carry_fits_from(window: Nanos, previous: u64, room: u64) -> Nanos {
+    let w = u128::from(window.as_u64().max(1));
+    if previous == 0 {
+        return Nanos::ZERO;
+    }
+    let weight = (u128::from(room) * u128::from(PPM) / u128::from(previous)).min(u128::from(PPM));
+    // weight ≤ 10⁶, so weight·W / 10⁶ ≤ W, which fits a u64.
+    Nanos(u64::try_from(w - weight * w / u128::from(PPM)).unwrap_or(u64::MAX))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -573,6 +591,40 @@ mod tests {
         assert_eq!(carried(100, 750_000), 75);
         assert_eq!(carried(3, 500_000), 2, "1.5 rounds up");
         assert_eq!(carried(0, 1_000_000), 0);
+    }
+
+    #[test]
+    fn a_carry_fits_its_room_from_the_first_instant_it_does() {
+        let w = Nanos::from_secs(60);
+        // 59/60 of 60 is 59, but the stores round the weight up (983,334 ppm at 1 s, which
+        // carries 60): 20 µs later it is 983,333 and carries 59.
+        assert_eq!(carry_fits_from(w, 60, 59), Nanos(1_000_020_000));
+        assert_eq!(carry_fits_from(w, 60, 30), Nanos::from_secs(30));
+        assert_eq!(carry_fits_from(w, 60, 60), Nanos::ZERO);
+        assert_eq!(
+            carry_fits_from(w, 60, 0),
+            w,
+            "all of it carries until the end"
+        );
+        assert_eq!(carry_fits_from(w, 0, 0), Nanos::ZERO);
+        // Against the stores' arithmetic, at odd lengths, counts and rooms: fits from `e`,
+        // not at `e − 1`.
+        let mut rng = crate::sim::Rng::new(7);
+        for _ in 0..20_000 {
+            let w = Nanos(1 + rng.below(1 << 40));
+            let previous = 1 + rng.below(1 << 20);
+            let room = rng.below(previous + 2);
+            let e = carry_fits_from(w, previous, room);
+            assert!(e <= w);
+            let at = |e: Nanos| carried(previous, carry_weight_ppm(w, e));
+            assert!(at(e) <= room, "{w:?} {previous} {room}: {e:?}");
+            if e > Nanos::ZERO {
+                assert!(
+                    at(Nanos(e.as_u64() - 1)) > room,
+                    "{w:?} {previous} {room}: {e:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -21,7 +21,7 @@ mod partition;
 pub use self::{
     grant::{
         Budget, DEFAULT_THRESHOLD, EdgeCounters, EdgeId, ExactOutcome, Grant, KeyLedger, Threshold,
-        carried, carry_weight_ppm, cold_allowance,
+        carried, carry_fits_from, carry_weight_ppm, cold_allowance,
     },
     partition::{
         DemandSmoother, RegionShare, Transfer, TransferError, TransferState, ppm_for,

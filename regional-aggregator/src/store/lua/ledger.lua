@@ -77,14 +77,23 @@ local function unused(e)
 end
 
 -- ceil(x * ppm / 10^6) for x < 2^40, in two halves so no product reaches 2^53.
-local function carried(prev_key, ppm)
-  if ppm == 0 then
-    return 0
-  end
-  local t = used(load(prev_key))
+local function carry_of(t, ppm)
   local hi = math.floor(t / PPM)
   local lo = t - hi * PPM
   return hi * ppm + math.ceil(lo * ppm / PPM)
+end
+
+-- T of the previous window, where a sliding window's carry comes from (0 when ppm is 0: a
+-- fixed window carries nothing).
+local function previous_used(prev_key, ppm)
+  if ppm == 0 then
+    return 0
+  end
+  return used(load(prev_key))
+end
+
+local function carried(prev_key, ppm)
+  return carry_of(previous_used(prev_key, ppm), ppm)
 end
 
 -- KeyLedger::update_near_limit: near once usage leaves less than a unit per edge under θ·P.
