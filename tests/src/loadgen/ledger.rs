@@ -30,8 +30,13 @@
 //! - `sliding_window` and `sliding_log`: the same count per epoch-aligned window. An aligned
 //!   window is one of the windows a sliding limit bounds (the counter's estimate weighs the
 //!   previous window in, never out), so an overshoot found is real, but one straddling two
-//!   aligned windows is not seen: a lower bound. Shortfall is `n/a`: a denial with fewer than
-//!   `limit` admitted in the aligned window is the previous window's weight at work.
+//!   aligned windows is not seen: a lower bound.
+//! - `sliding_window` shortfall: a denial leaves the counter's estimate short of the limit when
+//!   the previous window's carry plus this window's count leave room. For the window's latest
+//!   denial by this limit, the room is `limit − carried(prev, e) − cur`, taken at its send time
+//!   `e` (the earliest it can have been decided: the largest carry) with every admission of
+//!   both windows counted, the unattributed ones too (the most they can be), so it never
+//!   overstates; the shared `carried` rounds as the stores do. `sliding_log`: `n/a`.
 //! - `token_bucket` and `leaky_bucket`: per key over the whole run, at most `burst` (capacity)
 //!   plus one per emission (drain) interval of the span from the first admitted request's send
 //!   to the last one's receipt can be admitted; overshoot is what exceeds that. The span is
@@ -43,7 +48,11 @@
 use std::collections::HashMap;
 
 use serde::Serialize;
-use shared::{Strictness, algorithm::Limiter};
+use shared::{
+    Nanos, Strictness,
+    algorithm::Limiter,
+    quota::{carried, carry_weight_ppm},
+};
 
 use super::mix::{Entry, KeyField, Mix, TrackedLimit};
 
@@ -83,6 +92,8 @@ struct Tally {
     maybe: u64,
     /// Admitted or denied by this limit, surely in this window.
     offered: u64,
+    /// When the latest denial by this limit surely in this window was sent (0: none).
+    latest_denial: u64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -111,6 +122,8 @@ impl Ledger {
         }
         let answering = answering(mix, entry, answer);
         for (i, &(li, field)) in entry.matches.iter().enumerate() {
+            // Every rank shares a `global` limit's one key.
+            let rank = if field == KeyField::Global { 0 } else { rank };
             let totals = &mut self.totals[li];
             totals.met += 1;
             let answered = answering == Some(i);
@@ -131,6 +144,9 @@ impl Ledger {
                         let t = self.windows.entry((li, field, rank, lo)).or_default();
                         t.offered += 1;
                         t.admitted += u64::from(answer.allowed);
+                        if !answer.allowed {
+                            t.latest_denial = t.latest_denial.max(answer.sent);
+                        }
                     } else {
                         totals.unattributed += 1;
                         if answer.allowed {
@@ -158,6 +174,27 @@ impl Ledger {
         }
     }
 
+    /// The room the latest denial in sliding window `(li, field, rank, idx)` of length `w`
+    /// left under `limit`, at most (see the module doc); `None` without a denial.
+    fn sliding_room(
+        &self,
+        (li, field, rank, idx): WindowKey,
+        t: &Tally,
+        limit: u64,
+        w: u64,
+    ) -> Option<u64> {
+        if t.latest_denial == 0 {
+            return None;
+        }
+        let previous = idx
+            .checked_sub(1)
+            .and_then(|p| self.windows.get(&(li, field, rank, p)))
+            .map_or(0, |p| p.admitted + p.maybe);
+        let elapsed = t.latest_denial.saturating_sub(idx.saturating_mul(w));
+        let carry = carried(previous, carry_weight_ppm(Nanos(w), Nanos(elapsed)));
+        Some(limit.saturating_sub(carry + t.admitted + t.maybe))
+    }
+
     /// Adds `other`'s counts to this one's.
     pub fn merge(&mut self, other: Ledger) {
         for (k, t) in other.windows {
@@ -165,6 +202,7 @@ impl Ledger {
             mine.admitted += t.admitted;
             mine.maybe += t.maybe;
             mine.offered += t.offered;
+            mine.latest_denial = mine.latest_denial.max(t.latest_denial);
         }
         for (k, s) in other.spans {
             self.spans
@@ -209,9 +247,14 @@ impl Ledger {
             report.windows += 1;
             report.exhausted_windows += u64::from(t.admitted >= limit);
             let over = t.admitted.saturating_sub(limit);
-            let under = (t.offered >= limit)
-                .then(|| limit.saturating_sub(t.admitted + t.maybe))
-                .filter(|&u| u > 0);
+            let under = match &tracked.limiter {
+                Limiter::SlidingWindow(w) => {
+                    let length = w.window().as_u64().max(1);
+                    self.sliding_room((li, field, rank, idx), t, limit, length)
+                }
+                _ => (t.offered >= limit).then(|| limit.saturating_sub(t.admitted + t.maybe)),
+            }
+            .filter(|&u| u > 0);
             if over > 0 {
                 report.overshoot_windows += 1;
                 report.overshoot += over;
@@ -336,7 +379,7 @@ impl LimitReport {
     fn new(l: &TrackedLimit, t: Totals) -> LimitReport {
         let (algorithm, method, shortfall) = match &l.limiter {
             Limiter::FixedWindow(_) => ("fixed_window", "per-window", Some(0)),
-            Limiter::SlidingWindow(_) => ("sliding_window", "aligned-windows", None),
+            Limiter::SlidingWindow(_) => ("sliding_window", "aligned-windows", Some(0)),
             Limiter::SlidingLog(_) => ("sliding_log", "aligned-windows", None),
             Limiter::TokenBucket(_) => ("token_bucket", "bucket-span", None),
             Limiter::LeakyBucket(_) => ("leaky_bucket", "bucket-span", None),
@@ -439,6 +482,7 @@ rate_limits:
     - { id: login, path: "/login", method: POST, limit: 2, window: 1s, key: ip, algorithm: fixed_window, strictness: hard }
     - { id: all, path: "/login", method: POST, limit: 100, window: 1m, key: global }
     - { id: api, path: "/api", algorithm: token_bucket, rate: 10/s, burst: 2, key: ip }
+    - { id: slide, path: "/slide", limit: 2, window: 1s, key: ip }
 "#;
 
     const S: u64 = 1_000_000_000;
@@ -495,13 +539,49 @@ rate_limits:
         assert_eq!(l.exhausted_windows, 1);
         assert_eq!(worst[0].overshoot, 1);
         assert_eq!(worst[0].window_start_unix_ms, Some(t0 / 1_000_000));
-        assert_eq!(worst[1].shortfall, 1);
+        assert_eq!((worst[1].rule.as_str(), worst[1].shortfall), ("all", 94));
+        assert_eq!((worst[2].rule.as_str(), worst[2].shortfall), ("login", 1));
         let all = &limits[1];
         assert_eq!(
-            (all.algorithm, all.method, all.shortfall),
-            ("sliding_window", "aligned-windows", None)
+            (all.algorithm, all.method),
+            ("sliding_window", "aligned-windows")
         );
         assert_eq!((all.admitted, all.denied, all.overshoot), (6, 1, 0));
+        assert_eq!(
+            (all.shortfall_windows, all.shortfall),
+            (Some(1), Some(94)),
+            "denied with 6 of 100 admitted and nothing carried"
+        );
+    }
+
+    #[test]
+    fn a_sliding_denial_is_short_only_when_the_carry_left_room() {
+        let rules = RuleSet::from_yaml("r.yaml", RULES).unwrap();
+        let mix = Mix::new(&rules, &["slide=1".parse().unwrap()], 1).unwrap();
+        let slide = &mix.entries[0];
+        let t0 = 1_700_000_000 * S;
+        let mut ledger = Ledger::default();
+        for i in 0..2 {
+            ledger.record(&mix, slide, 0, &answer(t0 + i * 1000, true, "slide", 2));
+        }
+        // A quarter into the next window both still carry (⌈2 · 0.75⌉ = 2): a true denial.
+        ledger.record(&mix, slide, 0, &answer(t0 + S + S / 4, false, "slide", 2));
+        let (limits, _) = ledger.report(&mix, 10);
+        assert_eq!(limits[0].algorithm, "sliding_window");
+        assert_eq!(limits[0].shortfall, Some(0));
+        // At 0.6 only ⌈2 · 0.4⌉ = 1 carries: denying left one unit unused.
+        ledger.record(
+            &mix,
+            slide,
+            0,
+            &answer(t0 + S + S * 6 / 10, false, "slide", 2),
+        );
+        let (limits, worst) = ledger.report(&mix, 10);
+        assert_eq!(
+            (limits[0].shortfall_windows, limits[0].shortfall),
+            (Some(1), Some(1))
+        );
+        assert_eq!((worst[0].shortfall, worst[0].admitted), (1, 0));
     }
 
     #[test]

@@ -48,10 +48,12 @@
 //! send and receipt times (one straddling a boundary is left out of overshoot and counted on
 //! both sides for shortfall, so neither is overstated); fixed windows are judged per window,
 //! sliding windows on epoch-aligned windows and buckets on the run's span (both lower
-//! bounds); shortfall is computed for fixed windows only. A hard rule's
+//! bounds); shortfall is computed for fixed and sliding windows (for a sliding window, the
+//! room its counter had at the window's latest denial, a lower bound). A hard rule's
 //! overshoot must be zero; a soft rule's is bounded by `n·c0` per window (DESIGN §4).
 //!
-//! Every key is namespaced by a per-run id, so windows a previous run spent do not count here.
+//! Every key is namespaced by a per-run id, so windows a previous run spent do not count here
+//! (the id comes from `--seed` when one is given: two runs with one seed share their keys).
 //! Nothing read from the network can panic the generator: a failure is counted by kind, and
 //! the first of each kind is printed to stderr.
 

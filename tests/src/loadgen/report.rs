@@ -286,7 +286,8 @@ impl Summary {
         out.push_str(
             "  OVERSHOOT: admitted above the limit, summed over (key, window): \"N in W (max M)\"; \
              aligned windows for sliding limits,\n  the run's span for buckets (lower bounds). \
-             SHORTFALL: limit offered, less admitted (fixed windows only).\n",
+             SHORTFALL: limit offered, less admitted (fixed windows);\n  for sliding windows, the room \
+             the counter still had at the window's latest denial (a lower bound); n/a otherwise.\n",
         );
         if !self.worst_windows.is_empty() {
             let mut worst = Table::new(&[
