@@ -64,7 +64,7 @@ use crate::{
     config::AgentConfig,
     decision::{Decision, DecisionPath},
     keymap::KeyMap,
-    local::{KeyState, Local, SlotKey, StoredKey},
+    local::{ExactReason, KeyState, Local, SlotKey, StoredKey},
     upstream::{Upstream, UpstreamError},
 };
 
@@ -322,6 +322,9 @@ pub struct StatsSnapshot {
     pub exact: u64,
     /// Decisions made by a failure mode because the regional did not answer in time.
     pub fallback: u64,
+    /// Requests that could not be decided locally (so `exact + fallback` of them), by why, in
+    /// [`ExactReason::ALL`] order: the first limit of the request that could not.
+    pub exact_reasons: [u64; 4],
     /// Requests denied, by any path.
     pub denied: u64,
     /// Windows whose counts were dropped before the regional acknowledged them (the bounded
@@ -540,6 +543,7 @@ impl Inner {
                 verdict = if until > now {
                     Local::Denied { until }
                 } else {
+                    self.stats.exact_reasons[ExactReason::ExactOnly.index()].add(1);
                     Local::Exact
                 };
                 break;
@@ -551,6 +555,8 @@ impl Inner {
                 let (local, lost) = s.reserve(now, w, cost, m.rule.strictness(), c0);
                 if local == Local::Reserved && i == last {
                     s.commit(now, cost);
+                } else if local == Local::Exact {
+                    self.stats.exact_reasons[s.exact_reason().index()].add(1);
                 }
                 (local, s.cur.remaining(value), lost)
             });
@@ -1093,6 +1099,8 @@ struct Stats {
     lost_windows: Striped,
     sync_failures: Striped,
     shadow_denials: Striped,
+    /// By [`ExactReason::index`].
+    exact_reasons: [Striped; 4],
     // The sync loop's, written by one flush at a time: plain atomics.
     syncs: AtomicU64,
     sync_entries: AtomicU64,
@@ -1113,6 +1121,7 @@ impl Stats {
             lost_windows: Striped::default(),
             sync_failures: Striped::default(),
             shadow_denials: Striped::default(),
+            exact_reasons: Default::default(),
             syncs: AtomicU64::new(0),
             sync_entries: AtomicU64::new(0),
             sync_sizes: Histogram::sizes(),
@@ -1144,6 +1153,7 @@ impl Stats {
             lost_windows: self.lost_windows.sum(),
             sync_failures: self.sync_failures.sum(),
             shadow_denials: self.shadow_denials.sum(),
+            exact_reasons: self.exact_reasons.each_ref().map(Striped::sum),
             syncs: self.syncs.load(Ordering::Relaxed),
             sync_entries: self.sync_entries.load(Ordering::Relaxed),
             last_sync_at: Nanos(self.last_sync.load(Ordering::Relaxed)),

@@ -97,6 +97,7 @@ pub use crate::{
         Cidr, DEFAULT_API_KEY_HEADER, DEFAULT_TIER_HEADER, DEFAULT_USER_ID_HEADER, Identity,
         IdentityConfig, IdentityError, IpText, client_ip,
     },
+    local::ExactReason,
     metrics::EdgeMetrics,
     quic::{
         DEFAULT_BACKOFF_MAX, DEFAULT_BACKOFF_MIN, DEFAULT_CONNECT_TIMEOUT, QuicConfig, QuicError,

@@ -356,6 +356,43 @@ pub(crate) enum Local {
     Exact,
 }
 
+/// Why a key could not decide a request locally: the label of `edge_exact_reasons_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExactReason {
+    /// The key is near its limit in this window (above `θ·P`): every decision is exact.
+    NearLimit,
+    /// No grant in this window, and no cold allowance (a hard or hot key, or spent).
+    NoGrant,
+    /// The window's grant is used up (or was handed back) and no more has come yet.
+    GrantSpent,
+    /// The algorithm is decided only at the regional (sliding log, leaky-bucket shaper).
+    ExactOnly,
+}
+
+impl ExactReason {
+    /// Every reason, in [`index`](ExactReason::index) order.
+    pub const ALL: [ExactReason; 4] = [
+        ExactReason::NearLimit,
+        ExactReason::NoGrant,
+        ExactReason::GrantSpent,
+        ExactReason::ExactOnly,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExactReason::NearLimit => "near_limit",
+            ExactReason::NoGrant => "no_grant",
+            ExactReason::GrantSpent => "grant_spent",
+            ExactReason::ExactOnly => "exact_only",
+        }
+    }
+
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+}
+
 /// Everything one edge knows about one (limit, key).
 #[derive(Clone, Debug)]
 pub(crate) struct KeyState {
@@ -479,6 +516,17 @@ impl KeyState {
         }
         win.pending += cost;
         (Local::Reserved, lost)
+    }
+
+    /// Why the current window just answered [`Local::Exact`].
+    pub(crate) fn exact_reason(&self) -> ExactReason {
+        if self.cur.near_limit {
+            ExactReason::NearLimit
+        } else if self.cur.granted == 0 {
+            ExactReason::NoGrant
+        } else {
+            ExactReason::GrantSpent
+        }
     }
 
     /// Turns a reservation into an admission.

@@ -11,7 +11,8 @@
 //!   counters of the limits that stay. The counters and histograms are striped
 //!   ([`shared::metrics::Counter`]), so threads deciding at once do not share their lines.
 //! - What the agent counts anyway ([`Agent::stats`] and friends), read at scrape time by a
-//!   collector: the local-decision ratio, shadow would-denials, sync batches, sizes and lag,
+//!   collector: the local-decision ratio and why the other decisions were not local, shadow
+//!   would-denials, sync batches, sizes and lag,
 //!   grant utilisation, lost windows, keys held, the rule set's version and whether the
 //!   regional is connected.
 //!
@@ -40,7 +41,7 @@ use shared::{
     metrics::{Counter, Histogram, counter, gauge},
 };
 
-use crate::{Agent, Decision, DecisionPath, QuicUpstream, proxy::ProxyOutcome};
+use crate::{Agent, Decision, DecisionPath, ExactReason, QuicUpstream, proxy::ProxyOutcome};
 
 /// The edge's metrics registry and the handles `record` updates.
 pub struct EdgeMetrics {
@@ -90,6 +91,11 @@ struct PathLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
     outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -348,6 +354,22 @@ impl Collector for AgentCollector {
             "Requests denied, by any path.",
             stats.denied,
         )?;
+        {
+            let mut reasons = encoder.encode_descriptor(
+                "exact_reasons",
+                "Requests not decidable locally (decided exact or by a failure mode), by why: \
+                 near_limit (above θ·P), no_grant (none in this window and no cold allowance), \
+                 grant_spent, exact_only (sliding log, leaky-bucket shaper).",
+                None,
+                MetricType::Counter,
+            )?;
+            for (reason, n) in ExactReason::ALL.iter().zip(stats.exact_reasons) {
+                let labels = ReasonLabel {
+                    reason: reason.as_str(),
+                };
+                ConstCounter::new(n).encode(reasons.encode_family(&labels)?)?;
+            }
+        }
         {
             let mut shadow = encoder.encode_descriptor(
                 "shadow_would_deny",

@@ -337,8 +337,17 @@ fn metrics_parse_as_prometheus_text_and_count_what_was_decided() {
         ),
         4.0
     );
-    // Only the unlimited check was decided without the network.
+    // Only the unlimited check was decided without the network; the four others found no
+    // grant (there is no regional to give one).
     assert_eq!(m.get("edge_local_decision_ratio", &[]), 0.2);
+    assert_eq!(
+        m.get("edge_exact_reasons_total", &[("reason", "no_grant")]),
+        4.0
+    );
+    assert_eq!(
+        m.get("edge_exact_reasons_total", &[("reason", "near_limit")]),
+        0.0
+    );
     // With no regional there is no grant, so the shadow rule can confirm none of the four
     // locally: each counts as a would-deny, and none was denied for it.
     assert_eq!(

@@ -1,6 +1,6 @@
 //! Local decisions: grants consumed and refreshed, cached denials, all-or-nothing.
 
-use edge_agent::{DecisionPath, Request};
+use edge_agent::{DecisionPath, ExactReason, Request};
 use shared::{ManualClock, Nanos};
 
 use crate::support::*;
@@ -39,6 +39,19 @@ async fn a_hard_key_starts_exact_then_decides_locally_under_its_grant() {
         DecisionPath::Exact,
         "grant spent"
     );
+    // Why each went to the regional, as `edge_exact_reasons_total` shows it.
+    let why = |r: ExactReason| {
+        agent.stats().exact_reasons[ExactReason::ALL.iter().position(|&x| x == r).unwrap()]
+    };
+    assert_eq!(
+        [
+            ExactReason::NoGrant,
+            ExactReason::GrantSpent,
+            ExactReason::NearLimit
+        ]
+        .map(why),
+        [1, 1, 0]
+    );
 
     // A sync reports the use and refreshes the grant for the demand it saw.
     agent.flush().await.unwrap();
@@ -68,6 +81,20 @@ async fn the_regionals_count_matches_what_was_admitted() {
     }
     agent.flush().await.unwrap();
     assert_eq!(admitted, 100, "exactly the limit, from one agent");
+    let reasons = agent.stats().exact_reasons;
+    assert!(
+        reasons[ExactReason::ALL
+            .iter()
+            .position(|&x| x == ExactReason::NearLimit)
+            .unwrap()]
+            > 0,
+        "the last fifth of the limit is decided exact: {reasons:?}"
+    );
+    assert_eq!(
+        reasons.iter().sum::<u64>(),
+        agent.stats().exact + agent.stats().fallback,
+        "every request not decided locally has its reason"
+    );
     let limit = rules.rule("login").unwrap().limits()[0].id();
     let r = region.lock().unwrap();
     let ledger = r
