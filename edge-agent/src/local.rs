@@ -370,7 +370,8 @@ pub enum ExactReason {
 }
 
 impl ExactReason {
-    /// Every reason, in [`index`](ExactReason::index) order.
+    /// Every reason, in the order [`StatsSnapshot::exact_reasons`](crate::StatsSnapshot::exact_reasons)
+    /// counts them.
     pub const ALL: [ExactReason; 4] = [
         ExactReason::NearLimit,
         ExactReason::NoGrant,
