@@ -680,17 +680,20 @@ impl Store for GuardedStore {
                 }
                 // This replica's part of each limiter; one too small to hold a unit admits
                 // nothing here during the outage (and is not escalated: see `unknown`).
-                let parts: Vec<Option<StateOp>> = ops
+                let parts: Vec<Option<StateLimiter>> = ops
                     .iter()
-                    .map(|op| {
-                        let part = own_part(op.limiter, replicas)?;
+                    .map(|op| own_part(op.limiter, replicas))
+                    .collect();
+                let held: Vec<StateOp> = ops
+                    .iter()
+                    .zip(&parts)
+                    .filter_map(|(op, part)| {
                         Some(StateOp {
-                            limiter: part,
+                            limiter: (*part)?,
                             ..op.clone()
                         })
                     })
                     .collect();
-                let held: Vec<StateOp> = parts.iter().flatten().cloned().collect();
                 // Too small a part is denied until the breaker may close, not for the span.
                 let wait = Nanos::from(lock(&self.inner.breaker).config.cooldown);
                 let mut decided = acquire_known(&*s, now, &held, outage).await?.into_iter();

@@ -188,20 +188,6 @@ fn part_in_force(
     whole.partitioned(share)
 }
 
-/// The lease ledgers whose unused grants an acquire on `limiter`'s state at `now` must park:
-/// a token bucket's current and previous lease windows (`shared::quota::lease`); none for the
-/// other limiters, which edges never hold grants of.
-fn lease_ledgers(limit: LimitId, key: &str, limiter: &StateLimiter, now: Nanos) -> Vec<LedgerKey> {
-    if !matches!(limiter, StateLimiter::TokenBucket(_)) {
-        return Vec::new();
-    }
-    let current = now.as_u64() / LEASE_WINDOW.as_u64();
-    vec![
-        LedgerKey::lease(limit, key.to_owned(), current),
-        LedgerKey::lease(limit, key.to_owned(), current.saturating_sub(1)),
-    ]
-}
-
 /// How long the bucket `whole` takes to refill (or drain) one unit.
 fn refill_interval(whole: StateLimiter) -> Nanos {
     match whole {
@@ -666,6 +652,18 @@ impl Regional {
                 self.stats.unknown_limit.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
+            // The window the entry's counts are filed under: a window limit's own, a bucket's
+            // lease window. Sliding logs and shapers have none (their keys go exact).
+            let Some(length) = grant_window(limit.limiter()) else {
+                self.stats.unsupported.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let current = now.as_u64() / length.as_u64();
+            if e.window > current || e.window.saturating_add(1) < current {
+                self.stats.skewed.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let is_current = e.window == current;
             if let Limiter::TokenBucket(_) = limit.limiter() {
                 let part = StateLimiter::new(limit.limiter())
                     .and_then(|whole| part_in_force(&self.partitions, e.limit, whole, now));
@@ -674,12 +672,6 @@ impl Regional {
                     self.stats.unsupported.fetch_add(1, Ordering::Relaxed);
                     continue;
                 };
-                let current = now.as_u64() / LEASE_WINDOW.as_u64();
-                if e.window > current || e.window.saturating_add(1) < current {
-                    self.stats.skewed.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-                let is_current = e.window == current;
                 if is_current {
                     partitions.entry(e.limit).or_insert(part.burst().get());
                 }
@@ -708,12 +700,6 @@ impl Regional {
                 self.stats.unsupported.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
-            let current = now.as_u64() / w.length.as_u64();
-            if e.window > current || e.window.saturating_add(1) < current {
-                self.stats.skewed.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            let is_current = e.window == current;
             is_current_op.push(is_current);
             if is_current {
                 partitions
@@ -1271,7 +1257,6 @@ impl Regional {
             limiter: part,
             cost: NonZeroU32::MIN,
             exact_since: state_exact_since(rule.on_failure(), &part, now),
-            leases: lease_ledgers(limit, key, &part, now),
         };
         let mut wanted = amount.min(part.limiter().limit());
         for _ in 0..3 {
@@ -1497,7 +1482,6 @@ impl Regional {
                     limiter: state,
                     cost: c.cost,
                     exact_since: state_exact_since(rule.on_failure(), &state, now),
-                    leases: lease_ledgers(c.limit, &c.key, &state, now),
                 });
                 continue;
             }
@@ -1739,7 +1723,6 @@ mod tests {
             limiter,
             cost: NonZeroU32::MIN,
             exact_since: None,
-            leases: Vec::new(),
         };
         let reply = |verdict, unknown| StateReply {
             outcome: Outcome {

@@ -65,7 +65,7 @@ pub struct Uplink {
     incarnation: u64,
     connection: RwLock<Option<Connection>>,
     next_request: AtomicU64,
-    /// Transfer grants applied: id → when, so a resent grant adds once.
+    /// Transfer grants landed, by id, with what each confirmed: a resent grant lands once.
     granted: OncePerId<u64>,
     stats: Arc<NetStats>,
     /// Reports the coordinator answered (for `/metrics`).

@@ -38,16 +38,52 @@ pub(crate) fn rules() -> RuleSet {
     RuleSet::from_yaml("rules.yaml", RULES).expect("the test rules parse")
 }
 
-async fn redis_regional(server: &RedisServer, clock: &ManualClock) -> Arc<Regional> {
-    let store = RedisStore::connect(&RedisTopology::Single(server.url()), Duration::from_secs(2))
+async fn redis_store(server: &RedisServer) -> RedisStore {
+    RedisStore::connect(&RedisTopology::Single(server.url()), Duration::from_secs(2))
         .await
-        .expect("the test Redis is up");
+        .expect("the test Redis is up")
+}
+
+/// Both stores, for a test that must hold on each.
+async fn memory_and_redis(server: &RedisServer) -> [Arc<dyn Store>; 2] {
+    [
+        Arc::new(MemoryStore::new()),
+        Arc::new(redis_store(server).await),
+    ]
+}
+
+async fn redis_regional(server: &RedisServer, clock: &ManualClock) -> Arc<Regional> {
     Arc::new(Regional::new(
         RegionalConfig::default(),
         rules(),
-        Arc::new(store),
+        Arc::new(redis_store(server).await),
         Arc::new(clock.clone()),
     ))
+}
+
+/// `n` agents on `regional`, in process, telling time by `clock`; `incarnation` tells one
+/// set's edges from another's.
+fn agents(
+    regional: &Arc<Regional>,
+    clock: &ManualClock,
+    n: usize,
+    incarnation: u64,
+) -> Vec<Arc<Agent>> {
+    (0..n)
+        .map(|e| {
+            regional.edge_connected();
+            let link = Arc::new(Direct {
+                regional: regional.clone(),
+                edge: EdgeId::of(&format!("edge-{e}"), incarnation),
+            });
+            Arc::new(
+                Agent::builder(AgentConfig::default(), rules(), link)
+                    .clock(Arc::new(clock.clone()))
+                    .build()
+                    .expect("a test runs on a tokio runtime"),
+            )
+        })
+        .collect()
 }
 
 fn regional_on(store: Arc<dyn Store>, clock: &ManualClock) -> Regional {
@@ -152,10 +188,7 @@ fn for_key(mut check: Check, key: &str) -> Check {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_window_and_a_token_bucket_consume_together_or_not_at_all() {
     let server = RedisServer::start();
-    let redis = RedisStore::connect(&RedisTopology::Single(server.url()), Duration::from_secs(2))
-        .await
-        .unwrap();
-    let stores: [Arc<dyn Store>; 2] = [Arc::new(MemoryStore::new()), Arc::new(redis)];
+    let stores = memory_and_redis(&server).await;
     for store in stores {
         let clock = ManualClock::new(T0);
         let regional = regional_on(store, &clock);
@@ -433,21 +466,7 @@ async fn three_edges_on_redis_never_pass_a_hard_limit() {
     for seed in 0..5 {
         let clock = ManualClock::new(T0 + Nanos::from_secs(3600 * seed));
         let regional = redis_regional(&server, &clock).await;
-        let agents: Vec<Arc<Agent>> = (0..3)
-            .map(|e| {
-                regional.edge_connected();
-                let link = Arc::new(Direct {
-                    regional: regional.clone(),
-                    edge: EdgeId::of(&format!("edge-{e}"), seed),
-                });
-                Arc::new(
-                    Agent::builder(AgentConfig::default(), rules.clone(), link)
-                        .clock(Arc::new(clock.clone()))
-                        .build()
-                        .unwrap(),
-                )
-            })
-            .collect();
+        let agents = agents(&regional, &clock, 3, seed);
         // Three threads per round, one per edge, then a flush: concurrent decisions on one
         // hard key, 300 attempts on a limit of 100.
         let mut rng = Rng::new(seed);
@@ -510,10 +529,7 @@ async fn three_edges_on_redis_never_pass_a_hard_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sliding_windows_denial_reopens_as_its_carry_falls() {
     let server = RedisServer::start();
-    let redis = RedisStore::connect(&RedisTopology::Single(server.url()), Duration::from_secs(2))
-        .await
-        .unwrap();
-    let stores: [Arc<dyn Store>; 2] = [Arc::new(MemoryStore::new()), Arc::new(redis)];
+    let stores = memory_and_redis(&server).await;
     for store in stores {
         let clock = ManualClock::new(T0);
         let regional = regional_on(store, &clock);
@@ -584,20 +600,7 @@ async fn a_key_kept_at_its_sliding_limit_gets_its_limit_every_window() {
     let server = RedisServer::start();
     let clock = ManualClock::new(T0);
     let regional = redis_regional(&server, &clock).await;
-    let rules = rules();
-    let agents: Vec<Agent> = (0..2)
-        .map(|e| {
-            regional.edge_connected();
-            let link = Arc::new(Direct {
-                regional: regional.clone(),
-                edge: EdgeId::of(&format!("edge-{e}"), 0),
-            });
-            Agent::builder(AgentConfig::default(), rules.clone(), link)
-                .clock(Arc::new(clock.clone()))
-                .build()
-                .unwrap()
-        })
-        .collect();
+    let agents = agents(&regional, &clock, 2, 0);
     let request = Request {
         user_id: Some("alice"),
         ..Request::new("POST", "/login")
@@ -963,13 +966,7 @@ async fn a_restarted_regional_carries_on_with_what_it_held() {
             Arc::new(clock.clone()),
         )
     };
-    let redis = async || {
-        let store =
-            RedisStore::connect(&RedisTopology::Single(server.url()), Duration::from_secs(2))
-                .await
-                .expect("the test Redis is up");
-        Arc::new(store) as Arc<dyn Store>
-    };
+    let redis = async || Arc::new(redis_store(&server).await) as Arc<dyn Store>;
     let push = |version, percent| shared::wire::Partitions {
         version,
         rules: vec![

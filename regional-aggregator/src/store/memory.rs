@@ -176,7 +176,7 @@ impl MemoryStore {
     }
 
     fn acquire_state_one(&self, now: Nanos, op: &StateOp) -> StateReply {
-        let parked = self.parked(&op.leases, now);
+        let parked = self.parked(op.leases(now).iter().flatten(), now);
         let mut entry = self.state_entry(&op.at, op.limiter);
         entry.limiter = op.limiter;
         // Parked on a copy, kept only with what an admission consumed (as `gcra.lua`): a

@@ -68,7 +68,7 @@ use std::{
 use shared::{
     FailureMode, LimitId, Nanos,
     algorithm::{Gcra, LeakyBucket, Limiter, LimiterState, Outcome, SlidingLog},
-    quota::{Budget, EdgeCounters, EdgeId, Threshold, share_of},
+    quota::{Budget, EdgeCounters, EdgeId, Threshold, lease::LEASE_WINDOW, share_of},
 };
 
 pub use shared::quota::lease::LeaseReply;
@@ -566,13 +566,25 @@ pub struct StateOp {
     /// that has not seen them all (memory, during an outage of the primary that began later)
     /// denies the op instead of deciding on a partial count. `None`: decide on what is known.
     pub exact_since: Option<Nanos>,
-    /// A token bucket's lease ledgers still counted (the current lease window's and the
-    /// previous one's): the tokens edges hold unused in them are parked
-    /// ([`shared::quota::lease::park`]) before the acquire. Empty for other limiters.
-    pub leases: Vec<LedgerKey>,
 }
 
 impl StateOp {
+    /// A token bucket's lease ledgers still counted at `now` (the current lease window's and
+    /// the previous one's): the tokens edges hold unused in them are parked
+    /// ([`shared::quota::lease::park`]) before the acquire. `None` for the other limiters,
+    /// which edges hold no grants of.
+    pub fn leases(&self, now: Nanos) -> Option<[LedgerKey; 2]> {
+        if !matches!(self.limiter, StateLimiter::TokenBucket(_)) {
+            return None;
+        }
+        let current = now.as_u64() / LEASE_WINDOW.as_u64();
+        let (limit, key) = (self.at.limit, &self.at.key);
+        Some([
+            LedgerKey::lease(limit, key.clone(), current),
+            LedgerKey::lease(limit, key.clone(), current.saturating_sub(1)),
+        ])
+    }
+
     /// What takes this op back, given its reply; `None` when the reply did not admit (nothing
     /// was consumed).
     pub fn refund(&self, reply: &StateReply) -> Option<StateRefund> {

@@ -689,7 +689,8 @@ impl Store for RedisStore {
                 .map(|op| {
                     let mut call = self.state_call(&op.limiter, &op.at, "acquire", now);
                     // A token bucket's lease ledgers, whose unused grants are parked first.
-                    call.keys.extend(op.leases.iter().map(ledger_key));
+                    call.keys
+                        .extend(op.leases(now).iter().flatten().map(ledger_key));
                     let cost = op.cost.get();
                     match op.limiter {
                         StateLimiter::TokenBucket(g) => call

@@ -418,10 +418,10 @@ pub fn carried(previous: u64, weight_ppm: u32) -> u64 {
 /// `e ≥ W − ⌊w·W / 10⁶⌋`: exact in integers, so the stores, which compute `carried` the same
 /// way, admit at that instant and not a nanosecond before.
 pub fn carry_fits_from(window: Nanos, previous: u64, room: u64) -> Nanos {
-    let w = u128::from(window.as_u64().max(1));
     if previous == 0 {
         return Nanos::ZERO;
     }
+    let w = u128::from(window.as_u64().max(1));
     let weight = (u128::from(room) * u128::from(PPM) / u128::from(previous)).min(u128::from(PPM));
     // weight ≤ 10⁶, so weight·W / 10⁶ ≤ W, which fits a u64.
     Nanos(u64::try_from(w - weight * w / u128::from(PPM)).unwrap_or(u64::MAX))
