@@ -468,16 +468,8 @@ impl Links {
         }
     }
 
-    /// A connection to one regional of every connected region: replicas share their store,
-    /// so any one of them speaks for the region's ledgers.
-    fn one_regional_per_region(&self) -> Vec<(String, Connection)> {
-        self.one_replica_per_region()
-            .into_iter()
-            .map(|(region, _, conn)| (region, conn))
-            .collect()
-    }
-
-    /// [`one_regional_per_region`](Links::one_regional_per_region), with each replica's node.
+    /// One regional of every connected region, as (region, node, connection): replicas share
+    /// their store, so any one of them speaks for the region's ledgers.
     fn one_replica_per_region(&self) -> Vec<(String, String, Connection)> {
         self.regions()
             .iter()
@@ -637,11 +629,11 @@ impl Links {
 
     /// Asks one regional of every connected region what it holds for `key`.
     pub async fn key_reports(&self, key: &str) -> BTreeMap<String, Result<KeyReport, String>> {
-        let targets = self.one_regional_per_region();
+        let targets = self.one_replica_per_region();
         let query = Message::from(KeyQuery {
             key: key.to_owned(),
         });
-        let calls = targets.iter().map(|(name, conn)| {
+        let calls = targets.iter().map(|(name, _, conn)| {
             let query = &query;
             async move {
                 let answer = match call(conn, query).await {
