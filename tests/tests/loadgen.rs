@@ -220,6 +220,21 @@ fn loadgen_finds_no_hard_overshoot_and_local_decisions_on_a_small_topology() {
     );
     let local = num(&summary["local_ratio"]);
     assert!(local > 0.0, "no local decisions: {}", show());
+    // Every request the edges could not decide locally says why, once.
+    let decisions = &summary["decisions"];
+    let reasons = &decisions["reasons"];
+    let why: f64 = ["near_limit", "no_grant", "grant_spent", "exact_only"]
+        .iter()
+        .map(|r| num(&reasons[r]))
+        .sum();
+    assert_eq!(
+        why,
+        num(&decisions["exact"]) + num(&decisions["fallback"]),
+        "{}",
+        show()
+    );
+    // login (hard, 5 a minute) is reached: its last admissions are near the limit.
+    assert!(num(&reasons["near_limit"]) > 0.0, "{}", show());
     // The edges answered every request: both are in the ratio.
     for edge in summary["edges"].as_array().expect("edges") {
         assert!(num(&edge["requests"]) > 0.0, "{}", show());

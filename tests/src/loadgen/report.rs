@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use super::{
     ledger::{LimitReport, WindowReport},
-    target::Decisions,
+    target::{Decisions, Reasons},
 };
 
 /// Everything a run measured.
@@ -199,6 +199,9 @@ impl Summary {
             _ => "n/a (no edge metrics read)".to_owned(),
         };
         totals.row(vec!["local ratio".into(), local]);
+        if let Some(d) = &self.decisions {
+            totals.row(vec!["not local, why".into(), reasons(&d.reasons)]);
+        }
         out.push('\n');
         out.push_str(&totals.render_without_header());
 
@@ -322,6 +325,22 @@ impl Summary {
 }
 
 /// Microseconds as milliseconds, three decimals.
+/// Each reason's share of all the reasons counted, largest first: `near_limit 41% (1234), …`.
+fn reasons(r: &Reasons) -> String {
+    let mut labelled = r.labelled();
+    let all: f64 = labelled.iter().map(|(_, n)| n).sum();
+    if all <= 0.0 {
+        return "none counted".to_owned();
+    }
+    labelled.sort_by(|a, b| b.1.total_cmp(&a.1));
+    labelled
+        .iter()
+        .filter(|(_, n)| *n > 0.0)
+        .map(|(label, n)| format!("{label} {:.0}% ({n})", 100.0 * n / all))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn ms(us: f64) -> String {
     format!("{:.3}ms", us / 1e3)
 }

@@ -145,6 +145,44 @@ pub struct Decisions {
     pub fallback: f64,
     /// No rule applied.
     pub unlimited: f64,
+    /// Why the exact and fallback decisions could not be made locally.
+    pub reasons: Reasons,
+}
+
+/// Why an edge could not decide a request locally: `edge_exact_reasons_total` by `reason`.
+/// The edge counts one reason per request, for the first limit it could not decide, so these
+/// sum to `exact + fallback`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Reasons {
+    /// The key was above `θ·P` in its window: every decision near the limit is exact.
+    pub near_limit: f64,
+    /// No grant in the window and no cold allowance (hard or hot keys, or spent).
+    pub no_grant: f64,
+    /// The window's grant was used up and no more had come yet.
+    pub grant_spent: f64,
+    /// The algorithm is decided only at the regional (sliding log, leaky-bucket shaper).
+    pub exact_only: f64,
+}
+
+impl Reasons {
+    /// The reasons with their labels, in the edge's order.
+    pub fn labelled(&self) -> [(&'static str, f64); 4] {
+        [
+            ("near_limit", self.near_limit),
+            ("no_grant", self.no_grant),
+            ("grant_spent", self.grant_spent),
+            ("exact_only", self.exact_only),
+        ]
+    }
+
+    fn zip(&self, other: &Reasons, f: impl Fn(f64, f64) -> f64) -> Reasons {
+        Reasons {
+            near_limit: f(self.near_limit, other.near_limit),
+            no_grant: f(self.no_grant, other.no_grant),
+            grant_spent: f(self.grant_spent, other.grant_spent),
+            exact_only: f(self.exact_only, other.exact_only),
+        }
+    }
 }
 
 impl Decisions {
@@ -165,6 +203,7 @@ impl Decisions {
             exact: self.exact - before.exact,
             fallback: self.fallback - before.fallback,
             unlimited: self.unlimited - before.unlimited,
+            reasons: self.reasons.zip(&before.reasons, |a, b| a - b),
         }
     }
 
@@ -175,12 +214,16 @@ impl Decisions {
         self.exact += other.exact;
         self.fallback += other.fallback;
         self.unlimited += other.unlimited;
+        self.reasons = self.reasons.zip(&other.reasons, |a, b| a + b);
     }
 }
 
 /// The metric the edges count decisions in (edge-agent's `metrics.rs`), labelled `rule`,
 /// `result` and `path`.
 pub const CHECKS_METRIC: &str = "edge_checks_total";
+
+/// The metric the edges count why a request was not decided locally in, labelled `reason`.
+pub const REASONS_METRIC: &str = "edge_exact_reasons_total";
 
 /// `GET /metrics` at `addr`, read as [`Decisions`].
 ///
@@ -202,12 +245,20 @@ pub fn scrape(addr: SocketAddr, timeout: Duration) -> Result<Decisions, String> 
     let metrics = crate::metrics::parse(&text)
         .map_err(|e| format!("GET http://{addr}/metrics: not Prometheus text: {e}"))?;
     let path = |p: &str| metrics.sum(CHECKS_METRIC, &[("path", p)]).unwrap_or(0.0);
+    // An edge older than the reasons metric has none: zeros, not an error.
+    let reason = |r: &str| metrics.sum(REASONS_METRIC, &[("reason", r)]).unwrap_or(0.0);
     Ok(Decisions {
         local: path("local"),
         cached_denial: path("cached_denial"),
         exact: path("exact"),
         fallback: path("fallback"),
         unlimited: path("unlimited"),
+        reasons: Reasons {
+            near_limit: reason("near_limit"),
+            no_grant: reason("no_grant"),
+            grant_spent: reason("grant_spent"),
+            exact_only: reason("exact_only"),
+        },
     })
 }
 
@@ -259,6 +310,7 @@ mod tests {
             exact: 5.0,
             fallback: 0.0,
             unlimited: 1000.0,
+            reasons: Reasons::default(),
         };
         let d = after.since(&before);
         assert_eq!(d.local_ratio(), Some(0.95));
