@@ -915,6 +915,20 @@ impl Inner {
         self.down_until.fetch_max(until.as_u64(), Ordering::Relaxed);
     }
 
+    /// A sync sent at `sent` was answered: the regional is reachable, so a backoff begun by
+    /// a failure no later than `sent` ends now. Without this one timed-out call, say a
+    /// 60 ms stall of a loaded host, sent every exact decision of the edge to its failure
+    /// mode for the whole backoff (a `closed` rule denying for a second). A failure during
+    /// the sync (begun after `sent`) keeps its backoff.
+    fn mark_up(&self, sent: Nanos) {
+        let began_by_sent = sent + Nanos::from(self.config.upstream_backoff);
+        let _ = self
+            .down_until
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |until| {
+                (until != 0 && until <= began_by_sent.as_u64()).then_some(0)
+            });
+    }
+
     /// Runs `f` on the state of `slot`, creating it on first use. The shard lock is held only
     /// for `f`, which never waits on anything.
     fn with_state<R>(&self, slot: &SlotKey<'_>, f: impl FnOnce(&mut KeyState) -> R) -> R {
@@ -937,6 +951,7 @@ impl Inner {
             .unwrap_or(Err(UpstreamError::Timeout));
             match result {
                 Ok(ack) => {
+                    self.mark_up(now);
                     self.apply(&ack);
                     self.stats.synced(chunk.len());
                 }

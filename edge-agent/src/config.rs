@@ -21,7 +21,7 @@ pub const DEFAULT_IDLE_RELEASE: Duration = Duration::from_secs(1);
 pub const DEFAULT_IDLE_EVICTION: Duration = Duration::from_secs(120);
 
 /// After a failed call upstream, how long decisions skip the network and go straight to the
-/// rule's failure mode. Defaults to 1 s.
+/// rule's failure mode, unless a sync is answered sooner. Defaults to 1 s.
 pub const DEFAULT_UPSTREAM_BACKOFF: Duration = Duration::from_secs(1);
 
 /// How the edge agent behaves. Build it with `AgentConfig::default()` and change what you need.
@@ -48,8 +48,10 @@ pub struct AgentConfig {
     /// bounded by the keys in use. Defaults to 120 s.
     pub idle_eviction: Duration,
     /// After a failed upstream call, decisions skip the network for this long and follow
-    /// their failure mode at once, so an outage costs no decision the full timeout. Defaults
-    /// to 1 s.
+    /// their failure mode at once, so an outage costs no decision the full timeout. A sync
+    /// answered after the failure ends the backoff early: a stall that has passed (a busy
+    /// host, one slow store call) costs the failure mode until the next flush, not the whole
+    /// backoff. Defaults to 1 s.
     pub upstream_backoff: Duration,
 }
 

@@ -86,6 +86,49 @@ async fn a_stalled_regional_costs_at_most_the_timeout() {
     assert_eq!(d.path, DecisionPath::Fallback(FailureMode::Closed));
 }
 
+/// A failure starts the backoff, and a sync answered after it ends it: a stall that has
+/// passed costs the failure mode until the next flush, not the whole backoff (1 s, never
+/// reached here: the clock does not move).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answered_sync_ends_the_backoff_early() {
+    let rules = rules_with("closed");
+    let clock = ManualClock::new(T0);
+    let region = regional(&rules, 1);
+    let link = Link::new(&region, 0, &clock);
+    let agent = agent(&rules, link.clone(), &clock);
+    let exact = || async { agent.check_async(&req(), NonZeroU32::MIN).await };
+
+    link.up.store(false, std::sync::atomic::Ordering::SeqCst);
+    let d = exact().await;
+    assert_eq!(
+        (d.allowed, d.path),
+        (false, DecisionPath::Fallback(FailureMode::Closed))
+    );
+    // Reachable again, but nothing has shown it yet: still the backoff.
+    link.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        exact().await.path,
+        DecisionPath::Fallback(FailureMode::Closed)
+    );
+    // A failed sync does not end it either.
+    link.up.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert!(agent.flush().await.is_err());
+    link.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        exact().await.path,
+        DecisionPath::Fallback(FailureMode::Closed)
+    );
+    // An answered one does: the next decision a grant does not cover (a key this edge has
+    // not seen, of a hard rule) asks the regional, and is admitted.
+    agent.flush().await.expect("the regional is up");
+    let other = Request {
+        ip: Some("8.8.8.8"),
+        ..Request::new("GET", "/r")
+    };
+    let d = agent.check_async(&other, NonZeroU32::MIN).await;
+    assert_eq!((d.allowed, d.path), (true, DecisionPath::Exact));
+}
+
 /// The blocking `check` against a stalled regional returns by the failure mode within the
 /// timeout (real time here: the bound asserted is loose, the path is exact).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
