@@ -235,6 +235,16 @@ fn loadgen_finds_no_hard_overshoot_and_local_decisions_on_a_small_topology() {
     );
     // login (hard, 5 a minute) is reached: its last admissions are near the limit.
     assert!(num(&reasons["near_limit"]) > 0.0, "{}", show());
+    // The ratio for keys not near their limit leaves those decisions and cached denials out.
+    let not_near =
+        num(&decisions["exact"]) + num(&decisions["fallback"]) - num(&reasons["near_limit"]);
+    let local_decisions = num(&decisions["local"]);
+    assert_eq!(
+        num(&summary["local_ratio_not_near_limit"]),
+        local_decisions / (local_decisions + not_near),
+        "{}",
+        show()
+    );
     // The edges answered every request: both are in the ratio.
     for edge in summary["edges"].as_array().expect("edges") {
         assert!(num(&edge["requests"]) > 0.0, "{}", show());

@@ -46,6 +46,9 @@ pub struct Summary {
     /// Share of the edges' rule decisions made without the network during the run, from their
     /// `/metrics`; `None` when no edge's metrics could be read.
     pub local_ratio: Option<f64>,
+    /// The same for keys not near their limit (DESIGN §4's target), erring low: see
+    /// [`Decisions::local_ratio_not_near_limit`].
+    pub local_ratio_not_near_limit: Option<f64>,
     /// The edges' decisions during the run, by path, summed over the edges that were read.
     pub decisions: Option<Decisions>,
     /// Per edge.
@@ -200,6 +203,10 @@ impl Summary {
         };
         totals.row(vec!["local ratio".into(), local]);
         if let Some(d) = &self.decisions {
+            let below = self
+                .local_ratio_not_near_limit
+                .map_or("n/a".into(), |r| format!("{r:.4}"));
+            totals.row(vec!["  not near limit".into(), below]);
             totals.row(vec!["not local, why".into(), reasons(&d.reasons)]);
         }
         out.push('\n');

@@ -195,6 +195,16 @@ impl Decisions {
         (all > 0.0).then(|| local / all)
     }
 
+    /// Local decisions over the decisions about keys not known to be near their limit:
+    /// `local / (local + exact + fallback − near_limit)`. Cached denials and exact decisions
+    /// the edge took because the key was above `θ·P` are about keys at or near their limit
+    /// and are left out; an exact decision about a key at its limit that the edge could not
+    /// know was there (no grant yet) stays in, so this errs low. `None` with no decision.
+    pub fn local_ratio_not_near_limit(&self) -> Option<f64> {
+        let all = self.local + self.exact + self.fallback - self.reasons.near_limit;
+        (all > 0.0).then(|| self.local / all)
+    }
+
     /// `self − before`, path by path.
     pub fn since(&self, before: &Decisions) -> Decisions {
         Decisions {
@@ -315,5 +325,19 @@ mod tests {
         let d = after.since(&before);
         assert_eq!(d.local_ratio(), Some(0.95));
         assert_eq!(Decisions::default().local_ratio(), None);
+        // Of the 5 exact decisions, 3 were near the limit: 90 local of 92 not near it.
+        let near = Decisions {
+            local: 90.0,
+            cached_denial: 40.0,
+            exact: 5.0,
+            reasons: Reasons {
+                near_limit: 3.0,
+                no_grant: 2.0,
+                ..Reasons::default()
+            },
+            ..Decisions::default()
+        };
+        assert_eq!(near.local_ratio_not_near_limit(), Some(90.0 / 92.0));
+        assert_eq!(Decisions::default().local_ratio_not_near_limit(), None);
     }
 }
