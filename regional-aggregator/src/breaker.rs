@@ -60,7 +60,8 @@ use crate::store::{
 /// When the breaker opens and how long it stays open.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BreakerConfig {
-    /// Failures or timeouts in a row that open the breaker. Default 5.
+    /// Failures or timeouts in a row that open the breaker, each of a call begun after the
+    /// last failed ([`Breaker::failed`]). Default 5.
     pub failures: u32,
     /// How long it stays open before a probe. Default 5 s: while open the region decides
     /// from memory, which is less exact (module doc), so a stall that passes (a failover, a
@@ -68,8 +69,8 @@ pub struct BreakerConfig {
     /// still down costs one call every cooldown.
     pub cooldown: Duration,
     /// The longest one store call may take before it counts as a failure and the call is
-    /// served from memory. Default 25 ms: half the edge's 50 ms timeout, so a slow Redis
-    /// still leaves time to answer.
+    /// served from memory, plus 50 µs for each operation in it (a sync batch is many). Default
+    /// 25 ms: half the edge's 50 ms timeout, so a slow Redis still leaves time to answer.
     pub timeout: Duration,
     /// How many regionals of this region share the primary store. While the breaker is open
     /// each decides in its own memory with `1/replicas` of the region's partition, so that
@@ -131,6 +132,8 @@ pub struct Breaker {
     config: BreakerConfig,
     state: BreakerState,
     failures: u32,
+    /// When the last failure of the run was seen: only a call begun after it counts next.
+    last_failure: Nanos,
     open_until: Nanos,
     /// When the breaker last opened from closed: memory has seen every call since.
     opened_at: Nanos,
@@ -154,6 +157,7 @@ impl Breaker {
             config,
             state: BreakerState::Closed,
             failures: 0,
+            last_failure: Nanos::ZERO,
             open_until: Nanos::ZERO,
             opened_at: Nanos::ZERO,
         }
@@ -183,8 +187,21 @@ impl Breaker {
         }
     }
 
-    /// Records a primary call's failure or timeout; true when this opened the breaker.
-    pub fn failed(&mut self, now: Nanos) -> bool {
+    /// Records the failure or timeout, seen at `now`, of a primary call begun at `started`;
+    /// true when this opened the breaker.
+    ///
+    /// A failure counts in the run only when its call began after the run's last failure was
+    /// seen. Calls in flight together that fail together (one stall of a starved host, one
+    /// slow command ahead of them on the connection) are one piece of evidence, not many:
+    /// counted each, a 60 ms pause of a busy two-core host with five calls in flight opened
+    /// the breaker, and the region decided from memory, less exactly, for the whole cooldown.
+    /// So "five failures in a row" is five attempts made one after another, each after the
+    /// last had failed; a store that is really away fails them all within a few timeouts.
+    pub fn failed(&mut self, started: Nanos, now: Nanos) -> bool {
+        if self.failures > 0 && started < self.last_failure {
+            return false;
+        }
+        self.last_failure = now;
         self.failures += 1;
         if self.state == BreakerState::Closed && self.failures >= self.config.failures {
             self.opened_at = now;
@@ -214,6 +231,19 @@ impl Breaker {
         self.state = BreakerState::Open;
         self.open_until = now + Nanos::saturating_from(self.config.cooldown.as_nanos());
     }
+}
+
+/// What a call of `ops` operations may take on top of the breaker's timeout: about what one
+/// script takes on a busy host (45 µs measured under `deploy/up.sh` load), with room.
+const PER_OP: Duration = Duration::from_micros(50);
+
+/// The timeout of a store call of `ops` operations: `timeout`, plus [`PER_OP`] for each. A
+/// sync batch of 1,024 keys is about 45 ms of scripts however healthy Redis is; under the bare
+/// timeout every large batch failed, and five of them opened the breaker. With the allowance
+/// that batch has 25 + 51 ms, still inside an edge's 100 ms sync timeout, while an exact check
+/// of a few keys keeps about the bare 25 ms.
+fn call_timeout(timeout: Duration, ops: usize) -> Duration {
+    timeout.saturating_add(PER_OP.saturating_mul(u32::try_from(ops).unwrap_or(u32::MAX)))
 }
 
 /// Counters for operators.
@@ -308,6 +338,7 @@ impl GuardedStore {
     /// ([`ExactOp::exact_since`]).
     async fn guarded<'a, T>(
         &'a self,
+        ops: usize,
         call: impl Fn(Arc<dyn Store>, Option<Nanos>) -> StoreFuture<'a, T>,
     ) -> Result<T, StoreError> {
         let inner = &self.inner;
@@ -324,7 +355,8 @@ impl GuardedStore {
             }
             Route::Primary => {}
         }
-        let result = tokio::time::timeout(inner.timeout, call(inner.primary.clone(), None)).await;
+        let timeout = call_timeout(inner.timeout, ops);
+        let result = tokio::time::timeout(timeout, call(inner.primary.clone(), None)).await;
         match result {
             Ok(Ok(value)) => {
                 lock(&inner.breaker).succeeded();
@@ -339,8 +371,7 @@ impl GuardedStore {
             Err(_) => {
                 inner.failed(now);
                 Err(StoreError::Transient(format!(
-                    "no answer within {:?}",
-                    inner.timeout
+                    "no answer within {timeout:?}"
                 )))
             }
         }
@@ -358,8 +389,9 @@ impl Inner {
         call(fallback, Some(since)).await
     }
 
-    fn failed(&self, now: Nanos) {
-        if lock(&self.breaker).failed(now) {
+    fn failed(&self, started: Nanos) {
+        let now = self.clock.now();
+        if lock(&self.breaker).failed(started, now) {
             self.stats.opened.fetch_add(1, Ordering::Relaxed);
             *lock(&self.outage) = Some(format!("{}-{}", self.node, now.as_u64()));
             tracing::error!(
@@ -608,7 +640,7 @@ impl Store for GuardedStore {
         now: Nanos,
         ops: &'a [SyncOp],
     ) -> StoreFuture<'a, Vec<SyncReply>> {
-        Box::pin(self.guarded(move |s, outage| {
+        Box::pin(self.guarded(ops.len(), move |s, outage| {
             Box::pin(async move {
                 let ops = self.own_share(ops, outage);
                 let ops = &ops[..];
@@ -635,7 +667,7 @@ impl Store for GuardedStore {
         now: Nanos,
         ops: &'a [ExactOp],
     ) -> StoreFuture<'a, Vec<ExactReply>> {
-        Box::pin(self.guarded(move |s, outage| {
+        Box::pin(self.guarded(ops.len(), move |s, outage| {
             Box::pin(async move {
                 let ops = self.own_share(ops, outage);
                 let ops = &ops[..];
@@ -649,7 +681,9 @@ impl Store for GuardedStore {
     }
 
     fn refund<'a>(&'a self, refunds: &'a [Refund]) -> StoreFuture<'a, ()> {
-        Box::pin(self.guarded(move |s, _| Box::pin(async move { s.refund(refunds).await })))
+        Box::pin(self.guarded(refunds.len(), move |s, _| {
+            Box::pin(async move { s.refund(refunds).await })
+        }))
     }
 
     fn absorb<'a>(
@@ -658,13 +692,13 @@ impl Store for GuardedStore {
         now: Nanos,
         ledgers: &'a [Absorb],
     ) -> StoreFuture<'a, ()> {
-        Box::pin(
-            self.guarded(move |s, _| Box::pin(async move { s.absorb(tag, now, ledgers).await })),
-        )
+        Box::pin(self.guarded(ledgers.len(), move |s, _| {
+            Box::pin(async move { s.absorb(tag, now, ledgers).await })
+        }))
     }
 
     fn ledger<'a>(&'a self, at: &'a LedgerKey) -> StoreFuture<'a, Option<LedgerView>> {
-        Box::pin(self.guarded(move |s, _| Box::pin(async move { s.ledger(at).await })))
+        Box::pin(self.guarded(1, move |s, _| Box::pin(async move { s.ledger(at).await })))
     }
 
     fn acquire_state<'a>(
@@ -672,7 +706,7 @@ impl Store for GuardedStore {
         now: Nanos,
         ops: &'a [StateOp],
     ) -> StoreFuture<'a, Vec<StateReply>> {
-        Box::pin(self.guarded(move |s, outage| {
+        Box::pin(self.guarded(ops.len(), move |s, outage| {
             Box::pin(async move {
                 let replicas = self.inner.replicas;
                 if outage.is_none() || replicas == 1 {
@@ -717,7 +751,7 @@ impl Store for GuardedStore {
         now: Nanos,
         ops: &'a [LeaseOp],
     ) -> StoreFuture<'a, Vec<LeaseReply>> {
-        Box::pin(self.guarded(move |s, outage| {
+        Box::pin(self.guarded(ops.len(), move |s, outage| {
             Box::pin(async move {
                 let Some(since) = outage else {
                     return s.lease(edge, now, ops).await;
@@ -748,7 +782,7 @@ impl Store for GuardedStore {
     }
 
     fn refund_state<'a>(&'a self, now: Nanos, refunds: &'a [StateRefund]) -> StoreFuture<'a, ()> {
-        Box::pin(self.guarded(move |s, outage| {
+        Box::pin(self.guarded(refunds.len(), move |s, outage| {
             Box::pin(async move {
                 let replicas = self.inner.replicas;
                 if outage.is_none() || replicas == 1 {
@@ -776,11 +810,9 @@ impl Store for GuardedStore {
         now: Nanos,
         states: &'a [StateAbsorb],
     ) -> StoreFuture<'a, ()> {
-        Box::pin(
-            self.guarded(move |s, _| {
-                Box::pin(async move { s.absorb_state(tag, now, states).await })
-            }),
-        )
+        Box::pin(self.guarded(states.len(), move |s, _| {
+            Box::pin(async move { s.absorb_state(tag, now, states).await })
+        }))
     }
 
     // Straight to the primary, whatever the breaker says: memory would answer Ok and forget
@@ -822,15 +854,34 @@ mod tests {
         let now = Nanos::from_secs(1);
         for _ in 0..4 {
             assert_eq!(b.route(now), Route::Primary);
-            assert!(!b.failed(now));
+            assert!(!b.failed(now, now));
         }
         b.succeeded(); // a success resets the run
         for i in 0..5 {
             assert_eq!(b.route(now), Route::Primary);
-            assert_eq!(b.failed(now), i == 4);
+            assert_eq!(b.failed(now, now), i == 4);
         }
         assert_eq!(b.state(), BreakerState::Open);
         assert_eq!(b.route(now), Route::Fallback);
+    }
+
+    #[test]
+    fn calls_that_fail_together_count_once() {
+        let mut b = breaker();
+        let ms = |n: u64| Nanos::from_millis(1_000 + n);
+        // A 60 ms stall: twenty calls begun within it all time out 25 ms after they began.
+        // The first counts; the others were in flight when it was seen.
+        for i in 0..20 {
+            assert!(!b.failed(ms(i), ms(i + 25)));
+        }
+        assert_eq!(b.state(), BreakerState::Closed);
+        // A store really away: each attempt begins after the last failed. Four more open it.
+        let mut t = 100;
+        for i in 0..4 {
+            assert_eq!(b.failed(ms(t), ms(t + 25)), i == 3);
+            t += 26;
+        }
+        assert_eq!(b.state(), BreakerState::Open);
     }
 
     #[test]
@@ -838,7 +889,7 @@ mod tests {
         let mut b = breaker();
         let t = Nanos::from_secs(1);
         for _ in 0..5 {
-            b.failed(t);
+            b.failed(t, t);
         }
         let later = t + Nanos::from(BreakerConfig::default().cooldown);
         assert_eq!(b.route(later - Nanos(1)), Route::Fallback);
@@ -859,7 +910,7 @@ mod tests {
         let mut b = breaker();
         let t = Nanos::from_secs(1);
         for _ in 0..5 {
-            b.failed(t);
+            b.failed(t, t);
         }
         let cooldown = Nanos::from(BreakerConfig::default().cooldown);
         let probe_at = t + cooldown;

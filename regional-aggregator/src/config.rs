@@ -13,8 +13,8 @@
 //!   key: pki/regional-eu-1.key
 //! redis:                         # absent: the in-memory store, for one regional alone
 //!   url: redis://127.0.0.1:6379  # or `cluster: [redis://10.0.0.1:7000, ...]`
-//!   timeout: 25ms                # one store call; past it the breaker counts a failure
-//!   failures: 5                  # failures in a row that open the breaker
+//!   timeout: 25ms                # one store call (+50µs per op in it); past it the breaker counts a failure
+//!   failures: 5                  # failures in a row that open the breaker (calls that fail together count once)
 //!   cooldown: 5s                 # open this long before a probe
 //!   replicas: 1                  # regionals sharing this Redis: in an outage each decides
 //!                                # in memory with 1/replicas of the region's partition

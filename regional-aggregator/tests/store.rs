@@ -521,6 +521,65 @@ async fn store_scenarios_and_lua_spec_on_redis() {
     lua_matches_the_shared_ledger(&store, 99, 200).await;
 }
 
+/// An exact check does not wait for a sync batch in flight: Redis serves one connection's
+/// commands in order, so on a shared connection the check would be answered only after the
+/// whole batch (10,000 scripts here, a few hundred milliseconds), past any breaker timeout.
+/// Answered on its own connection, it comes back while Redis is still working through the
+/// batch: fewer than its 10,000 ledgers exist yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exact_check_does_not_wait_behind_a_sync_batch() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(
+        &RedisTopology::Single(server.url()),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("the store answers");
+    let now = at(0, Nanos::ZERO);
+    let batch: Vec<SyncOp> = (0..10_000)
+        .map(|i| {
+            sync(
+                &ledger("lanes", &format!("k{i}"), 0),
+                1,
+                0,
+                2,
+                bounds(100, 2),
+            )
+        })
+        .collect();
+    let bulk = store.clone();
+    let syncing = tokio::spawn(async move { bulk.sync(EdgeId(1), now, &batch).await });
+    let ledgers = || -> u64 {
+        let n = server.cli(&["DBSIZE"]);
+        n.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("DBSIZE answered {n:?}"))
+    };
+    // Once Redis has begun the batch (its first ledgers exist), check one other key.
+    let begun = std::time::Instant::now();
+    while ledgers() == 0 {
+        assert!(
+            begun.elapsed() < Duration::from_secs(10),
+            "the batch never began"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let check = [exact(&ledger("lanes", "checked", 0), 1, 0, bounds(100, 2))];
+    let r = store
+        .exact(EdgeId(2), now, &check)
+        .await
+        .expect("the store answers");
+    assert!(r[0].allowed);
+    let done = ledgers();
+    assert!(
+        done < 10_000,
+        "the check was answered after the batch: {done} ledgers already"
+    );
+    let synced = syncing.await.expect("no task panics");
+    assert_eq!(synced.expect("the store answers").len(), 10_000);
+    assert_eq!(ledgers(), 10_001);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_scenarios_and_lua_spec_on_a_cluster() {
     let cluster = RedisCluster::start();

@@ -81,10 +81,16 @@ pub enum RedisTopology {
     Cluster(Vec<String>),
 }
 
-/// Ledgers in Redis. Clones share the connection.
+/// Ledgers in Redis. Clones share the connections.
 #[derive(Clone)]
 pub struct RedisStore {
+    /// For the calls a decision waits on: exact checks, refunds, states, reads.
     conn: Conn,
+    /// For the bulk ones: sync batches, leases, write-backs. Redis serves one connection's
+    /// commands in order, so an exact check behind a sync batch of a thousand scripts (about
+    /// 45 ms of them on a busy host) waited for all of them, past the breaker's timeout. On
+    /// its own connection it waits at most for the part of a batch Redis has read at once.
+    bulk: Conn,
     sync: Arc<Lua>,
     exact: Arc<Lua>,
     refund: Arc<Lua>,
@@ -119,6 +125,13 @@ impl std::fmt::Debug for RedisStore {
     }
 }
 
+/// Which of the two connections a call takes ([`RedisStore::bulk`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lane {
+    Decide,
+    Bulk,
+}
+
 #[derive(Clone)]
 enum Conn {
     /// Reconnects by itself; a command fails fast while the server is away.
@@ -135,7 +148,27 @@ impl RedisStore {
         topology: &RedisTopology,
         timeout: Duration,
     ) -> Result<RedisStore, StoreError> {
-        let conn = match topology {
+        let conn = Self::connection(topology, timeout).await?;
+        let bulk = Self::connection(topology, timeout).await?;
+        Ok(RedisStore {
+            conn,
+            bulk,
+            sync: Lua::new(format!("{LEDGER}\n{}", include_str!("lua/sync.lua"))),
+            exact: Lua::new(format!("{LEDGER}\n{}", include_str!("lua/exact.lua"))),
+            refund: Lua::new(include_str!("lua/refund.lua").to_owned()),
+            absorb: Lua::new(include_str!("lua/absorb.lua").to_owned()),
+            gcra: Lua::new(format!(
+                "{LEDGER}\n{TIME}\n{}",
+                include_str!("lua/gcra.lua")
+            )),
+            leaky: Lua::new(format!("{TIME}\n{}", include_str!("lua/leaky.lua"))),
+            log: Lua::new(format!("{TIME}\n{}", include_str!("lua/log.lua"))),
+        })
+    }
+
+    /// One connection (a cluster's: one per node) to `topology`.
+    async fn connection(topology: &RedisTopology, timeout: Duration) -> Result<Conn, StoreError> {
+        Ok(match topology {
             RedisTopology::Single(url) => {
                 let client = Client::open(url.as_str()).map_err(classify)?;
                 let config = ConnectionManagerConfig::new()
@@ -156,25 +189,12 @@ impl RedisStore {
                     .map_err(classify)?;
                 Conn::Cluster(client.get_async_connection().await.map_err(classify)?)
             }
-        };
-        Ok(RedisStore {
-            conn,
-            sync: Lua::new(format!("{LEDGER}\n{}", include_str!("lua/sync.lua"))),
-            exact: Lua::new(format!("{LEDGER}\n{}", include_str!("lua/exact.lua"))),
-            refund: Lua::new(include_str!("lua/refund.lua").to_owned()),
-            absorb: Lua::new(include_str!("lua/absorb.lua").to_owned()),
-            gcra: Lua::new(format!(
-                "{LEDGER}\n{TIME}\n{}",
-                include_str!("lua/gcra.lua")
-            )),
-            leaky: Lua::new(format!("{TIME}\n{}", include_str!("lua/leaky.lua"))),
-            log: Lua::new(format!("{TIME}\n{}", include_str!("lua/log.lua"))),
         })
     }
 
     /// Runs one script call per item, grouped into pipelines (one per slot on a cluster),
     /// and returns each call's integers in item order.
-    async fn run(&self, calls: Vec<Call<'_>>) -> Result<Vec<Vec<i64>>, StoreError> {
+    async fn run(&self, lane: Lane, calls: Vec<Call<'_>>) -> Result<Vec<Vec<i64>>, StoreError> {
         let groups: Vec<Vec<usize>> = match self.conn {
             Conn::Single(_) => vec![(0..calls.len()).collect()],
             Conn::Cluster(_) => {
@@ -186,7 +206,7 @@ impl RedisStore {
                 by_slot.into_values().collect()
             }
         };
-        let answers = try_join_all(groups.iter().map(|g| self.run_group(&calls, g))).await?;
+        let answers = try_join_all(groups.iter().map(|g| self.run_group(lane, &calls, g))).await?;
         let mut out = vec![Vec::new(); calls.len()];
         for (group, answer) in groups.iter().zip(answers) {
             for (&i, values) in group.iter().zip(answer) {
@@ -201,6 +221,7 @@ impl RedisStore {
     /// for the calls after.
     async fn run_group(
         &self,
+        lane: Lane,
         calls: &[Call<'_>],
         group: &[usize],
     ) -> Result<Vec<Vec<i64>>, StoreError> {
@@ -209,7 +230,7 @@ impl RedisStore {
         for &i in group {
             pipe.add_command(calls[i].command(false));
         }
-        let results: Vec<RedisResult<Vec<i64>>> = self.query(&pipe).await?;
+        let results: Vec<RedisResult<Vec<i64>>> = self.query(lane, &pipe).await?;
         if results.len() != group.len() {
             return Err(StoreError::Permanent(format!(
                 "pipeline of {} commands answered {} results",
@@ -237,7 +258,7 @@ impl RedisStore {
             for &(_, i) in &missing {
                 again.add_command(calls[i].command(true));
             }
-            let answers: Vec<Vec<i64>> = self.query(&again).await?;
+            let answers: Vec<Vec<i64>> = self.query(lane, &again).await?;
             if answers.len() != missing.len() {
                 return Err(StoreError::Permanent(format!(
                     "pipeline of {} EVALs answered {} results",
@@ -252,8 +273,16 @@ impl RedisStore {
         Ok(out)
     }
 
-    async fn query<T: redis::FromRedisValue>(&self, pipe: &Pipeline) -> Result<T, StoreError> {
-        match &self.conn {
+    async fn query<T: redis::FromRedisValue>(
+        &self,
+        lane: Lane,
+        pipe: &Pipeline,
+    ) -> Result<T, StoreError> {
+        let conn = match lane {
+            Lane::Decide => &self.conn,
+            Lane::Bulk => &self.bulk,
+        };
+        match conn {
             Conn::Single(c) => pipe.query_async(&mut c.clone()).await,
             Conn::Cluster(c) => pipe.query_async(&mut c.clone()).await,
         }
@@ -535,7 +564,7 @@ impl Store for RedisStore {
                         .bounds(&op.bounds, now, op.expire_at)
                 })
                 .collect();
-            self.run(calls)
+            self.run(Lane::Bulk, calls)
                 .await?
                 .into_iter()
                 .map(|v| match v[..] {
@@ -572,7 +601,7 @@ impl Store for RedisStore {
                         .bounds(&op.bounds, now, op.expire_at)
                 })
                 .collect();
-            self.run(calls)
+            self.run(Lane::Decide, calls)
                 .await?
                 .into_iter()
                 .map(|v| match v[..] {
@@ -597,7 +626,7 @@ impl Store for RedisStore {
                 .iter()
                 .map(|r| self.call(&self.refund, &r.at).arg(r.cost))
                 .collect();
-            self.run(calls).await.map(|_| ())
+            self.run(Lane::Decide, calls).await.map(|_| ())
         })
     }
 
@@ -627,7 +656,7 @@ impl Store for RedisStore {
                     call
                 })
                 .collect();
-            self.run(calls).await.map(|_| ())
+            self.run(Lane::Bulk, calls).await.map(|_| ())
         })
     }
 
@@ -635,7 +664,7 @@ impl Store for RedisStore {
         Box::pin(async move {
             let mut pipe = Pipeline::with_capacity(1);
             pipe.hgetall(ledger_key(at));
-            let (fields,): (Vec<(String, String)>,) = self.query(&pipe).await?;
+            let (fields,): (Vec<(String, String)>,) = self.query(Lane::Decide, &pipe).await?;
             if fields.is_empty() {
                 return Ok(None);
             }
@@ -714,7 +743,7 @@ impl Store for RedisStore {
                     }
                 })
                 .collect();
-            self.run(calls)
+            self.run(Lane::Decide, calls)
                 .await?
                 .iter()
                 .zip(ops)
@@ -751,7 +780,7 @@ impl Store for RedisStore {
                         .arg(grace_ms())
                 })
                 .collect();
-            self.run(calls)
+            self.run(Lane::Bulk, calls)
                 .await?
                 .iter()
                 .map(|v| match v[..] {
@@ -794,7 +823,7 @@ impl Store for RedisStore {
                     }
                 })
                 .collect();
-            self.run(calls).await.map(|_| ())
+            self.run(Lane::Decide, calls).await.map(|_| ())
         })
     }
 
@@ -829,7 +858,7 @@ impl Store for RedisStore {
                     Some(call.arg(grace_ms()))
                 })
                 .collect();
-            self.run(calls).await.map(|_| ())
+            self.run(Lane::Bulk, calls).await.map(|_| ())
         })
     }
 
@@ -846,7 +875,7 @@ impl Store for RedisStore {
                 pipe.hset_multiple(PARTITIONS_KEY, &fields).ignore();
                 pipe.expire(PARTITIONS_KEY, PARTITIONS_TTL_SECS).ignore();
             }
-            self.query::<()>(&pipe).await
+            self.query::<()>(Lane::Bulk, &pipe).await
         })
     }
 
@@ -854,7 +883,7 @@ impl Store for RedisStore {
         Box::pin(async move {
             let mut pipe = Pipeline::with_capacity(1);
             pipe.hgetall(PARTITIONS_KEY);
-            let (fields,): (Vec<(String, String)>,) = self.query(&pipe).await?;
+            let (fields,): (Vec<(String, String)>,) = self.query(Lane::Decide, &pipe).await?;
             fields
                 .iter()
                 .map(|(limit, value)| {
