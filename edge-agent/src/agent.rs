@@ -805,14 +805,27 @@ impl Inner {
                 FailureMode::Local => {
                     let part_here = self.partition(part.limit, part.limiter.limit());
                     let share = fallback_share(&part.limiter, part_here) / n;
-                    let after = self.with_state(&part.slot.view(), |s| {
+                    // A window's count only grows, so a key this edge knows to be spent
+                    // (the regional's last answer, with what this edge admitted since) stays
+                    // spent until the window turns: `P/n` of its own count would admit on top
+                    // of what the exact path already admitted here. A bucket refills, so what
+                    // it knew is no bound.
+                    let counts = matches!(
+                        part.limiter,
+                        Limiter::FixedWindow(_) | Limiter::SlidingWindow(_)
+                    );
+                    let (after, known) = self.with_state(&part.slot.view(), |s| {
                         let (used, lost) = s.used_in(part.window);
                         self.stats.lost(lost);
-                        used.saturating_add(exact.cost)
+                        let known = s.known_left(part.window, part.limiter.limit());
+                        (used.saturating_add(exact.cost), known)
                     });
-                    let left = share.saturating_sub(after);
+                    let mut left = share.saturating_sub(after);
+                    if counts {
+                        left = left.min(known.saturating_sub(exact.cost));
+                    }
                     remaining = Some(remaining.map_or(left, |r| r.min(left)));
-                    after <= share
+                    after <= share && (!counts || known >= exact.cost)
                 }
             };
             if !ok {

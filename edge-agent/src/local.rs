@@ -567,6 +567,12 @@ impl KeyState {
         (win.used.saturating_add(win.pending), lost)
     }
 
+    /// What this edge knows is left of `limit` in window `w` ([`Window::remaining`]): the
+    /// regional's last word on the rest of the region, plus this edge's own count.
+    pub(crate) fn known_left(&mut self, w: u64, limit: u64) -> u64 {
+        self.window(w).0.remaining(limit)
+    }
+
     /// Raises the ceiling the regional sent for window `w`, if the edge still holds it;
     /// returns by how much it rose.
     pub(crate) fn raise_granted(&mut self, w: u64, granted: u64) -> u64 {

@@ -184,3 +184,46 @@ async fn local_mode_enforces_a_share_of_the_regions_partition_not_of_the_limit()
     }
     assert_eq!(admitted, 2, "P/n = 4/2, not L/n = 10/2");
 }
+
+/// The `local` mode's `P/n` is of what the edge admitted itself; it never admits on top of
+/// what the edge knows the key already spent. Ten requests spend a hard limit of 10 at this
+/// edge, most through the exact path (the regional counts those, not the edge's own count);
+/// cut off then, the edge admits nothing more. Before, `P/n` of its own count let it admit
+/// the key's exact admissions over again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_mode_admits_nothing_the_edge_knows_is_spent() {
+    let rules = rules_with("local");
+    let clock = ManualClock::new(T0);
+    let region = regional(&rules, 1);
+    let link = Link::new(&region, 0, &clock);
+    let agent = agent(&rules, link.clone(), &clock);
+    let mut paths = Vec::new();
+    for _ in 0..10 {
+        let d = agent.check_async(&req(), NonZeroU32::MIN).await;
+        assert!(d.allowed);
+        paths.push(d.path);
+    }
+    assert!(
+        paths.contains(&DecisionPath::Exact),
+        "some of the ten went exact: {paths:?}"
+    );
+
+    link.up.store(false, std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..5 {
+        let d = agent.check_async(&req(), NonZeroU32::MIN).await;
+        assert_eq!(
+            (d.allowed, d.path),
+            (false, DecisionPath::Fallback(FailureMode::Local))
+        );
+    }
+    // A key it knows nothing against still gets its share.
+    let other = Request {
+        ip: Some("8.8.8.8"),
+        ..Request::new("GET", "/r")
+    };
+    let d = agent.check_async(&other, NonZeroU32::MIN).await;
+    assert_eq!(
+        (d.allowed, d.path),
+        (true, DecisionPath::Fallback(FailureMode::Local))
+    );
+}
