@@ -19,7 +19,9 @@ use quinn::{Connection, Endpoint};
 use shared::{
     LimitId, RuleSet,
     net::{self, Identity},
-    wire::{Acquire, Check, Hello, Message, PROTOCOL_VERSION, Role},
+    wire::{
+        Acquire, AcquireReply, Check, Hello, Message, PROTOCOL_VERSION, Role, SyncBatch, SyncEntry,
+    },
 };
 use system_tests::{
     http::{Reply, request},
@@ -548,6 +550,100 @@ fn a_release_confirmed_late_still_reaches_the_region_that_asked() {
         .as_u64()
         .expect("the counter");
     assert!(late > 0, "no release was confirmed late: {metrics}");
+}
+
+/// One exact check of `key` in `region` under the world's limit, asking to hold `want` more
+/// as a grant; the reply.
+fn acquire(world: &World, region: &str, key: &str, window: u64, want: u64) -> AcquireReply {
+    let (_, conn) = world.regionals[region].edge.as_ref().expect("an edge");
+    let id = NEXT_REQUEST.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let request = Message::from(Acquire {
+        request_id: id,
+        checks: vec![Check {
+            limit: world.limit,
+            key: key.into(),
+            window,
+            cost: NonZeroU32::MIN,
+            want,
+        }],
+    });
+    match world.rt.block_on(net::call(conn, &request)) {
+        Ok(Message::AcquireReply(r)) => r,
+        other => panic!("an exact check failed: {other:?}"),
+    }
+}
+
+/// A key's quota split across regions, whose other region's edge holds the rest unused as a
+/// grant: escalation cannot move a grant, so eu's denial is refused. The edge is told to ask
+/// again within `ESCALATION_RETRY`, not at the window's end (an hour here); once us's edge
+/// hands its grant back (as an idle edge does), eu's next escalation moves it and eu admits.
+#[test]
+fn a_denial_no_region_could_help_is_asked_again_soon() {
+    const HOUR: &str = "version: 1\nrate_limits:\n  endpoints:\n    - { id: login, path: /api/login, \
+        method: POST, limit: 10, window: 1h, algorithm: fixed_window, key: user_id, \
+        strictness: hard }\n";
+    let world = World::with_rules("retry", HOUR);
+    let retry = regional_aggregator::regional::ESCALATION_RETRY;
+    // At least a minute left in the hour, so the window's end is far beyond the retry.
+    let hour = loop {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs();
+        if 3600 - now % 3600 > 60 {
+            break now / 3600;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    // us admits one and takes what it may as a grant for its edge, which it does not use.
+    let first = acquire(&world, "us", "dave", hour, 10);
+    assert!(first.allowed, "{first:?}");
+    let held = first.checks[0].granted;
+    assert!(held > 0, "us's edge holds a grant: {first:?}");
+    // eu spends its part and what us can release; then it is refused.
+    let mut eu = 0;
+    let denied = loop {
+        let r = acquire(&world, "eu", "dave", hour, 0);
+        if !r.allowed {
+            break r;
+        }
+        eu += 1;
+        assert!(
+            eu < 10,
+            "eu admitted all of the limit while us held part of it"
+        );
+    };
+    assert!(
+        denied.retry_after > shared::Nanos::ZERO && denied.retry_after <= retry.into(),
+        "asked again within {retry:?}, not at the hour's end: {denied:?}\n{}",
+        world.api("GET", "/api/v1/debug/dave", "")
+    );
+    // us's edge goes idle and hands its grant back; eu's next try gets it.
+    let (_, us) = world.regionals["us"].edge.as_ref().expect("an edge");
+    let back = Message::from(SyncBatch {
+        entries: vec![SyncEntry {
+            limit: world.limit,
+            key: "dave".into(),
+            window: hour,
+            used: 0,
+            released: held,
+            want: 0,
+        }],
+    });
+    match world.rt.block_on(net::call(us, &back)) {
+        Ok(Message::SyncAck(_)) => {}
+        other => panic!("the sync failed: {other:?}"),
+    }
+    let mut more = 0;
+    while acquire(&world, "eu", "dave", hour, 0).allowed {
+        more += 1;
+        assert!(1 + eu + more <= 10, "past the limit");
+    }
+    assert!(
+        more > 0,
+        "what us's edge handed back reached eu: {}",
+        world.api("GET", "/api/v1/debug/dave", "")
+    );
 }
 
 /// Admitted per window, summed over regions.

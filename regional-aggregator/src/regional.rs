@@ -289,9 +289,21 @@ enum Escalated {
     /// edge's wait): deny, but only for as long again (at most the hold), since what it
     /// brings lands in the partition for the next requests.
     Landing(Duration),
-    /// Nothing came, nor will.
+    /// The coordinator asked the other regions and none could release any now: deny, and
+    /// have the edge ask again within [`ESCALATION_RETRY`] (see there).
+    Refused,
+    /// Nothing came, nor will (no coordinator, or not a denial escalation can help).
     Nothing,
 }
+
+/// The longest an edge caches a denial that escalation could not help, when its key would
+/// otherwise reopen later. Other regions cannot release what their edges hold unused as
+/// grants, but those edges hand it back when they go idle (after 10 s, the edges' default)
+/// or are recalled; asking again then moves it. Caching until the window's end instead left
+/// a key split across regions short for the rest of its window (for a 10-an-hour limit, an
+/// hour), although quota was free. The cost is bounded: one exact check, with its
+/// escalation, per edge and key every 10 s while the key stays spent everywhere.
+pub const ESCALATION_RETRY: Duration = Duration::from_secs(10);
 
 /// One limit's demand since the last report.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -860,6 +872,8 @@ impl Regional {
         let mut allowed =
             exact.iter().all(|r| r.allowed) && state.iter().all(|r| r.outcome.is_allowed());
         let mut hold = self.config.hold;
+        // When a denial may be asked again at the latest (an escalation that got nothing).
+        let mut retry: Option<Nanos> = None;
         if !allowed {
             self.refund(now, &plan, &exact, &state).await;
             self.escalate_buckets(&plan, &state, now);
@@ -883,6 +897,9 @@ impl Regional {
                 Escalated::Landing(waited) => {
                     hold = hold.min(Nanos::from(waited));
                     exact.iter_mut().for_each(|r| r.held |= !r.allowed);
+                }
+                Escalated::Refused => {
+                    retry = Some(now + Nanos::from(ESCALATION_RETRY));
                 }
                 Escalated::Nothing => {}
             }
@@ -913,7 +930,12 @@ impl Regional {
             .iter()
             .map(|&op| match op {
                 Op::Ledger(i) => {
-                    ledger_outcome(&exact[i], &plan.exact[i], plan.windows[i], now, hold)
+                    let mut o =
+                        ledger_outcome(&exact[i], &plan.exact[i], plan.windows[i], now, hold);
+                    if let Some(retry) = retry.filter(|_| !o.allowed) {
+                        o.reset_at = o.reset_at.min(retry);
+                    }
+                    o
                 }
                 Op::State(i) => state_outcome(&state[i].outcome, now),
             })
@@ -978,7 +1000,7 @@ impl Regional {
         } else if granted.contains(&None) {
             Escalated::Landing(budget)
         } else {
-            Escalated::Nothing
+            Escalated::Refused
         }
     }
 
