@@ -63,6 +63,7 @@ impl Upstream for Generous {
                 entries,
                 hot_keys: Vec::new(),
                 partitions: Vec::new(),
+                recalls: Vec::new(),
             })
         })
     }

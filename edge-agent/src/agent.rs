@@ -1064,6 +1064,19 @@ impl Inner {
             };
             self.with_state(&slot, |s| s.mark_hot(hot.window));
         }
+        // Another edge was denied for what edges hold unused: the next flush hands back what
+        // this one holds of these keys, used lately or not. A key it does not hold is not
+        // created for it.
+        for r in &ack.recalls {
+            let Some(slot) = SlotKey::from_wire(r.limit, &r.key) else {
+                continue;
+            };
+            self.keys.get(&slot, |s| {
+                if let Some(win) = s.slot(r.window) {
+                    win.recalled = true;
+                }
+            });
+        }
         self.stats.granted.fetch_add(granted, Ordering::Relaxed);
     }
 }

@@ -305,6 +305,11 @@ enum Escalated {
 /// escalation, per edge and key every 10 s while the key stays spent everywhere.
 pub const ESCALATION_RETRY: Duration = Duration::from_secs(10);
 
+/// How long every sync ack recalls a key after a "held" denial of it: several flush intervals
+/// (100 ms by default), so each edge's next syncs carry it, and the hold the denied edge
+/// caches (100 ms) has passed when the quota is back.
+const RECALL_FOR: Duration = Duration::from_secs(1);
+
 /// One limit's demand since the last report.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LimitDemand {
@@ -355,6 +360,9 @@ pub struct Regional {
     edges: AtomicU32,
     replies: Mutex<Replies>,
     hot: Mutex<HashMap<(LimitId, String), u64>>,
+    /// Keys (with their window) an exact request was denied for only because edges hold their
+    /// quota unused, and until when every sync ack carries them ([`SyncAck::recalls`]).
+    recalls: Mutex<HashMap<(LimitId, String, u64), Nanos>>,
     /// Shared with bucket escalations running on their own tasks.
     stats: Arc<RegionalStats>,
     /// Shared with escalations still landing after their request gave up on them.
@@ -532,6 +540,7 @@ impl Regional {
             edges: AtomicU32::new(0),
             replies: Mutex::new(Replies::default()),
             hot: Mutex::new(HashMap::new()),
+            recalls: Mutex::new(HashMap::new()),
             stats: Arc::default(),
             partitions: Arc::new(if config_coordinated {
                 PartitionTable::coordinated()
@@ -828,6 +837,7 @@ impl Regional {
             });
         }
         let hot_keys = hot_keys(&mut hot, &rules, now);
+        drop(hot);
         let partitions = partitions
             .into_iter()
             .map(|(limit, partition)| LimitPartition { limit, partition })
@@ -836,7 +846,40 @@ impl Regional {
             entries,
             hot_keys,
             partitions,
+            recalls: self.recalls(now),
         })
+    }
+
+    /// Notes the keys of `plan` that `exact` denied only because edges hold their quota
+    /// unused as grants (a "held" denial), for every edge's next sync acks to recall.
+    fn recall_held(&self, plan: &Plan, exact: &[ExactReply], now: Nanos) {
+        let held = plan
+            .exact
+            .iter()
+            .zip(exact)
+            .filter(|(_, r)| !r.allowed && r.held);
+        let mut recalls = self.recalls.lock().unwrap_or_else(|e| e.into_inner());
+        for (op, _) in held {
+            if recalls.len() >= MAX_KEYS_PER_BATCH {
+                break;
+            }
+            let at = (op.at.limit, op.at.key.clone(), op.at.window);
+            recalls.insert(at, now + Nanos::from(RECALL_FOR));
+        }
+    }
+
+    /// The keys every sync ack recalls now ([`recall_held`](Regional::recall_held)).
+    fn recalls(&self, now: Nanos) -> Vec<HotKey> {
+        let mut recalls = self.recalls.lock().unwrap_or_else(|e| e.into_inner());
+        recalls.retain(|_, until| *until > now);
+        recalls
+            .keys()
+            .map(|(limit, key, window)| HotKey {
+                limit: *limit,
+                key: key.clone(),
+                window: *window,
+            })
+            .collect()
     }
 
     /// Decides `edge`'s exact request: every check's cost is consumed, or none.
@@ -869,6 +912,7 @@ impl Regional {
             Err(denied) => return Ok(denied),
         };
         let (mut exact, mut state) = self.decide(edge, now, &plan).await?;
+        self.recall_held(&plan, &exact, now);
         let mut allowed =
             exact.iter().all(|r| r.allowed) && state.iter().all(|r| r.outcome.is_allowed());
         let mut hold = self.config.hold;
@@ -885,6 +929,7 @@ impl Regional {
                         Err(denied) => return Ok(denied),
                     };
                     (exact, state) = self.decide(edge, now, &plan).await?;
+                    self.recall_held(&plan, &exact, now);
                     allowed = exact.iter().all(|r| r.allowed)
                         && state.iter().all(|r| r.outcome.is_allowed());
                     if !allowed {

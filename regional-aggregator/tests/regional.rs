@@ -627,6 +627,59 @@ async fn a_key_kept_at_its_sliding_limit_gets_its_limit_every_window() {
     }
 }
 
+/// A "held" denial (only another edge's unused grant in the way) is recalled from every edge
+/// in its next sync acks, also from one that does not sync that key: its grant comes back
+/// within a flush, and the denied edge, once its short hold has passed, is admitted. (An idle
+/// key's holder is the likeliest to hold quota unused, and the per-entry recall never reached
+/// it: it sent no entry for the key.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_denial_recalls_an_idle_edges_grant() {
+    let server = RedisServer::start();
+    let clock = ManualClock::new(T0 + Nanos::from_secs(1));
+    let regional = redis_regional(&server, &clock).await;
+    let edges = agents(&regional, &clock, 2, 0);
+    let (a, b) = (&edges[0], &edges[1]);
+    let user = |id: &'static str| Request {
+        user_id: Some(id),
+        ..Request::new("GET", "/c")
+    };
+    // A takes one of zed's 10 (the exact path: c0 is 0 here) and holds a grant beside it,
+    // which it will not use; another key keeps A syncing.
+    assert!(a.check_async(&user("zed"), NonZeroU32::MIN).await.allowed);
+    for _ in 0..2 {
+        assert!(a.check_async(&user("yan"), NonZeroU32::MIN).await.allowed);
+    }
+    // A's sync asks for what it was asked for; zed has nothing more to sync after it.
+    a.flush().await.expect("the regional answers");
+    // B spends what nobody holds, then is denied for what A holds: a short hold.
+    let mut by_b = 0;
+    let denied = loop {
+        let d = b.check_async(&user("zed"), NonZeroU32::MIN).await;
+        if !d.allowed {
+            break d;
+        }
+        by_b += 1;
+        assert!(by_b < 10, "B admitted all of zed's 10");
+        let _ = b.flush().await;
+    };
+    assert!(
+        denied.retry_after <= Nanos::from_millis(100),
+        "a held denial is cached briefly: {denied:?}"
+    );
+    // A's next syncs, for yan only: the first learns the recall, the second hands zed's
+    // grant back.
+    for _ in 0..2 {
+        assert!(a.check_async(&user("yan"), NonZeroU32::MIN).await.allowed);
+        clock.advance(Nanos::from_millis(100));
+        a.flush().await.expect("the regional answers");
+    }
+    let d = b.check_async(&user("zed"), NonZeroU32::MIN).await;
+    assert!(
+        d.allowed,
+        "what A held came back and B got it: {d:?} (B had {by_b}, A 1)"
+    );
+}
+
 /// Every sync ack tells the edge `P` of each limit its batch named in the current window (for
 /// its cold allowance and its `local` failure mode): the whole limit without a coordinator,
 /// the region's share of it with one.

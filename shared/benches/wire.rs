@@ -101,6 +101,7 @@ fn sync_ack() -> Message {
         entries,
         hot_keys,
         partitions,
+        recalls: Vec::new(),
     }
     .into()
 }

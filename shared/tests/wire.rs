@@ -132,7 +132,7 @@ fn frame_layout_is_pinned() {
         5,                // want
     ];
     assert_eq!(frame, expected);
-    assert_eq!(PROTOCOL_VERSION, 4);
+    assert_eq!(PROTOCOL_VERSION, 5);
 }
 
 #[test]
@@ -311,6 +311,7 @@ fn every_list_is_capped() {
         entries: vec![],
         hot_keys: vec![],
         partitions: vec![],
+        recalls: vec![],
     };
     let ack = AckEntry {
         limit,
@@ -375,6 +376,18 @@ fn every_list_is_capped() {
                 LimitPartition {
                     limit,
                     partition: 1
+                };
+                over
+            ],
+            ..sync_ack.clone()
+        }
+        .into(),
+        SyncAck {
+            recalls: vec![
+                HotKey {
+                    limit,
+                    key: k(),
+                    window: 1
                 };
                 over
             ],
@@ -611,6 +624,14 @@ fn the_largest_messages_the_caps_allow_fit_in_a_frame() {
                 };
                 n
             ],
+            recalls: vec![
+                HotKey {
+                    limit,
+                    key: key(),
+                    window: u64::MAX
+                };
+                n
+            ],
         }
         .into(),
         Acquire {
@@ -755,10 +776,11 @@ fn values_out_of_range_are_malformed() {
                 }],
                 hot_keys: vec![],
                 partitions: vec![],
+                recalls: vec![],
             });
             let mut payload = payload_of(&message);
-            // `recall` is the entry's last byte, before the empty hot-key list.
-            let at = payload.len() - 2;
+            // `recall` is the entry's last byte, before the empty hot-key and recall lists.
+            let at = payload.len() - 3;
             payload[at] = 2;
             payload
         }),
@@ -881,14 +903,19 @@ fn message() -> impl Strategy<Value = Message> {
         welcome().prop_map(Message::from),
         (refusal(), text()).prop_map(|(reason, message)| Refused { reason, message }.into()),
         list(sync_entry()).prop_map(|entries| SyncBatch { entries }.into()),
-        (list(ack_entry()), list(hot_key()), list(limit_partition())).prop_map(
-            |(entries, hot_keys, partitions)| SyncAck {
+        (
+            list(ack_entry()),
+            list(hot_key()),
+            list(limit_partition()),
+            list(hot_key())
+        )
+            .prop_map(|(entries, hot_keys, partitions, recalls)| SyncAck {
                 entries,
                 hot_keys,
                 partitions,
+                recalls,
             }
-            .into()
-        ),
+            .into()),
         (any::<u64>(), list(check())).prop_map(|(request_id, checks)| Acquire {
             request_id,
             checks

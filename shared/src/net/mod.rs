@@ -50,7 +50,7 @@
 //!     }
 //!
 //!     async fn handle(&self, _: &Arc<String>, _: Message) -> Message {
-//!         SyncAck { entries: vec![], hot_keys: vec![], partitions: vec![] }.into()
+//!         SyncAck { entries: vec![], hot_keys: vec![], partitions: vec![], recalls: vec![] }.into()
 //!     }
 //! }
 //!

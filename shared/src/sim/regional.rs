@@ -301,10 +301,12 @@ impl WireRegional {
             });
         }
         let hot_keys = self.hot_keys(now);
+        // The model recalls per entry only ([`AckEntry::recall`]).
         SyncAck {
             entries,
             hot_keys,
             partitions,
+            recalls: Vec::new(),
         }
     }
 

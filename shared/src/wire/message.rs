@@ -264,6 +264,13 @@ pub struct SyncAck {
     /// [`MAX_KEYS_PER_BATCH`](crate::wire::MAX_KEYS_PER_BATCH).
     #[serde(with = "crate::wire::codec::cap::list")]
     pub partitions: Vec<LimitPartition>,
+    /// Keys an exact request was just denied for only because edges hold their quota unused
+    /// as grants (a "held" denial), whether or not this edge has synced them: hand back what
+    /// you hold unused of them, as for [`AckEntry::recall`]. That flag reaches only the edges
+    /// that sync the key, and an idle edge, the likeliest to hold quota it does not use,
+    /// does not. At most [`MAX_KEYS_PER_BATCH`](crate::wire::MAX_KEYS_PER_BATCH).
+    #[serde(with = "crate::wire::codec::cap::list")]
+    pub recalls: Vec<HotKey>,
 }
 
 /// A region's partition of one limit, as [`SyncAck::partitions`] tells edges.

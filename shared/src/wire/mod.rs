@@ -75,7 +75,7 @@ pub use self::{
 ///
 /// Starts at 1 so that a zeroed buffer is never mistaken for a valid frame. See "The version
 /// rule" in the module documentation for what bumps it.
-pub const PROTOCOL_VERSION: u8 = 4;
+pub const PROTOCOL_VERSION: u8 = 5;
 
 /// The largest value a frame's length prefix may hold: the version byte plus the payload, in
 /// bytes (a whole frame is at most 4 bytes more). 1 MiB.
@@ -84,8 +84,8 @@ pub const PROTOCOL_VERSION: u8 = 4;
 /// stream: a regional with a thousand edges buffers at most a GiB in the worst case where every
 /// edge sends a maximal frame at once. It is sized from the other caps: the largest message
 /// whose size the caps bound, a [`SyncAck`] with [`MAX_KEYS_PER_BATCH`] entries and as many hot
-/// keys, all keys [`MAX_KEY_LEN`] bytes long and every integer at its widest, takes about
-/// 600 KB, so a sender that cuts batches by key count never meets this limit. What the caps do
+/// keys and recalls, all keys [`MAX_KEY_LEN`] bytes long and every integer at its widest, takes
+/// well under this (the test that says so measures it), so a sender that cuts batches by key count never meets this limit. What the caps do
 /// not bound is free text: a [`RuleSetPush`]'s YAML must fit in a frame, which leaves rule sets
 /// of a little under 1 MiB (tens of thousands of endpoints).
 pub const MAX_FRAME_LEN: usize = 1 << 20;
