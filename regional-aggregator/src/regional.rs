@@ -18,7 +18,11 @@
 //! Under a coordinator, an exact request denied because the region's partition is spent (not
 //! because edges hold grants) is escalated before it is denied (DESIGN §4): the regional asks
 //! the coordinator, through its [`Escalation`], for more of that key's limit, within a budget,
-//! and decides once more with what came back. The other half of a transfer,
+//! and decides once more with what came back. When no region could release any, the denial
+//! reopens within [`ESCALATION_RETRY`], so the edge asks again once other regions' idle
+//! grants have come back. A denial caused by grants edges hold unused (a "held" denial) is
+//! cached only briefly, and every edge's sync acks recall that key for a moment
+//! ([`SyncAck::recalls`]), idle holders included. The other half of a transfer,
 //! [`Regional::release`], gives away unused partition by consuming it on the exact path, so
 //! giving it and admitting with it are one atomic check against the same `T + G`. A bucket
 //! whose part here is empty escalates for tokens, without holding up the request: the giving
@@ -305,10 +309,10 @@ enum Escalated {
 /// escalation, per edge and key every 10 s while the key stays spent everywhere.
 pub const ESCALATION_RETRY: Duration = Duration::from_secs(10);
 
-/// How long every sync ack recalls a key after a "held" denial of it: several flush intervals
-/// (100 ms by default), so each edge's next syncs carry it, and the hold the denied edge
-/// caches (100 ms) has passed when the quota is back.
-const RECALL_FOR: Duration = Duration::from_secs(1);
+/// How long every sync ack recalls a key after a "held" denial of it: five flush intervals
+/// (100 ms by default), so each edge's next sync carries it even when one is late. Not much
+/// longer: an edge using the key hands back its grant at each of those syncs too.
+const RECALL_FOR: Duration = Duration::from_millis(500);
 
 /// One limit's demand since the last report.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
