@@ -3,7 +3,9 @@
 //!
 //! A batch becomes one pipeline of `EVALSHA` calls, one per op (DESIGN §6). On a Redis
 //! Cluster the batch is split by hash slot first, since a cluster pipeline must stay on one
-//! slot, and the per-slot pipelines run concurrently. Every key carries a hash tag,
+//! slot, and the per-slot pipelines run concurrently. Bulk calls (sync batches, leases,
+//! write-backs) and the calls a decision waits on (exact checks, refunds, states, reads) go
+//! over two connections, so a check never queues behind a batch. Every key carries a hash tag,
 //! `rl:{<limit>:<key>}:...`, so one limiter key's keys share a slot: a ledger script may read
 //! the previous window (a sliding window's carry), and a log's two keys move together.
 //!
