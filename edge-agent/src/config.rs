@@ -18,8 +18,8 @@ pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_millis(50);
 /// Long enough to span the gaps of a key used every few seconds: at 1 s, such a key handed
 /// its grant back between any two requests and took the exact path for each (about one in
 /// five exact decisions under the load generator). Quota held this way is not lost where
-/// it is needed: a window's turn hands it back, and near the limit the regional recalls it
-/// (its pool spent) within a sync.
+/// it is needed: a window's turn hands it back, and when it denies another edge's request the
+/// regional recalls it from every edge within a sync (`SyncAck::recalls`).
 pub const DEFAULT_IDLE_RELEASE: Duration = Duration::from_secs(10);
 
 /// How long a key with nothing left to sync stays in memory after its last use. Defaults to

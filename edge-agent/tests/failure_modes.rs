@@ -22,14 +22,20 @@ fn req() -> Request<'static> {
     }
 }
 
-/// The admissions of 15 requests under `mode` when the regional is cut (unreachable at once).
-async fn admitted_when_unreachable(mode: &str) -> (usize, DecisionPath) {
+/// One edge, the only one of a regional's, enforcing `rules_with(mode)`; its link can be cut.
+fn one_edge(mode: &str) -> (Arc<Link>, edge_agent::Agent) {
     let rules = rules_with(mode);
     let clock = ManualClock::new(T0);
     let region = regional(&rules, 1);
     let link = Link::new(&region, 0, &clock);
+    let agent = agent(&rules, link.clone(), &clock);
+    (link, agent)
+}
+
+/// The admissions of 15 requests under `mode` when the regional is cut (unreachable at once).
+async fn admitted_when_unreachable(mode: &str) -> (usize, DecisionPath) {
+    let (link, agent) = one_edge(mode);
     link.up.store(false, std::sync::atomic::Ordering::SeqCst);
-    let agent = agent(&rules, link, &clock);
     let mut path = DecisionPath::Unlimited;
     let mut admitted = 0;
     for _ in 0..15 {
@@ -91,11 +97,7 @@ async fn a_stalled_regional_costs_at_most_the_timeout() {
 /// reached here: the clock does not move).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answered_sync_ends_the_backoff_early() {
-    let rules = rules_with("closed");
-    let clock = ManualClock::new(T0);
-    let region = regional(&rules, 1);
-    let link = Link::new(&region, 0, &clock);
-    let agent = agent(&rules, link.clone(), &clock);
+    let (link, agent) = one_edge("closed");
     let exact = || async { agent.check_async(&req(), NonZeroU32::MIN).await };
 
     link.up.store(false, std::sync::atomic::Ordering::SeqCst);
@@ -192,11 +194,7 @@ async fn local_mode_enforces_a_share_of_the_regions_partition_not_of_the_limit()
 /// the key's exact admissions over again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_mode_admits_nothing_the_edge_knows_is_spent() {
-    let rules = rules_with("local");
-    let clock = ManualClock::new(T0);
-    let region = regional(&rules, 1);
-    let link = Link::new(&region, 0, &clock);
-    let agent = agent(&rules, link.clone(), &clock);
+    let (link, agent) = one_edge("local");
     let mut paths = Vec::new();
     for _ in 0..10 {
         let d = agent.check_async(&req(), NonZeroU32::MIN).await;

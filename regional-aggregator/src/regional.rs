@@ -236,8 +236,8 @@ async fn land_tokens(
     store.refund_state(now, std::slice::from_ref(&refund)).await
 }
 
-/// A ledger's answer as the edge reads it. A denial that only grants held elsewhere (or a
-/// transfer still landing) caused reopens after `hold` ([`RegionalConfig::hold`], or less);
+/// A ledger's answer as the edge reads it. A denial that only grants held elsewhere caused
+/// reopens after `hold` ([`RegionalConfig::hold`]);
 /// a sliding window's, when the previous window's carry has fallen enough for the cost to
 /// fit beside what this window counts; any other at the window's end.
 ///
@@ -396,8 +396,15 @@ const RELEASE_MEMORY: Duration = Duration::from_secs(60);
 /// never is, or a resend after a long stall would run it a second time.
 pub(crate) struct OncePerId<T> {
     keep: Duration,
+    seen: Mutex<Seen<T>>,
+}
+
+struct Seen<T> {
     /// id → when it was first asked for, and its answer once known.
-    seen: Mutex<HashMap<u64, (std::time::Instant, Answer<T>)>>,
+    ids: HashMap<u64, (std::time::Instant, Answer<T>)>,
+    /// When finished entries are next looked for: a sweep every quarter of `keep`, not on
+    /// every call, holds at most 1.25 `keep` of them and keeps each call O(1).
+    next_sweep: std::time::Instant,
 }
 
 type Answer<T> = Arc<tokio::sync::OnceCell<T>>;
@@ -406,7 +413,10 @@ impl<T: Copy> OncePerId<T> {
     pub(crate) fn new(keep: Duration) -> OncePerId<T> {
         OncePerId {
             keep,
-            seen: Mutex::new(HashMap::new()),
+            seen: Mutex::new(Seen {
+                ids: HashMap::new(),
+                next_sweep: std::time::Instant::now() + keep / 4,
+            }),
         }
     }
 
@@ -418,10 +428,16 @@ impl<T: Copy> OncePerId<T> {
     {
         let cell = {
             let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-            let keep = self.keep;
-            seen.retain(|_, (at, cell)| !cell.initialized() || at.elapsed() < keep);
             let now = std::time::Instant::now();
-            seen.entry(id)
+            if now >= seen.next_sweep {
+                let keep = self.keep;
+                seen.ids.retain(|_, (at, cell)| {
+                    !cell.initialized() || now.saturating_duration_since(*at) < keep
+                });
+                seen.next_sweep = now + keep / 4;
+            }
+            seen.ids
+                .entry(id)
                 .or_insert_with(|| (now, Arc::default()))
                 .1
                 .clone()
@@ -857,12 +873,19 @@ impl Regional {
     /// Notes the keys of `plan` that `exact` denied only because edges hold their quota
     /// unused as grants (a "held" denial), for every edge's next sync acks to recall.
     fn recall_held(&self, plan: &Plan, exact: &[ExactReply], now: Nanos) {
-        let held = plan
+        let mut held = plan
             .exact
             .iter()
             .zip(exact)
-            .filter(|(_, r)| !r.allowed && r.held);
+            .filter(|(_, r)| !r.allowed && r.held)
+            .peekable();
+        if held.peek().is_none() {
+            return; // the common case: no lock taken
+        }
         let mut recalls = self.recalls.lock().unwrap_or_else(|e| e.into_inner());
+        if recalls.len() >= MAX_KEYS_PER_BATCH {
+            recalls.retain(|_, until| *until > now);
+        }
         for (op, _) in held {
             if recalls.len() >= MAX_KEYS_PER_BATCH {
                 break;
@@ -919,9 +942,8 @@ impl Regional {
         self.recall_held(&plan, &exact, now);
         let mut allowed =
             exact.iter().all(|r| r.allowed) && state.iter().all(|r| r.outcome.is_allowed());
-        let mut hold = self.config.hold;
-        // When a denial may be asked again at the latest (an escalation that got nothing).
-        let mut retry: Option<Nanos> = None;
+        // The latest a denial reopens, when an escalation says sooner than its ledger does.
+        let mut reopen_by: Option<Nanos> = None;
         if !allowed {
             self.refund(now, &plan, &exact, &state).await;
             self.escalate_buckets(&plan, &state, now);
@@ -944,11 +966,10 @@ impl Regional {
                 // its way is for its next requests, and the next one after as long as this
                 // one waited finds it landed, or waits for it in turn.
                 Escalated::Landing(waited) => {
-                    hold = hold.min(Nanos::from(waited));
-                    exact.iter_mut().for_each(|r| r.held |= !r.allowed);
+                    reopen_by = Some(now + self.config.hold.min(Nanos::from(waited)));
                 }
                 Escalated::Refused => {
-                    retry = Some(now + Nanos::from(ESCALATION_RETRY));
+                    reopen_by = Some(now + Nanos::from(ESCALATION_RETRY));
                 }
                 Escalated::Nothing => {}
             }
@@ -979,10 +1000,11 @@ impl Regional {
             .iter()
             .map(|&op| match op {
                 Op::Ledger(i) => {
+                    let hold = self.config.hold;
                     let mut o =
                         ledger_outcome(&exact[i], &plan.exact[i], plan.windows[i], now, hold);
-                    if let Some(retry) = retry.filter(|_| !o.allowed) {
-                        o.reset_at = o.reset_at.min(retry);
+                    if let Some(by) = reopen_by.filter(|_| !o.allowed) {
+                        o.reset_at = o.reset_at.min(by);
                     }
                     o
                 }

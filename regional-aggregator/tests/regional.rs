@@ -535,36 +535,27 @@ async fn a_sliding_windows_denial_reopens_as_its_carry_falls() {
         let regional = regional_on(store, &clock);
         let rules = regional.rules();
         let mut id = 0;
-        let mut ask = |clock: &ManualClock| {
+        let mut ask = async |clock: &ManualClock| {
             id += 1;
             let mut check = check(&rules, "a", 1);
             check.window = clock.now().as_u64() / 60_000_000_000;
-            acquire(id, vec![check])
+            regional
+                .acquire(EdgeId(1), &acquire(id, vec![check]))
+                .await
+                .expect("the store answers")
         };
         for _ in 0..10 {
-            assert!(
-                regional
-                    .acquire(EdgeId(1), &ask(&clock))
-                    .await
-                    .unwrap()
-                    .allowed
-            );
+            assert!(ask(&clock).await.allowed);
         }
         // The window is full: nothing fits before it ends.
-        let full = regional.acquire(EdgeId(1), &ask(&clock)).await.unwrap();
+        let full = ask(&clock).await;
         assert!(!full.allowed);
         assert_eq!(full.retry_after, Nanos::from_secs(60));
         // 6 s into the next window the carry is ⌈10 · 54/60⌉ = 9: one fits, the next does
         // not until it is 8, 12 s in.
         clock.set(T0 + Nanos::from_secs(66));
-        assert!(
-            regional
-                .acquire(EdgeId(1), &ask(&clock))
-                .await
-                .unwrap()
-                .allowed
-        );
-        let denied = regional.acquire(EdgeId(1), &ask(&clock)).await.unwrap();
+        assert!(ask(&clock).await.allowed);
+        let denied = ask(&clock).await;
         assert!(!denied.allowed);
         assert_eq!(
             denied.retry_after,
@@ -572,22 +563,9 @@ async fn a_sliding_windows_denial_reopens_as_its_carry_falls() {
             "reopens as the carry falls to 8, not at the window's end"
         );
         clock.set(T0 + Nanos::from_secs(72) - Nanos(1));
-        assert!(
-            !regional
-                .acquire(EdgeId(1), &ask(&clock))
-                .await
-                .unwrap()
-                .allowed
-        );
+        assert!(!ask(&clock).await.allowed);
         clock.set(T0 + Nanos::from_secs(72));
-        assert!(
-            regional
-                .acquire(EdgeId(1), &ask(&clock))
-                .await
-                .unwrap()
-                .allowed,
-            "and fits from that instant"
-        );
+        assert!(ask(&clock).await.allowed, "and fits from that instant");
     }
 }
 
